@@ -1,0 +1,202 @@
+"""Paired permutation test between two runs, and Benjamini-Hochberg adjustment.
+
+Test: on the test stays the two runs share (inner join on ``stay_id``; their labels must agree),
+each permutation swaps the two runs' predictions of every stay with probability 1/2, and the
+metric difference (run a - run b) is recomputed. The two-sided p-value is
+``(k + 1) / (n_perm + 1)`` where ``k`` counts permutations with ``|difference| >= |observed|``.
+
+Vectorised: the two runs' scores are stacked into one array of ``2n`` entries, sorted once; a
+permutation is a 0/1 weight matrix selecting, per stay, which of its two entries belongs to
+"run a" (see :mod:`fusion.evaluation.metrics`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fusion.evaluation.metrics import MAX_ELEMENTS, task_statistic
+from fusion.evaluation.predictions import align_test_parts, as_validated
+
+__all__ = ["PERMUTATION_METRICS", "benjamini_hochberg", "permutation_p_value",
+           "permutation_test"]
+
+#: Metric names accepted by :func:`permutation_test` per task kind (``auroc``/``auprc`` are
+#: macro averages for phenotype, with per-label tests, and ``auroc`` is macro one-vs-rest for los).
+PERMUTATION_METRICS = {
+    "binary": ("auroc", "auprc"),
+    "phenotype": ("auroc", "auprc", "macro_auroc", "macro_auprc", "micro_auroc", "micro_auprc",
+                  "weighted_auroc", "weighted_auprc"),
+    "los": ("accuracy", "macro_f1", "kappa", "kappa_linear", "auroc", "macro_auroc"),
+}
+
+_TEST_DESCRIPTION = ("paired permutation test: each common test stay's two predictions swapped "
+                     "with probability 1/2; two-sided; p = (k + 1) / (n_perm + 1)")
+
+
+def benjamini_hochberg(pvalues) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values) controlling the false discovery rate.
+
+    ``q_(i) = min_{j >= i} min(1, m * p_(j) / j)`` over the ``m`` finite p-values sorted
+    ascending; NaN p-values stay NaN and do not count in ``m``.
+
+    Parameters
+    ----------
+    pvalues : array-like of float in [0, 1]
+
+    Returns
+    -------
+    numpy.ndarray
+        q-values in the order of ``pvalues``.
+
+    Raises
+    ------
+    ValueError
+        If a finite p-value lies outside [0, 1].
+
+    Examples
+    --------
+    >>> benjamini_hochberg([0.01, 0.04, 0.03, 0.20]).round(4).tolist()
+    [0.04, 0.0533, 0.0533, 0.2]
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    q = np.full(p.shape, np.nan)
+    finite = np.isfinite(p)
+    if np.any((p[finite] < 0) | (p[finite] > 1)):
+        raise ValueError("p-values must lie in [0, 1]")
+    m = int(finite.sum())
+    if m == 0:
+        return q
+    values = p[finite]
+    order = np.argsort(values, kind="stable")
+    scaled = values[order] * m / np.arange(1, m + 1)
+    scaled = np.minimum.accumulate(scaled[::-1])[::-1]
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(scaled, 1.0)
+    q[finite] = adjusted
+    return q
+
+
+def permutation_p_value(observed, permuted) -> np.ndarray:
+    """Two-sided permutation p-value ``(k + 1) / (n + 1)``; NaN where ``observed`` is NaN.
+
+    Parameters
+    ----------
+    observed : float or numpy.ndarray, shape (k,)
+        Observed differences.
+    permuted : numpy.ndarray, shape (n,) or (n, k)
+        Differences under the permutations (NaN entries never count as extreme).
+    """
+    observed = np.asarray(observed, dtype=np.float64)
+    permuted = np.asarray(permuted, dtype=np.float64)
+    # a tiny tolerance so that permutations equal to the observed value count as extreme
+    tol = 1e-12 * np.maximum(1.0, np.abs(observed))
+    with np.errstate(invalid="ignore"):
+        extreme = (np.abs(permuted) >= np.abs(observed) - tol).sum(axis=0)
+    p = (extreme + 1.0) / (permuted.shape[0] + 1.0)
+    return np.where(np.isfinite(observed), p, np.nan)
+
+
+def _resolve(kind: str, metric: str) -> tuple[str, str | None]:
+    """Statistic key of the headline metric and of the per-label metric (phenotype)."""
+    if metric not in PERMUTATION_METRICS[kind]:
+        raise ValueError(f"unknown metric {metric!r} for a {kind} task; valid: "
+                         f"{', '.join(PERMUTATION_METRICS[kind])}")
+    if kind == "phenotype":
+        base = metric.removeprefix("macro_")
+        if base in ("auroc", "auprc"):
+            return f"macro_{base}", f"label_{base}"
+        return metric, None
+    if kind == "los" and metric == "auroc":
+        return "macro_auroc", None
+    return metric, None
+
+
+def permutation_test(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str = "auroc",
+                     task: str | None = None, *, meta_a: dict | None = None,
+                     meta_b: dict | None = None, n_perm: int = 1000, seed: int = 0) -> dict:
+    """Paired permutation test of ``metric(a) - metric(b)`` on the common test stays.
+
+    Parameters
+    ----------
+    df_a, df_b : pandas.DataFrame
+        Predictions of the two runs (any parts; the test parts are compared).
+    metric : str
+        See :data:`PERMUTATION_METRICS`. For phenotype, ``"auroc"``/``"auprc"`` test the macro
+        average and also each label, with Benjamini-Hochberg q-values over the labels.
+    task : str, optional
+        Task; default: from the metas or the ``task`` column.
+    meta_a, meta_b : dict, optional
+        The runs' metas (labels / class names); inferred from the columns when absent.
+    n_perm : int
+        Number of permutations.
+    seed : int
+
+    Returns
+    -------
+    dict
+        ``task``, ``metric``, ``n_stays``, ``n_only_a``, ``n_only_b``, ``value_a``, ``value_b``,
+        ``difference`` (a - b), ``p_value``, ``n_perm``, ``seed``, ``test`` and, for phenotype
+        label metrics, ``per_label`` (label, value_a, value_b, difference, p_value, q_value).
+        Undefined numbers are NaN.
+
+    Raises
+    ------
+    PredictionsError
+        Different tasks or labels, no common test stay, or labels that disagree.
+    ValueError
+        Unknown metric or ``n_perm < 1``.
+    """
+    if n_perm < 1:
+        raise ValueError("n_perm must be >= 1")
+    a = as_validated(df_a, meta_a, task, "run a")
+    b = as_validated(df_b, meta_b, task, "run b")
+    paired = align_test_parts(a, b, names=("run a", "run b"))
+    meta = paired["meta"]
+    kind = "binary" if meta["task"] in ("mortality", "mortality_hosp") else meta["task"]
+    key, label_key = _resolve(kind, metric)
+    n = paired["stay_id"].size
+    y = paired["y"]
+    stacked_y = np.concatenate([y, y])
+    stacked_scores = np.concatenate([paired["scores_a"], paired["scores_b"]])
+    stat = task_statistic(meta["task"], stacked_y, stacked_scores, micro=key.startswith("micro"))
+    keys = [k for k in (key, label_key) if k is not None]
+
+    def arms(take_b: np.ndarray) -> tuple[dict, dict]:
+        """Metrics of a' and b', where a' takes run b's prediction of stay i if take_b[:, i]."""
+        weights_a = np.concatenate([~take_b, take_b], axis=1).astype(np.int32)
+        return stat(weights_a), stat(1 - weights_a)
+
+    value_a, value_b = arms(np.zeros((1, n), dtype=bool))
+    observed = {k: value_a[k] - value_b[k] for k in keys}
+    rng = np.random.default_rng(seed)
+    step = max(1, MAX_ELEMENTS // (2 * n))
+    blocks = []
+    for lo in range(0, n_perm, step):
+        take_b = rng.random((min(step, n_perm - lo), n)) < 0.5
+        out_a, out_b = arms(take_b)
+        blocks.append({k: out_a[k] - out_b[k] for k in keys})
+    permuted = {k: np.concatenate([blk[k] for blk in blocks]) for k in keys}
+
+    result = {
+        "task": meta["task"], "metric": metric, "statistic": key, "n_stays": int(n),
+        "n_only_a": paired["n_only_a"], "n_only_b": paired["n_only_b"],
+        "value_a": float(value_a[key][0]), "value_b": float(value_b[key][0]),
+        "difference": float(observed[key][0]),
+        "p_value": float(permutation_p_value(observed[key][0], permuted[key])),
+        "n_perm": int(n_perm), "seed": int(seed), "test": _TEST_DESCRIPTION,
+    }
+    if not np.isfinite(result["difference"]):
+        result["reason"] = "metric undefined on the common stays (one class only?)"
+    if label_key is not None:
+        p_labels = permutation_p_value(observed[label_key][0], permuted[label_key])
+        q_labels = benjamini_hochberg(p_labels)
+        result["per_label"] = [
+            {"label": label, "value_a": float(value_a[label_key][0, j]),
+             "value_b": float(value_b[label_key][0, j]),
+             "difference": float(observed[label_key][0, j]), "p_value": float(p_labels[j]),
+             "q_value": float(q_labels[j])}
+            for j, label in enumerate(meta["labels"])]
+        result["multiple_testing"] = "Benjamini-Hochberg over the labels with a defined metric"
+    return result
+
