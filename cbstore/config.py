@@ -1,0 +1,258 @@
+"""Build configuration: the settings of ``cbstore build``, their defaults and validation.
+
+The defaults live in :class:`BuildConfig` and are documented, key by key, in
+``cbstore/resources/build.yaml`` (a test keeps the two equal). A configuration file (YAML or
+TOML) holds a flat mapping of these keys; command-line options override file values.
+
+Settings split in two:
+
+* *content settings* change what a store holds (window, cohort age, X-ray views, splits, ...).
+  They are echoed into the store as ``attrs["cbstore"]["config"]`` and hashed into
+  ``config_sha256``, so two stores with the same hash and source hold the same data;
+* *runtime settings* (:data:`RUNTIME_KEYS`: memory limit, threads, workers, work directory) only
+  change how fast or where a build runs; they are recorded as ``attrs["cbstore"]["runtime"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cbstore.errors import CbstoreError
+from cbstore.schema import config_sha256 as schema_config_sha256
+
+#: Keys that change how a build runs but not what it produces.
+RUNTIME_KEYS = ("memory_limit", "threads", "workers", "work_dir")
+
+_MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)\s*$", re.IGNORECASE)
+
+
+class ConfigError(CbstoreError):
+    """A build configuration file or option is invalid."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Settings of ``cbstore build`` (see ``cbstore/resources/build.yaml`` for each key).
+
+    Attributes
+    ----------
+    window_hours : int
+        Observation window after ICU admission; the prediction time is ``intime + window_hours``.
+    min_age : float
+        Minimum age in years at ICU admission.
+    views : tuple of str
+        X-ray view positions eligible for selection.
+    cxr_lookback_hours : float
+        How many hours before ``intime`` an X-ray may have been taken (0 = only films taken during
+        the ICU window itself).
+    image_size : int
+        Side of the stored square images, in pixels.
+    n_folds : int
+        Number of cross-validation folds.
+    val_fraction : float
+        Fraction of each fold's non-test patients held out for validation.
+    seed : int
+        Seed of the split assignment.
+    variables, phenotypes : str or None
+        Paths of the EHR variable and phenotype definition files; ``None`` uses the packaged ones.
+    memory_limit : str
+        DuckDB memory limit, e.g. ``"2GB"``.
+    threads : int
+        DuckDB threads.
+    workers : int
+        Processes decoding X-ray JPEGs.
+    work_dir : str or None
+        Folder for temporary build files (a fresh subfolder is created and removed); ``None``
+        uses the system temporary folder.
+    """
+
+    window_hours: int = 48
+    min_age: float = 18
+    views: tuple[str, ...] = ("AP", "PA")
+    cxr_lookback_hours: float = 0.0
+    image_size: int = 224
+    n_folds: int = 5
+    val_fraction: float = 0.125
+    seed: int = 0
+    variables: str | None = None
+    phenotypes: str | None = None
+    memory_limit: str = "2GB"
+    threads: int = 2
+    workers: int = 2
+    work_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _validate(f.name, getattr(self, f.name)))
+
+    def replace(self, **changes: Any) -> "BuildConfig":
+        """Return a copy with ``changes`` applied (``None`` values are ignored); validated."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        _check_keys(changes, "options")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All settings as plain JSON types."""
+        out = dataclasses.asdict(self)
+        out["views"] = list(self.views)
+        return out
+
+    def content_dict(self) -> dict[str, Any]:
+        """The settings that determine a store's content (stored as ``config``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+
+    def runtime_dict(self) -> dict[str, Any]:
+        """The settings that only affect how a build runs (stored as ``runtime``)."""
+        return {k: v for k, v in self.to_dict().items() if k in RUNTIME_KEYS}
+
+
+def config_sha256(config: BuildConfig) -> str:
+    """SHA-256 of the canonical JSON of ``config.content_dict()``.
+
+    Canonical JSON as in :func:`cbstore.schema.canonical_json`. Runtime settings are excluded, so
+    the hash identifies what a store holds, not how fast it was built.
+    """
+    return schema_config_sha256(config.content_dict())
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> BuildConfig:
+    """Read a build configuration file, apply ``overrides`` and validate.
+
+    Parameters
+    ----------
+    path : str or Path or None
+        A ``.yaml``/``.yml`` or ``.toml`` file holding a flat mapping of :class:`BuildConfig`
+        keys (a YAML file may also nest them under a top-level ``build:`` key). ``None`` gives
+        the defaults.
+    **overrides
+        Values that replace file values (``None`` means "not given").
+
+    Returns
+    -------
+    BuildConfig
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read or parsed, has an unknown key, or a value is invalid. The
+        message names the file, the key and the value.
+    """
+    values: dict[str, Any] = {}
+    where = "options"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        values = _read_mapping(path)
+        _check_keys(values, where)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    _check_keys(values, where)
+    try:
+        return BuildConfig(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        elif suffix == ".toml":
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise ConfigError(f"config file {path}: unknown format {suffix!r}; use .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} could not be parsed: {err}") from None
+    if data is None:
+        return {}
+    if isinstance(data, dict) and set(data) == {"build"} and isinstance(data["build"], dict):
+        data = data["build"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    return dict(data)
+
+
+def _check_keys(values: dict[str, Any], where: str) -> None:
+    known = [f.name for f in dataclasses.fields(BuildConfig)]
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown setting {key!r}; valid settings are {', '.join(known)}")
+
+
+def _validate(key: str, value: Any) -> Any:
+    """Check one setting and return it in canonical form; ConfigError naming key and value."""
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"setting {key!r} = {value!r} is invalid: expected {expected}")
+
+    def integer(low: int, high: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(f"an integer >= {low}")
+        if value < low or (high is not None and value > high):
+            raise bad(f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}")
+        return int(value)
+
+    def number(low: float, high: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(f"a number in [{low}, {high}]")
+        if not low <= float(value) <= high:
+            raise bad(f"a number in [{low}, {high}]")
+        return float(value)
+
+    if key == "window_hours":
+        return integer(1, 24 * 30)
+    if key == "min_age":
+        return number(0, 120)
+    if key == "views":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+            raise bad("a non-empty list of view positions such as [AP, PA]")
+        views = []
+        for v in value:
+            if not isinstance(v, str) or not v.strip():
+                raise bad("a list of non-empty strings")
+            views.append(v.strip().upper())
+        if len(set(views)) != len(views):
+            raise bad("a list without repeated views")
+        return tuple(views)
+    if key == "cxr_lookback_hours":
+        return number(0, 24 * 365)
+    if key == "image_size":
+        return integer(8, 4096)
+    if key == "n_folds":
+        return integer(2, 100)
+    if key == "val_fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise bad("a number in [0, 1)")
+        return float(value)
+    if key == "seed":
+        return integer(0, 2**32 - 1)
+    if key in ("variables", "phenotypes", "work_dir"):
+        if value is None:
+            return None
+        if not isinstance(value, (str, Path)) or not str(value).strip():
+            raise bad("a path")
+        return str(value)
+    if key == "memory_limit":
+        if not isinstance(value, str) or not _MEMORY_RE.match(value):
+            raise bad('a size such as "2GB" or "500MB"')
+        return value.strip().replace(" ", "")
+    if key == "threads":
+        return integer(1, 1024)
+    if key == "workers":
+        return integer(0, 1024)
+    raise ConfigError(f"unknown setting {key!r}")  # pragma: no cover - fields are all handled above
+
+
+#: Default settings file shipped with the package.
+DEFAULTS_FILE = Path(__file__).parent / "resources" / "build.yaml"
+
+__all__ = ["BuildConfig", "ConfigError", "RUNTIME_KEYS", "DEFAULTS_FILE", "config_sha256", "load_config"]

@@ -1,0 +1,377 @@
+"""Hourly EHR tensor of each cohort stay, from the variables file and DuckDB.
+
+Semantics (also in the header of ``cbstore/resources/variables.yaml``):
+
+* hour ``h`` of a stay covers ``[intime + h, intime + h + 1)``, ``0 <= h < window_hours``; events
+  before ``intime`` or at/after the prediction time (``intime + window_hours``) are not used;
+* chartevents and outputevents are joined on ``stay_id``; labevents (no ``stay_id``, often no
+  ``hadm_id``) on ``subject_id`` and ``charttime`` inside the window;
+* numeric items use ``valuenum`` (outputevents: ``value``); an optional per-item conversion
+  ``value * scale + offset`` (only where the raw value is below ``below`` when that is given) brings
+  them to the canonical unit; values outside ``range`` are then dropped;
+* exact duplicate events are dropped, then events are aggregated per hour with the variable's
+  ``agg`` (``mean``, ``sum``, ``max`` or ``last``);
+* binary variables read text items: their ``category`` prefixes are matched case-insensitively
+  against the value with surrounding spaces stripped. Variables sharing an item form a one-hot
+  group (the first matching variable in file order wins; ``"*"`` takes values nobody else
+  matches); every variable of the group is observed (0 or 1) in an hour with an event;
+* derived variables (``derived: {sum: [...]}``) are the hourly sum of their parts, where every
+  part is observed, then range-checked.
+
+Values are stored raw: no imputation, NaN = not observed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from cbstore.errors import CbstoreError
+from cbstore.extract import Extractor
+
+log = logging.getLogger(__name__)
+
+#: Event tables a variable may read, with the SQL step that collects their events.
+SOURCES = ("chartevents", "labevents", "outputevents")
+_SOURCE_TABLE = {"chartevents": "icu/chartevents", "labevents": "hosp/labevents", "outputevents": "icu/outputevents"}
+AGGS = ("mean", "last", "sum", "max")
+KINDS = ("continuous", "binary")
+
+
+class VariablesError(CbstoreError):
+    """The EHR variables file is invalid."""
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """Unit conversion of one item: ``value * scale + offset`` (only below ``below`` if set)."""
+
+    itemid: int
+    scale: float
+    offset: float
+    below: float | None = None
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One EHR variable (one feature of ``ehr/values``)."""
+
+    name: str
+    unit: str
+    kind: str
+    sources: tuple[str, ...] = ()
+    itemids: tuple[int, ...] = ()
+    agg: str | None = None
+    low: float | None = None
+    high: float | None = None
+    convert: tuple[Conversion, ...] = ()
+    category: tuple[str, ...] = ()
+    derived_sum: tuple[str, ...] = ()
+
+    @property
+    def is_derived(self) -> bool:
+        """Whether the variable is computed from other variables."""
+        return bool(self.derived_sum)
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the variable reads a text item (binary category variable)."""
+        return bool(self.category)
+
+
+@dataclass(frozen=True)
+class Variables:
+    """The parsed variables file.
+
+    Attributes
+    ----------
+    items : tuple of Variable
+        In file order (= feature order of the store).
+    path : Path
+        The file read.
+    sha256 : str
+        SHA-256 of the file's bytes.
+    """
+
+    items: tuple[Variable, ...]
+    path: Path
+    sha256: str
+
+    @property
+    def names(self) -> list[str]:
+        """Feature names in store order."""
+        return [v.name for v in self.items]
+
+    def index(self, name: str) -> int:
+        """Position of variable ``name``."""
+        return self.names.index(name)
+
+    def features_table(self) -> pd.DataFrame:
+        """The store's features table: name, unit, kind, normalize (= continuous)."""
+        return pd.DataFrame({
+            "name": [v.name for v in self.items],
+            "unit": [v.unit for v in self.items],
+            "kind": [v.kind for v in self.items],
+            "normalize": np.array([v.kind == "continuous" for v in self.items], dtype=bool),
+        })
+
+    def text_groups(self) -> list[list[int]]:
+        """One-hot groups: positions of text variables that share an item (file order)."""
+        parent: dict[int, int] = {}
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        by_item: dict[int, int] = {}
+        for i, v in enumerate(self.items):
+            if not v.is_text:
+                continue
+            parent.setdefault(i, i)
+            for itemid in v.itemids:
+                if itemid in by_item:
+                    a, b = find(i), find(by_item[itemid])
+                    parent[max(a, b)] = min(a, b)
+                else:
+                    by_item[itemid] = i
+        groups: dict[int, list[int]] = {}
+        for i in sorted(parent):
+            groups.setdefault(find(i), []).append(i)
+        return [groups[k] for k in sorted(groups)]
+
+
+def default_variables_path() -> Path:
+    """Path of the packaged ``variables.yaml``."""
+    return Path(str(resources.files("cbstore").joinpath("resources", "variables.yaml")))
+
+
+def load_variables(path: str | Path | None = None) -> Variables:
+    """Read and validate a variables file (``None``: the packaged one).
+
+    Raises
+    ------
+    VariablesError
+        Naming the file, the variable and the bad key or value.
+    """
+    path = Path(path) if path is not None else default_variables_path()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise VariablesError(f"cannot read variables file {path}: {err}") from None
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise VariablesError(f"variables file {path} could not be parsed: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("variables"), list) or not data["variables"]:
+        raise VariablesError(f"variables file {path} must hold a non-empty list under the key 'variables'")
+    items = tuple(_parse_variable(entry, k, path) for k, entry in enumerate(data["variables"]))
+    _check_variables(items, path)
+    return Variables(items=items, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def _parse_variable(entry: object, k: int, path: Path) -> Variable:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+        raise VariablesError(f"variables file {path}: entry {k} needs a 'name'")
+    name = entry["name"]
+
+    def bad(key: str, expected: str) -> VariablesError:
+        return VariablesError(f"variables file {path}: variable {name!r} has invalid {key!r} = "
+                              f"{entry.get(key)!r}; expected {expected}")
+
+    known = {"name", "source", "itemids", "unit", "convert", "range", "agg", "kind", "category", "derived"}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise VariablesError(f"variables file {path}: variable {name!r} has unknown key {unknown[0]!r}; "
+                             f"known keys are {', '.join(sorted(known))}")
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        raise bad("kind", " or ".join(KINDS))
+    unit = entry.get("unit", "")
+    if not isinstance(unit, str):
+        raise bad("unit", "a string")
+    low = high = None
+    if "range" in entry:
+        rng = entry["range"]
+        if (not isinstance(rng, list) or len(rng) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rng) or rng[0] > rng[1]):
+            raise bad("range", "[low, high] with low <= high")
+        low, high = float(rng[0]), float(rng[1])
+    if "derived" in entry:
+        derived = entry["derived"]
+        if not isinstance(derived, dict) or set(derived) != {"sum"} or not isinstance(derived["sum"], list) \
+                or len(derived["sum"]) < 2 or not all(isinstance(p, str) for p in derived["sum"]):
+            raise bad("derived", "{sum: [two or more variable names]}")
+        if any(key in entry for key in ("source", "itemids", "convert", "category")):
+            raise VariablesError(f"variables file {path}: derived variable {name!r} cannot also have "
+                                 f"source, itemids, convert or category")
+        return Variable(name=name, unit=unit, kind=kind, low=low, high=high, agg=None,
+                        derived_sum=tuple(derived["sum"]))
+    sources = entry.get("source")
+    sources = [sources] if isinstance(sources, str) else sources
+    if not isinstance(sources, list) or not sources or any(s not in SOURCES for s in sources):
+        raise bad("source", f"one or a list of {', '.join(SOURCES)}")
+    itemids = entry.get("itemids")
+    if (not isinstance(itemids, list) or not itemids
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in itemids)):
+        raise bad("itemids", "a non-empty list of integer itemids")
+    agg = entry.get("agg")
+    if agg not in AGGS:
+        raise bad("agg", " | ".join(AGGS))
+    conversions = []
+    for conv in entry.get("convert", []) or []:
+        if (not isinstance(conv, dict) or set(conv) - {"itemid", "scale", "offset", "below"}
+                or conv.get("itemid") not in itemids
+                or not all(isinstance(conv.get(k, 0.0), (int, float)) for k in ("scale", "offset"))
+                or ("below" in conv and not isinstance(conv["below"], (int, float)))):
+            raise bad("convert", "a list of {itemid (one of the variable's itemids), scale, offset, optional below}")
+        conversions.append(Conversion(itemid=int(conv["itemid"]), scale=float(conv.get("scale", 1.0)),
+                                      offset=float(conv.get("offset", 0.0)),
+                                      below=float(conv["below"]) if "below" in conv else None))
+    if len({c.itemid for c in conversions}) != len(conversions):
+        raise bad("convert", "at most one conversion per itemid")
+    category = entry.get("category", [])
+    if category:
+        if not isinstance(category, list) or not all(isinstance(c, str) and c for c in category):
+            raise bad("category", "a list of non-empty value prefixes (or \"*\")")
+        if kind != "binary":
+            raise bad("kind", "binary for a variable with 'category'")
+        if sources != ["chartevents"]:
+            raise bad("source", "chartevents for a text (category) variable")
+    elif kind == "binary":
+        raise bad("category", "a list of value prefixes for a binary variable")
+    return Variable(name=name, unit=unit, kind=kind, sources=tuple(sources), itemids=tuple(int(i) for i in itemids),
+                    agg=agg, low=low, high=high, convert=tuple(conversions), category=tuple(category))
+
+
+def _check_variables(items: tuple[Variable, ...], path: Path) -> None:
+    names = [v.name for v in items]
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise VariablesError(f"variables file {path}: variable {n!r} is defined twice")
+        seen.add(n)
+    for v in items:
+        for part in v.derived_sum:
+            if part not in seen:
+                raise VariablesError(f"variables file {path}: derived variable {v.name!r} sums unknown variable {part!r}")
+            if items[names.index(part)].is_derived:
+                raise VariablesError(f"variables file {path}: derived variable {v.name!r} sums derived variable {part!r}")
+    text_items = {i for v in items if v.is_text for i in v.itemids}
+    for v in items:
+        if not v.is_text and not v.is_derived and text_items.intersection(v.itemids):
+            raise VariablesError(f"variables file {path}: numeric variable {v.name!r} uses a text item "
+                                 f"{sorted(text_items.intersection(v.itemids))[0]} of a binary variable")
+    variables = Variables(items=items, path=path, sha256="")
+    for group in variables.text_groups():
+        catch_all = [items[i].name for i in group if "*" in items[i].category]
+        if len(catch_all) > 1:
+            raise VariablesError(f"variables file {path}: binary variables {', '.join(catch_all)} share an item and "
+                                 f"all claim the catch-all '*'; at most one may")
+
+
+def _item_tables(variables: Variables) -> dict[str, pd.DataFrame]:
+    """The variable definitions as small tables for the SQL steps."""
+    items, vars_, convert = [], [], []
+    text_groups, text_vars, text_prefixes = [], [], []
+    for k, v in enumerate(variables.items):
+        if v.is_derived:
+            continue
+        vars_.append((k, v.agg, v.low, v.high))
+        for source in v.sources:
+            for itemid in v.itemids:
+                items.append((k, itemid, source, v.is_text))
+        for c in v.convert:
+            convert.append((k, c.itemid, c.below, c.scale, c.offset))
+    for g, group in enumerate(variables.text_groups()):
+        for itemid in sorted({i for k in group for i in variables.items[k].itemids}):
+            text_groups.append((g, itemid))
+        for k in group:
+            text_vars.append((g, k))
+            for prefix in variables.items[k].category:
+                text_prefixes.append((g, k, prefix))
+    return {
+        "ehr_items": pd.DataFrame(items, columns=["var_idx", "itemid", "source", "is_text"]).astype(
+            {"var_idx": "int32", "itemid": "int64", "source": object, "is_text": bool}),
+        "ehr_vars": pd.DataFrame(vars_, columns=["var_idx", "agg", "low", "high"]).astype(
+            {"var_idx": "int32", "agg": object, "low": "float64", "high": "float64"}),
+        "ehr_convert": pd.DataFrame(convert, columns=["var_idx", "itemid", "below", "scale", "offset"]).astype(
+            {"var_idx": "int32", "itemid": "int64", "below": "float64", "scale": "float64", "offset": "float64"}),
+        "ehr_text_groups": pd.DataFrame(text_groups, columns=["group_id", "itemid"]).astype(
+            {"group_id": "int32", "itemid": "int64"}),
+        "ehr_text_vars": pd.DataFrame(text_vars, columns=["group_id", "var_idx"]).astype(
+            {"group_id": "int32", "var_idx": "int32"}),
+        "ehr_text_prefixes": pd.DataFrame(text_prefixes, columns=["group_id", "var_idx", "prefix"]).astype(
+            {"group_id": "int32", "var_idx": "int32", "prefix": object}),
+    }
+
+
+def extract_hourly(extractor: Extractor, stays: pd.DataFrame, variables: Variables, window_hours: int) -> np.ndarray:
+    """Hourly values of every variable for every stay.
+
+    Parameters
+    ----------
+    extractor : Extractor
+        Open DuckDB connection over the source.
+    stays : pandas.DataFrame
+        One row per stay, in output order, with columns ``stay_id``, ``subject_id``, ``intime``,
+        ``prediction_time``.
+    variables : Variables
+        The EHR variables.
+    window_hours : int
+        Length of the time axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``[stay, window_hours, variable]``; NaN where not observed.
+    """
+    n, n_vars = len(stays), len(variables.items)
+    cohort = pd.DataFrame({
+        "stay_idx": np.arange(n, dtype=np.int32),
+        "stay_id": stays["stay_id"].to_numpy(np.int64),
+        "subject_id": stays["subject_id"].to_numpy(np.int64),
+        "intime": pd.to_datetime(stays["intime"]).astype("datetime64[us]"),
+        "prediction_time": pd.to_datetime(stays["prediction_time"]).astype("datetime64[us]"),
+    })
+    extractor.register("ehr_cohort", cohort)
+    for name, table in _item_tables(variables).items():
+        extractor.register(name, table)
+    used = {s for v in variables.items for s in v.sources}
+    extractor.run("ehr_events_create")
+    for source in SOURCES:
+        if source in used:
+            extractor.run(f"ehr_events_{source}", reads=(_SOURCE_TABLE[source],))
+    frames = [extractor.fetch("ehr_numeric"), extractor.fetch("ehr_text")]
+    extractor.con.execute("DROP TABLE ehr_events")
+
+    values = np.full((n, window_hours, n_vars), np.nan, dtype=np.float32)
+    for frame in frames:
+        if len(frame):
+            hour = frame["hour"].to_numpy(np.int64)
+            if hour.min() < 0 or hour.max() >= window_hours:  # the SQL window guarantees this
+                raise AssertionError("hour index outside the window")
+            values[frame["stay_idx"].to_numpy(np.int64), hour, frame["var_idx"].to_numpy(np.int64)] = \
+                frame["value"].to_numpy(np.float64).astype(np.float32)
+    _fill_derived(values, variables)
+    return values
+
+
+def _fill_derived(values: np.ndarray, variables: Variables) -> None:
+    for k, v in enumerate(variables.items):
+        if not v.is_derived:
+            continue
+        parts = [variables.index(p) for p in v.derived_sum]
+        total = values[:, :, parts].astype(np.float64).sum(axis=2)  # NaN unless every part is observed
+        if v.low is not None:
+            total[total < v.low] = np.nan
+        if v.high is not None:
+            total[total > v.high] = np.nan
+        values[:, :, k] = total.astype(np.float32)

@@ -1,0 +1,162 @@
+"""DuckDB over the raw MIMIC-IV files: typed views, bounded memory, errors that name the file.
+
+An :class:`Extractor` opens an in-memory DuckDB database whose spill files go to a work folder
+(never a source folder), with ``memory_limit`` and ``threads`` set. Each checked table becomes
+a view ``mimiciv_<module>.<table>`` over its ``.csv.gz`` (or ``.csv``) file, read with explicit
+column types (identifiers BIGINT, times TIMESTAMP, ``dod`` DATE, numbers DOUBLE, everything
+else VARCHAR; the empty string is NULL; no type sniffing). Queries are SQL files in
+``cbstore/resources/sql/``; the large event tables are only ever aggregated inside DuckDB.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from cbstore.errors import SourceError
+from cbstore.sources import MimicIVSource, SourceTable
+
+log = logging.getLogger(__name__)
+
+_BIGINT = {"subject_id", "hadm_id", "stay_id", "itemid", "labevent_id", "specimen_id", "caregiver_id",
+           "anchor_age", "anchor_year", "seq_num", "icd_version", "hospital_expire_flag", "order_provider_id"}
+_TIMESTAMP = {"intime", "outtime", "admittime", "dischtime", "deathtime", "charttime", "storetime",
+              "edregtime", "edouttime"}
+_DATE = {"dod"}
+_DOUBLE = {"valuenum", "los"}
+#: Per-table exceptions to the name-based types above.
+_TABLE_TYPES = {"icu/outputevents": {"value": "DOUBLE"}}
+
+
+def column_types(table: SourceTable) -> dict[str, str]:
+    """DuckDB type of each column of ``table``, in header order."""
+    special = _TABLE_TYPES.get(table.name, {})
+    types = {}
+    for col in table.columns:
+        if col in special:
+            types[col] = special[col]
+        elif col in _BIGINT:
+            types[col] = "BIGINT"
+        elif col in _TIMESTAMP:
+            types[col] = "TIMESTAMP"
+        elif col in _DATE:
+            types[col] = "DATE"
+        elif col in _DOUBLE:
+            types[col] = "DOUBLE"
+        else:
+            types[col] = "VARCHAR"
+    return types
+
+
+def load_sql(name: str) -> str:
+    """Text of ``cbstore/resources/sql/<name>.sql``."""
+    return resources.files("cbstore").joinpath("resources", "sql", f"{name}.sql").read_text(encoding="utf-8")
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class Extractor:
+    """An open DuckDB connection with views over a MIMIC-IV source.
+
+    Parameters
+    ----------
+    source : MimicIVSource
+        The checked release (see :func:`cbstore.sources.locate_mimic_iv`).
+    work_dir : Path
+        Folder for DuckDB's spill files; must not lie inside the source.
+    memory_limit : str
+        DuckDB ``memory_limit`` (e.g. ``"2GB"``).
+    threads : int
+        DuckDB ``threads``.
+
+    Use as a context manager; :meth:`close` releases the connection.
+    """
+
+    def __init__(self, source: MimicIVSource, work_dir: Path, *, memory_limit: str = "2GB", threads: int = 2):
+        work_dir = Path(work_dir).resolve()
+        if work_dir.is_relative_to(source.root):
+            raise SourceError(f"work folder {work_dir} lies inside the MIMIC-IV source {source.root}; "
+                              f"choose a work folder outside the source")
+        self.source = source
+        self.timings: dict[str, float] = {}
+        spill = work_dir / "duckdb_tmp"
+        spill.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(":memory:")
+        try:
+            for setting, value in (("memory_limit", memory_limit), ("threads", threads),
+                                   ("temp_directory", str(spill)), ("preserve_insertion_order", False),
+                                   ("enable_progress_bar", False)):
+                self.con.execute(f"SET {setting} = {_quote(value) if isinstance(value, str) else value}")
+            for schema in sorted({name.split("/")[0] for name in source.tables}):
+                self.con.execute(f"CREATE SCHEMA IF NOT EXISTS mimiciv_{schema}")
+            for name, table in source.tables.items():
+                self.con.execute(f"CREATE VIEW mimiciv_{name.replace('/', '.')} AS {self._read_csv(table)}")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _read_csv(table: SourceTable) -> str:
+        columns = ", ".join(f"{_quote(c)}: {_quote(t)}" for c, t in column_types(table).items())
+        return (f"SELECT * FROM read_csv({_quote(str(table.path))}, header = true, auto_detect = false, "
+                f"delim = ',', quote = '\"', escape = '\"', nullstr = '', "
+                f"compression = {_quote('gzip' if table.compressed else 'none')}, columns = {{{columns}}})")
+
+    def __enter__(self) -> "Extractor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the DuckDB connection (idempotent)."""
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+    def register(self, name: str, frame: pd.DataFrame) -> None:
+        """Make a pandas DataFrame queryable as table ``name`` (replacing an earlier one)."""
+        self.con.register(name, frame)
+
+    def run(self, sql_name: str, *, reads: tuple[str, ...] = ()) -> None:
+        """Execute the statements of SQL file ``sql_name``.
+
+        ``reads`` names the source tables the statements read, for error messages.
+        """
+        self._execute(sql_name, reads, fetch=False)
+
+    def fetch(self, sql_name: str, *, reads: tuple[str, ...] = ()) -> pd.DataFrame:
+        """Execute SQL file ``sql_name`` and return its (last) result as a DataFrame."""
+        return self._execute(sql_name, reads, fetch=True)
+
+    def _execute(self, sql_name: str, reads: tuple[str, ...], fetch: bool):
+        sql = load_sql(sql_name)
+        start = time.perf_counter()
+        try:
+            result = self.con.execute(sql)
+            frame = result.df() if fetch else None
+        except duckdb.OutOfMemoryException as err:
+            raise SourceError(f"DuckDB ran out of memory in step {sql_name!r} ({err}); raise --memory-limit "
+                              f"or free disk space in the work folder for spilling") from None
+        except duckdb.Error as err:
+            raise self._source_error(sql_name, reads, err) from None
+        self.timings[sql_name] = time.perf_counter() - start
+        log.debug("%s took %.2f s", sql_name, self.timings[sql_name])
+        return frame
+
+    def _source_error(self, sql_name: str, reads: tuple[str, ...], err: Exception) -> SourceError:
+        message = str(err)
+        named = [t for t in self.source.tables.values() if str(t.path) in message or t.path.name in message]
+        tables = named or [self.source.tables[r] for r in reads if r in self.source.tables]
+        files = ", ".join(str(t.path) for t in tables) or "the source tables"
+        first_line = re.split(r"\n", message.strip(), maxsplit=1)[0]
+        return SourceError(f"reading {files} failed in step {sql_name!r}: {first_line}. If the file is truncated or "
+                           f"corrupt, re-download it and check it against the release's SHA256SUMS.txt")
