@@ -1,0 +1,29 @@
+"""``cbstore report``: a comparison table of finished runs (thin wrapper over ``fusion.compare``)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import click
+
+from fusion.compare import PRIMARY_METRICS, collect_runs, comparison_table
+
+
+@click.command("report")
+@click.argument("runs_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
+@click.option("--task", type=click.Choice(sorted(PRIMARY_METRICS)), default=None,
+              help="Only runs of this task.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
+              help="Also write the tables to this Markdown file.")
+def report(runs_dir: pathlib.Path, task: str | None, out: pathlib.Path | None) -> None:
+    """Compare the complete runs under RUNS_DIR: test metrics with 95% bootstrap CIs."""
+    runs = collect_runs(runs_dir)
+    if not runs:
+        raise click.ClickException(f"no complete runs under {runs_dir}; run `cbstore fuse` first")
+    text = comparison_table(runs, task)
+    if not text:
+        raise click.ClickException(f"no complete runs of task {task!r} under {runs_dir}")
+    click.echo(text)
+    if out is not None:
+        out.write_text(text + "\n")
+        click.echo(f"\nwrote {out}")

@@ -1,0 +1,307 @@
+"""Run configuration: the :class:`RunConfig` dataclass, and loading it from YAML/TOML plus overrides.
+
+Precedence (lowest first): the dataclass defaults, the config file, the command line
+(options given explicitly, then ``--set key=value`` pairs). A config file holds run options at the
+top level and method hyperparameters under ``hyperparameters``::
+
+    method: latefusion
+    task: phenotype
+    features: cached
+    hyperparameters:
+      lr: 3.0e-4
+      max_epochs: 20
+
+Unknown keys are errors that list the valid keys. Hyperparameter names are checked against the
+method later, when the method is known (:mod:`fusion.runs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import tomllib
+from collections.abc import Iterable, Mapping
+
+import yaml
+
+from fusion.registry import FEATURE_MODES, TASKS, FusionError
+
+__all__ = ["COHORTS", "PARTS", "ConfigError", "RunConfig", "load_config_file", "make_config",
+           "parse_missing_at", "parse_set_pairs"]
+
+#: Cohorts: all stays, stays with an X-ray, or train/val from one and test from the other.
+COHORTS = ("full", "matched", "matched_to_full", "full_to_matched")
+#: Parts of a fold.
+PARTS = ("train", "val", "test")
+
+
+class ConfigError(FusionError, ValueError):
+    """A run configuration (file, option or override) is invalid."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines one fusion run.
+
+    The fields that change results (all but ``out``, ``overwrite``, ``device`` and ``progress``)
+    enter the run id (:func:`fusion.runs.resolve`).
+
+    Attributes
+    ----------
+    store : str
+        Path of the cbstore Zarr store.
+    method : str
+        Registered method name (:func:`fusion.registry.list_methods`).
+    task : str
+        ``mortality``, ``mortality_hosp``, ``phenotype`` or ``los``.
+    fold : int
+        Fold of the store's splits.
+    seed : int
+        Seed of the method (initialisation, shuffling) and, unless ``mask_seed`` is set, of the mask.
+    features : str
+        ``cached`` (heads on stored embeddings) or ``raw`` (end-to-end from the raw tensors).
+    ehr_encoder, cxr_encoder : str or None
+        Embedding ids used in cached mode; None picks the only one the store holds.
+    cohort : str
+        One of :data:`COHORTS`.
+    cxr_missing_rate : float
+        Fraction of X-rays hidden on the parts in ``missing_at`` (see :mod:`cbstore.masks`).
+    missing_at : tuple of str
+        Parts the mask applies to.
+    mask_seed : int or None
+        Seed of the mask; None uses ``seed``.
+    hyperparameters : dict
+        Method hyperparameters (overrides of the method defaults).
+    n_boot : int
+        Bootstrap resamples of the evaluator.
+    out : str
+        Folder that holds the run folders.
+    overwrite : bool
+        Recompute a complete run instead of reusing it.
+    device : str or None
+        ``cpu``, ``cuda``, ``cuda:1`` ...; None picks CUDA when available.
+    progress : bool
+        Show a progress bar per epoch.
+    """
+
+    store: str
+    method: str
+    task: str = "mortality"
+    fold: int = 0
+    seed: int = 0
+    features: str = "cached"
+    ehr_encoder: str | None = None
+    cxr_encoder: str | None = None
+    cohort: str = "full"
+    cxr_missing_rate: float = 0.0
+    missing_at: tuple = PARTS
+    mask_seed: int | None = None
+    hyperparameters: dict = dataclasses.field(default_factory=dict)
+    n_boot: int = 1000
+    out: str = "runs"
+    overwrite: bool = False
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` naming the field, the value and the fix."""
+        if not isinstance(self.store, (str, pathlib.Path)) or not str(self.store):
+            raise ConfigError("store: a store path is required")
+        self.store = str(self.store)
+        if not isinstance(self.method, str) or not self.method:
+            raise ConfigError("method: a method name is required (see `cbstore fuse --help`)")
+        if self.task not in TASKS:
+            raise ConfigError(f"task: unknown task {self.task!r}; valid tasks: {', '.join(TASKS)}")
+        if self.features not in FEATURE_MODES:
+            raise ConfigError(f"features: {self.features!r} is not one of "
+                              f"{', '.join(FEATURE_MODES)}")
+        if self.cohort not in COHORTS:
+            raise ConfigError(f"cohort: {self.cohort!r} is not one of {', '.join(COHORTS)}")
+        for name in ("fold", "seed", "n_boot"):
+            setattr(self, name, _as_int(name, getattr(self, name), minimum=0))
+        if self.mask_seed is not None:
+            self.mask_seed = _as_int("mask_seed", self.mask_seed, minimum=0)
+        try:
+            rate = float(self.cxr_missing_rate)
+        except (TypeError, ValueError):
+            raise ConfigError(f"cxr_missing_rate: must be a number in [0, 1], got "
+                              f"{self.cxr_missing_rate!r}") from None
+        if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
+            raise ConfigError(f"cxr_missing_rate: must be in [0, 1], got {self.cxr_missing_rate!r}")
+        self.cxr_missing_rate = rate
+        self.missing_at = parse_missing_at(self.missing_at)
+        for name in ("ehr_encoder", "cxr_encoder", "device"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{name}: must be a non-empty string, got {value!r}")
+        if not isinstance(self.hyperparameters, Mapping):
+            raise ConfigError(f"hyperparameters: must be a mapping of name to value, got "
+                              f"{type(self.hyperparameters).__name__}")
+        self.hyperparameters = dict(self.hyperparameters)
+        for name in ("overwrite", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        self.out = str(self.out)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of the configurable fields."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _as_int(name: str, value, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+        raise ConfigError(f"{name}: must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}: must be an integer, got {value!r}") from None
+    if isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{name}: must be an integer, got {value!r}")
+    if number < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {number}")
+    return number
+
+
+def parse_missing_at(value) -> tuple:
+    """Normalise ``missing_at`` (``"train,val"``, a list, or several of them) to sorted part names.
+
+    Raises
+    ------
+    ConfigError
+        For a name that is not a part.
+    """
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Iterable):
+        raise ConfigError(f"missing_at: expected part names, got {value!r}")
+    parts = set()
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"missing_at: expected part names, got {item!r}")
+        for name in item.split(","):
+            name = name.strip()
+            if not name:
+                continue
+            if name not in PARTS:
+                raise ConfigError(f"missing_at: unknown part {name!r}; valid parts: "
+                                  f"{', '.join(PARTS)}")
+            parts.add(name)
+    if not parts:
+        raise ConfigError(f"missing_at: name at least one of {', '.join(PARTS)}")
+    return tuple(p for p in PARTS if p in parts)
+
+
+def load_config_file(path) -> dict:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) run configuration.
+
+    Returns
+    -------
+    dict
+        The file's mapping (run options and an optional ``hyperparameters`` mapping).
+
+    Raises
+    ------
+    ConfigError
+        File missing, unparsable, of an unknown suffix, not a mapping, or with unknown keys.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            doc = yaml.safe_load(path.read_text())
+        elif suffix == ".toml":
+            doc = tomllib.loads(path.read_text())
+        else:
+            raise ConfigError(f"{path}: unknown config format {suffix!r}; use .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot parse config file: {exc}") from exc
+    doc = {} if doc is None else doc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of option to value, "
+                          f"got {type(doc).__name__}")
+    valid = set(RunConfig.field_names())
+    unknown = sorted(set(doc) - valid)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: "
+                          f"{', '.join(sorted(valid))}")
+    if "hyperparameters" in doc and not isinstance(doc["hyperparameters"], dict):
+        raise ConfigError(f"{path}: 'hyperparameters' must be a mapping of name to value")
+    return doc
+
+
+def parse_set_pairs(pairs: Iterable[str]) -> dict:
+    """Parse ``key=value`` strings; values are read as YAML scalars (``1e-3``, ``true``, ``abc``).
+
+    Raises
+    ------
+    ConfigError
+        For an item without ``=`` or with an empty key.
+    """
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)):
+            value = raw
+        out[key] = value
+    return out
+
+
+def make_config(*, config_file=None, options: Mapping | None = None,
+                set_pairs: Iterable[str] = ()) -> RunConfig:
+    """Build a :class:`RunConfig` from a file, explicit options and ``--set`` overrides.
+
+    Parameters
+    ----------
+    config_file : path, optional
+        YAML or TOML file (see :func:`load_config_file`).
+    options : mapping, optional
+        Run options given explicitly (None values are ignored); override the file.
+    set_pairs : iterable of str
+        ``key=value`` items. A key that is a run option sets the option; any other key is a
+        method hyperparameter (checked against the method when the run is resolved).
+
+    Returns
+    -------
+    RunConfig
+    """
+    merged: dict = {}
+    hyper: dict = {}
+    if config_file is not None:
+        doc = load_config_file(config_file)
+        hyper.update(doc.pop("hyperparameters", None) or {})
+        merged.update(doc)
+    for key, value in (options or {}).items():
+        if value is None:
+            continue
+        if key == "hyperparameters":
+            hyper.update(value)
+        elif key not in RunConfig.field_names():
+            raise ConfigError(f"unknown run option {key!r}; valid options: "
+                              f"{', '.join(RunConfig.field_names())}")
+        else:
+            merged[key] = value
+    run_fields = set(RunConfig.field_names()) - {"hyperparameters"}
+    for key, value in parse_set_pairs(set_pairs).items():
+        if key in run_fields:
+            merged[key] = value
+        else:
+            hyper[key] = value
+    for required in ("store", "method"):
+        if required not in merged:
+            raise ConfigError(f"{required}: not given (pass it on the command line or in the "
+                              "config file)")
+    return RunConfig(**merged, hyperparameters=hyper)

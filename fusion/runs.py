@@ -1,0 +1,323 @@
+"""One fusion run: resolve and hash its configuration, fit, predict, evaluate, write its folder.
+
+A run is identified by the first 12 hex digits of the SHA-256 of its resolved configuration
+(canonical JSON): store path and ``config_sha256``, the embeddings used (id and creation time),
+method and every hyperparameter (defaults included), task, fold, seed, feature mode, cohort,
+missing-modality mask, number of bootstrap resamples and the cbstore version. The output folder,
+``--overwrite``, the device and the progress bar do not enter the id.
+
+Run folder ``<out>/<run-id>/``::
+
+    config.json          resolved configuration (+ run id and the options outside the hash)
+    predictions.parquet  val and test predictions (fusion.evaluation.write_predictions format)
+    metrics.json         fusion.evaluation.evaluate_predictions of predictions.parquet
+    fairness.csv         per-group table, when the evaluator provides one
+    run.json             timings, part sizes, training history
+    weights/             the fitted method (method.save)
+    COMPLETE             written last
+
+The folder is assembled in a hidden temporary sibling and renamed into place, so a folder named
+after a run id is either complete or left over from a crash (then replaced). A complete run with
+the same id is reused unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from importlib import metadata
+
+import numpy as np
+import pandas as pd
+
+from fusion.config import PARTS, RunConfig
+from fusion.data import load_fusion_data, resolve_encoder
+from fusion.evaluation import (
+    evaluate_predictions, fairness_table, format_table, load_predictions, write_json,
+    write_predictions)
+from fusion.registry import get_method
+
+__all__ = ["COMPLETE_MARKER", "DEMOGRAPHICS", "PREDICTED_PARTS", "RunResult", "predictions_frame",
+           "resolve", "run_fusion", "run_id_of", "summary_lines"]
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "COMPLETE"
+#: Demographic columns joined from ``stays/`` into the predictions.
+DEMOGRAPHICS = ("gender", "age_group", "race", "insurance", "admission_type")
+#: Parts written to the predictions file (val: threshold selection; test: scores).
+PREDICTED_PARTS = ("val", "test")
+#: Length of a run id (hex digits of the configuration hash).
+RUN_ID_LENGTH = 12
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Outcome of :func:`run_fusion`.
+
+    Attributes
+    ----------
+    run_id : str
+    path : pathlib.Path
+        The complete run folder.
+    reused : bool
+        True if an existing complete run was reused.
+    config : dict
+        The resolved configuration.
+    metrics : dict
+        Content of ``metrics.json``.
+    """
+
+    run_id: str
+    path: pathlib.Path
+    reused: bool
+    config: dict
+    metrics: dict
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("cbstore")
+    except metadata.PackageNotFoundError:  # running from a source tree without install
+        return "unknown"
+
+
+def _canonical(doc) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def run_id_of(resolved: dict) -> str:
+    """First :data:`RUN_ID_LENGTH` hex digits of the SHA-256 of the canonical JSON of ``resolved``."""
+    return hashlib.sha256(_canonical(resolved).encode("utf-8")).hexdigest()[:RUN_ID_LENGTH]
+
+
+def _embedding_record(entry: dict) -> dict:
+    return {"encoder_id": entry["encoder_id"], "per_fold": bool(entry.get("per_fold")),
+            "dim": int(entry.get("dim", 0)), "created_at": entry.get("created_at"),
+            "weights": entry.get("weights"), "weights_sha256": entry.get("weights_sha256")}
+
+
+def resolve(cfg: RunConfig, store) -> dict:
+    """Check ``cfg`` against the registry and the store; return the configuration that is hashed.
+
+    Raises
+    ------
+    UnknownMethodError, UnsupportedFeaturesError, HyperparameterError
+        Unknown method, feature mode or task the method does not support, bad hyperparameter.
+    FusionDataError
+        Embedding missing from the store, or no labels for the task.
+    """
+    cls = get_method(cfg.method)
+    cls.check_task(cfg.task)
+    inputs = cls.inputs_for(cfg.features)
+    hyper = cls.resolve_hyperparameters(cfg.hyperparameters)
+    embeddings = {}
+    for modality, given in (("ehr", cfg.ehr_encoder), ("cxr", cfg.cxr_encoder)):
+        needed = cfg.features == "cached" and f"{modality}_emb" in inputs
+        if needed or given is not None:
+            entry = resolve_encoder(store, modality, given)
+            if needed:
+                embeddings[modality] = _embedding_record(entry)
+    masked = cfg.cxr_missing_rate > 0
+    return {
+        "cbstore_version": _package_version(),
+        "store": {"path": str(pathlib.Path(store.path).resolve()),
+                  "config_sha256": store.attrs.get("config_sha256"),
+                  "format_version": store.attrs.get("format_version")},
+        "method": cls.name,
+        "hyperparameters": hyper,
+        "task": cfg.task,
+        "fold": cfg.fold,
+        "seed": cfg.seed,
+        "features": cfg.features,
+        "embeddings": embeddings,
+        "cohort": cfg.cohort,
+        "cxr_missing_rate": cfg.cxr_missing_rate,
+        # without a mask the parts and seed of the mask change nothing, so they stay out of the id
+        "missing_at": list(cfg.missing_at) if masked else [],
+        "mask_seed": (cfg.seed if cfg.mask_seed is None else cfg.mask_seed) if masked else None,
+        "predicted_parts": list(PREDICTED_PARTS),
+        "n_boot": cfg.n_boot,
+    }
+
+
+def predictions_frame(method, data, store, *, run_id: str,
+                      parts=PREDICTED_PARTS) -> tuple[pd.DataFrame, dict]:
+    """Predictions of a fitted ``method`` on ``parts`` of ``data`` in the predictions format.
+
+    Returns
+    -------
+    (pandas.DataFrame, dict)
+        One row per (stay, part): ids, labels, probabilities (per modality where the method
+        gives them), X-ray flags and demographics; and the file meta.
+    """
+    task, names = data.task, list(data.label_names)
+    prob_names = names
+    frames = []
+    demographics = store.stays.loc[:, list(DEMOGRAPHICS)]
+    for part in parts:
+        item = data.part(part)
+        prob = np.asarray(method.predict_proba(data, part), dtype=np.float64)
+        expected = (len(item), data.n_outputs)
+        if prob.shape != expected:
+            raise ValueError(f"method {method.name!r} returned probabilities of shape {prob.shape} "
+                             f"for part {part!r}, expected {expected}")
+        frame = {"stay_id": item.stay_id.astype(np.int64), "part": part,
+                 "fold": np.full(len(item), data.fold, dtype=np.int64), "task": task}
+        if task == "los":
+            frame["y_true_los"] = item.y.astype(np.int64)
+        else:
+            for j, name in enumerate(names):
+                frame[f"y_true_{name}"] = item.y[:, j].astype(np.int64)
+        for j, name in enumerate(prob_names):
+            frame[f"y_prob_{name}"] = prob[:, j]
+        for modality, values in method.predict_modality_proba(data, part).items():
+            for j, name in enumerate(prob_names):
+                frame[f"y_prob_{modality}_{name}"] = np.asarray(values, dtype=np.float64)[:, j]
+        frame["cxr_present"] = item.cxr_present.astype(bool)
+        frame["cxr_masked"] = item.cxr_masked.astype(bool)
+        df = pd.DataFrame(frame)
+        demo = demographics.loc[item.stay_id]
+        for col in DEMOGRAPHICS:
+            df[col] = demo[col].to_numpy()
+        frames.append(df)
+    meta = {"task": task, "labels": ["los"] if task == "los" else names, "method": method.name,
+            "run_id": run_id, "fold": data.fold, "seed": method.seed, "features": data.features,
+            "cohort": data.cohort, "cxr_missing_rate": data.cxr_missing_rate,
+            "absent_cxr_policy": method.absent_cxr_policy}
+    if task == "los":
+        meta["class_names"] = names
+    return pd.concat(frames, ignore_index=True), meta
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """Headline test metrics of ``metrics.json`` with their 95% CIs, as a Markdown table."""
+    rows = [{"test metric": name, "estimate [95% CI]": value}
+            for name, value in (metrics.get("metrics") or {}).items()]
+    lines = format_table(rows, digits=4).splitlines() if rows else []
+    return lines + [f"note: {note}" for note in metrics.get("notes") or []]
+
+
+def _fairness_csv(df: pd.DataFrame, meta: dict, path: pathlib.Path) -> bool:
+    """Write the evaluator's per-group table of the test part; return whether it had rows."""
+    table = fairness_table(df, meta)
+    if table is None or len(table) == 0:
+        return False
+    table.to_csv(path, index=False)
+    return True
+
+
+def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib.Path,
+             echo: Callable[[str], None]) -> dict:
+    started = time.perf_counter()
+    cls = get_method(cfg.method)
+    data = load_fusion_data(
+        store, cfg.task, cfg.fold, cohort=cfg.cohort, features=cfg.features,
+        inputs=cls.inputs_for(cfg.features),
+        ehr_encoder=resolved["embeddings"].get("ehr", {}).get("encoder_id"),
+        cxr_encoder=resolved["embeddings"].get("cxr", {}).get("encoder_id"),
+        cxr_missing_rate=cfg.cxr_missing_rate, missing_at=cfg.missing_at,
+        mask_seed=resolved["mask_seed"] or 0, parts=PARTS)
+    loaded = time.perf_counter()
+    method = cls(seed=cfg.seed, **resolved["hyperparameters"])
+    method.fit(data, device=cfg.device, progress=cfg.progress)
+    fitted = time.perf_counter()
+    method.save(folder / "weights")
+    df, meta = predictions_frame(method, data, store, run_id=run_id)
+    write_predictions(df, meta, folder / "predictions.parquet")
+    predicted = time.perf_counter()
+    df, meta = load_predictions(folder / "predictions.parquet")  # score exactly what was written
+    metrics = evaluate_predictions(df, meta, n_boot=cfg.n_boot, seed=cfg.seed)
+    write_json(metrics, folder / "metrics.json")
+    fairness = _fairness_csv(df, meta, folder / "fairness.csv")
+    evaluated = time.perf_counter()
+    write_json({
+        "run_id": run_id,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": {"load": round(loaded - started, 3), "fit": round(fitted - loaded, 3),
+                    "predict": round(predicted - fitted, 3),
+                    "evaluate": round(evaluated - predicted, 3),
+                    "total": round(evaluated - started, 3)},
+        "parts": {name: {"n_stays": len(p), "n_cxr_present": int(p.cxr_present.sum()),
+                         "n_cxr_masked": int(p.cxr_masked.sum())} for name, p in data.parts.items()},
+        "absent_cxr_policy": method.absent_cxr_policy,
+        "history": dict(getattr(method, "history_", {}) or {}),
+        "fairness_csv": fairness,
+    }, folder / "run.json")
+    return metrics
+
+
+def run_fusion(cfg: RunConfig, *, echo: Callable[[str], None] | None = None) -> RunResult:
+    """Run (or reuse) the fusion run described by ``cfg``.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+    echo : callable, optional
+        Receives short progress and summary lines (the CLI passes ``click.echo``); default: log.
+
+    Returns
+    -------
+    RunResult
+
+    Raises
+    ------
+    cbstore.errors.StoreError
+        The store cannot be opened.
+    fusion.registry.FusionError
+        Any invalid method, hyperparameter, encoder, task or data (specific subclasses).
+    """
+    from cbstore.store import open_store
+
+    echo = echo or log.info
+    store = open_store(cfg.store)
+    resolved = resolve(cfg, store)
+    run_id = run_id_of(resolved)
+    out = pathlib.Path(cfg.out)
+    final = out / run_id
+    if (final / COMPLETE_MARKER).is_file() and not cfg.overwrite:
+        echo(f"reusing run {run_id} ({final})")
+        metrics = json.loads((final / "metrics.json").read_text())
+        return RunResult(run_id, final, True, resolved, metrics)
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{run_id}.partial-", dir=out))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; a run folder is not
+    try:
+        write_json({"run_id": run_id, **resolved,
+                    "not_hashed": {"out": str(out), "overwrite": cfg.overwrite,
+                                   "device": cfg.device, "progress": cfg.progress}},
+                   tmp / "config.json")
+        echo(f"run {run_id}: {cfg.method} on {cfg.task}, fold {cfg.fold}, seed {cfg.seed}, "
+             f"{cfg.features} features, cohort {cfg.cohort}"
+             + (f", X-ray missing rate {cfg.cxr_missing_rate:g} at {','.join(cfg.missing_at)}"
+                if cfg.cxr_missing_rate > 0 else ""))
+        metrics = _execute(cfg, store, resolved, run_id, tmp, echo)
+        (tmp / COMPLETE_MARKER).write_text(run_id + "\n")
+        if final.exists():  # an older complete run (--overwrite) or a crashed, incomplete one
+            shutil.rmtree(final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / COMPLETE_MARKER).is_file():
+                raise
+            # a concurrent run with the same id finished first: keep its identical result
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    echo(f"run {run_id} complete: {final}")
+    for line in summary_lines(metrics):
+        echo(line)
+    return RunResult(run_id, final, False, resolved, metrics)

@@ -1,0 +1,129 @@
+"""The fusion registry: registration, look-up errors, declarations, hyperparameter validation."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fusion.registry import (
+    FEATURE_MODES, FUSION_METHODS, INPUT_KINDS, TASKS, DuplicateMethodError, FusionMethod,
+    HyperparameterError, MethodStateError, UnknownMethodError, UnsupportedFeaturesError,
+    get_method, list_methods, load_method, register)
+
+BASELINES = {"lstm", "transformer", "resnet", "ehr-mlp", "cxr-mlp", "lgbm-ehr", "lgbm-cxr",
+             "lgbm-early", "lgbm-late", "latefusion"}
+
+
+def test_every_baseline_is_registered():
+    assert BASELINES <= set(list_methods())
+    assert list_methods() == sorted(list_methods())
+
+
+def test_unknown_method_lists_the_valid_names():
+    with pytest.raises(UnknownMethodError) as err:
+        get_method("late-fusion")
+    message = str(err.value)
+    assert "'late-fusion'" in message
+    for name in ("latefusion", "lgbm-early", "lstm"):
+        assert name in message
+
+
+@pytest.fixture
+def scratch_name():
+    name = "test-scratch-method"
+    yield name
+    FUSION_METHODS.pop(name, None)
+
+
+def _scratch_class():
+    class Scratch(FusionMethod):
+        inputs = {"cached": frozenset({"ehr_emb"})}
+        modalities = frozenset({"ehr"})
+        hyperparameters = {"alpha": 1.0, "depth": 3, "flag": True, "kind": "a"}
+        hyperparameter_choices = {"kind": ("a", "b")}
+    return Scratch
+
+
+def test_duplicate_registration_raises(scratch_name):
+    register(scratch_name)(_scratch_class())
+    with pytest.raises(DuplicateMethodError, match=scratch_name):
+        register(scratch_name)(_scratch_class())
+    with pytest.raises(DuplicateMethodError, match="registered twice"):
+        register("lstm")(_scratch_class())
+
+
+def test_registration_checks_declarations(scratch_name):
+    bad_inputs = type("Bad", (_scratch_class(),), {"inputs": {"cached": frozenset({"pixels"})}})
+    with pytest.raises(TypeError, match="inputs"):
+        register(scratch_name)(bad_inputs)
+    bad_mode = type("Bad", (_scratch_class(),), {"inputs": {"fast": frozenset({"ehr_emb"})}})
+    with pytest.raises(TypeError, match="inputs"):
+        register(scratch_name)(bad_mode)
+    bad_modalities = type("Bad", (_scratch_class(),), {"modalities": frozenset({"ecg"})})
+    with pytest.raises(TypeError, match="modalities"):
+        register(scratch_name)(bad_modalities)
+    with pytest.raises(TypeError, match="FusionMethod"):
+        register(scratch_name)(object)
+    assert scratch_name not in FUSION_METHODS
+
+
+def test_hyperparameters_are_validated_and_converted(scratch_name):
+    cls = register(scratch_name)(_scratch_class())
+    assert cls.name == scratch_name
+    params = cls.resolve_hyperparameters({"alpha": "1e-3", "depth": "5", "flag": "false"})
+    assert params == {"alpha": 1e-3, "depth": 5, "flag": False, "kind": "a"}
+    with pytest.raises(HyperparameterError) as err:
+        cls.resolve_hyperparameters({"alhpa": 2.0})
+    assert "alhpa" in str(err.value) and "valid hyperparameters: alpha, depth, flag, kind" in str(err.value)
+    with pytest.raises(HyperparameterError, match="depth must be an integer"):
+        cls.resolve_hyperparameters({"depth": 2.5})
+    with pytest.raises(HyperparameterError, match="alpha must be a number"):
+        cls.resolve_hyperparameters({"alpha": "fast"})
+    with pytest.raises(HyperparameterError, match="alpha must be a finite number"):
+        cls.resolve_hyperparameters({"alpha": float("nan")})
+    with pytest.raises(HyperparameterError, match="flag must be true or false"):
+        cls.resolve_hyperparameters({"flag": 2})
+    with pytest.raises(HyperparameterError, match="not one of a, b"):
+        cls.resolve_hyperparameters({"kind": "c"})
+    with pytest.raises(HyperparameterError, match="alhpa"):
+        cls(alhpa=1.0)
+    method = cls(seed=7, depth=4)
+    assert method.get_params() == {"seed": 7, "alpha": 1.0, "depth": 4, "flag": True, "kind": "a"}
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_declarations_of_every_method(name):
+    cls = get_method(name)
+    assert cls.name == name
+    assert cls.inputs and set(cls.inputs) <= set(FEATURE_MODES)
+    assert all(kinds and set(kinds) <= INPUT_KINDS for kinds in cls.inputs.values())
+    assert cls.modalities and set(cls.modalities) <= {"ehr", "cxr"}
+    assert set(cls.tasks) <= set(TASKS)
+    assert cls.paper, "every method cites its source"
+    assert cls.absent_cxr_policy in ("not_used", "train_prevalence", "ehr_only", "native")
+    # the modalities read in each mode match the declared modalities
+    for kinds in cls.inputs.values():
+        assert {k.split("_")[0] for k in kinds} == set(cls.modalities)
+    # the test settings are valid hyperparameters
+    cls.resolve_hyperparameters(cls.test_hyperparameters)
+    for mode in set(FEATURE_MODES) - set(cls.inputs):
+        with pytest.raises(UnsupportedFeaturesError, match=f"--features {mode}"):
+            cls.inputs_for(mode)
+
+
+def test_methods_refuse_prediction_before_fit():
+    method = get_method("lgbm-early")()
+    with pytest.raises(MethodStateError, match="not fitted"):
+        method.predict_proba(None, "test")
+
+
+def test_load_method_needs_a_saved_folder(tmp_path):
+    with pytest.raises(MethodStateError, match="not a saved fusion method"):
+        load_method(tmp_path)
+
+
+def test_importing_the_registry_stays_light():
+    code = ("import sys, fusion, fusion.registry, fusion.config; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'lightgbm' not in sys.modules, 'lightgbm imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

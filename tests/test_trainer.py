@@ -1,0 +1,158 @@
+"""The torch training loop: learning, early stopping with best-state restore, determinism."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fusion.data import FusionPart
+from fusion.trainer import (
+    PartBatches, Trainer, choose_monitor, deterministic_mode, monitor_score, probabilities,
+    task_loss)
+
+torch.set_num_threads(1)
+
+
+def _part(x, y, name="train"):
+    n = x.shape[0]
+    return FusionPart(name=name, index=np.arange(n), stay_id=np.arange(n) + 1000, y=y,
+                      cxr_present=np.zeros(n, dtype=bool), cxr_masked=np.zeros(n, dtype=bool),
+                      ehr_emb=x.astype(np.float32))
+
+
+def _toy(n=200, seed=0, flip=False, task="mortality"):
+    """Linearly separable toy data on ``ehr_emb``; ``flip`` inverts the labels."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    score = x[:, 0] + 0.5 * x[:, 1]
+    if task == "los":
+        y = np.digitize(score, [-0.5, 0.5]).astype(np.int64)
+        return x, (2 - y) if flip else y
+    y = (score > 0).astype(np.float32)[:, None]
+    return x, (1 - y) if flip else y
+
+
+class Linear(nn.Module):
+    def __init__(self, n_out=1):
+        super().__init__()
+        self.layer = nn.Linear(4, n_out)
+
+    def forward(self, batch):
+        return {"logits": self.layer(batch["ehr_emb"])}
+
+
+def _sources(train_xy, val_xy):
+    return (PartBatches(_part(*train_xy), {"ehr_emb"}),
+            PartBatches(_part(*val_xy, name="val"), {"ehr_emb"}))
+
+
+@pytest.mark.parametrize("task,n_out", [("mortality", 1), ("los", 3)])
+def test_loss_decreases_and_the_problem_is_learned(task, n_out):
+    train, val = _sources(_toy(task=task), _toy(seed=1, task=task))
+    torch.manual_seed(0)
+    module = Linear(n_out)
+    history = Trainer(task, lr=0.05, batch_size=32, max_epochs=15, patience=15, seed=0).fit(
+        module, train, val)
+    losses = [e["train_loss"] for e in history["epochs"]]
+    assert losses[-1] < 0.7 * losses[0]
+    assert history["monitor"] == ("auroc" if task == "mortality" else "macro_f1")
+    assert history["best_score"] > (0.95 if task == "mortality" else 0.8)
+    assert not module.training, "fit leaves the module in eval mode"
+
+
+def test_early_stopping_restores_the_best_state():
+    # Validation labels are the inverse of the training labels: the better the fit, the worse the
+    # validation AUROC, so the best epoch is early and training stops after `patience` epochs.
+    train, val = _sources(_toy(), _toy(seed=1, flip=True))
+    torch.manual_seed(0)
+    module = Linear()
+    trainer = Trainer("mortality", lr=0.05, batch_size=32, max_epochs=40, patience=3, seed=0)
+    history = trainer.fit(module, train, val)
+    scores = [e["val_score"] for e in history["epochs"]]
+    assert history["stopped_early"]
+    assert len(scores) == history["best_epoch"] + 3
+    assert history["best_score"] == max(scores)
+    assert scores[-1] < history["best_score"]
+    prob = trainer.predict(module, val)["prob"]
+    restored = monitor_score("auroc", "mortality", val.part.y, prob)
+    assert restored == pytest.approx(history["best_score"], abs=1e-12)
+
+
+def _fit_state(seed):
+    train, val = _sources(_toy(), _toy(seed=1))
+    torch.manual_seed(seed)
+    module = Linear()
+    history = Trainer("mortality", lr=0.05, batch_size=16, max_epochs=4, patience=4, seed=seed).fit(
+        module, train, val)
+    return module.state_dict(), history
+
+
+def test_training_is_bitwise_reproducible_for_a_seed():
+    (state_a, hist_a), (state_b, hist_b) = _fit_state(3), _fit_state(3)
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key])
+    assert hist_a == hist_b
+    state_c, _ = _fit_state(4)
+    assert not torch.equal(state_a["layer.weight"], state_c["layer.weight"])
+
+
+def test_batch_order_is_seeded_and_a_single_trailing_row_is_merged():
+    x, y = _toy(n=33)
+    part = _part(x, y)
+    trainer = Trainer("mortality", batch_size=16, seed=5)
+    sizes = [int(b["y"].shape[0]) for b in trainer._loader(PartBatches(part, {"ehr_emb"}),
+                                                           train=True, batch_size=16)]
+    assert sizes == [16, 17]
+    first = [b["ehr_emb"] for b in trainer._loader(PartBatches(part, {"ehr_emb"}), train=True,
+                                                   batch_size=16)]
+    again = [b["ehr_emb"] for b in Trainer("mortality", batch_size=16, seed=5)._loader(
+        PartBatches(part, {"ehr_emb"}), train=True, batch_size=16)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_probabilities_are_sigmoid_or_softmax_never_logits():
+    logits = torch.tensor([[-3.0, 0.0, 4.0]])
+    assert torch.allclose(probabilities(logits, "phenotype"), torch.sigmoid(logits))
+    soft = probabilities(logits, "los")
+    assert torch.allclose(soft.sum(dim=1), torch.ones(1))
+    assert torch.all((soft >= 0) & (soft <= 1))
+
+
+def test_task_loss_weights_select_stays():
+    logits = torch.tensor([[2.0], [-2.0]])
+    y = torch.tensor([[1.0], [1.0]])
+    only_first = task_loss(logits, y, "mortality", weight=torch.tensor([1.0, 0.0]))
+    assert only_first == pytest.approx(task_loss(logits[:1], y[:1], "mortality").item())
+    assert task_loss(logits, y, "mortality", weight=torch.zeros(2)).item() == 0.0
+
+
+def test_monitor_falls_back_to_validation_loss_for_single_class_labels():
+    assert choose_monitor("mortality", np.zeros((5, 1))) == "val_loss"
+    assert choose_monitor("mortality", np.array([[0.0], [1.0]])) == "auroc"
+    assert choose_monitor("phenotype", np.array([[0, 1], [0, 0]])) == "macro_auroc"
+    assert choose_monitor("los", np.array([2, 2, 2])) == "macro_f1"
+
+
+def test_early_stopping_on_loss_when_validation_has_one_class():
+    x, y = _toy()
+    train, val = _sources((x, y), (x[:20], np.zeros((20, 1), np.float32)))
+    history = Trainer("mortality", lr=0.05, batch_size=32, max_epochs=3, patience=3).fit(
+        Linear(), train, val)
+    assert history["monitor"] == "val_loss"
+    assert all(e["val_score"] == -e["val_loss"] for e in history["epochs"])
+
+
+def test_deterministic_mode_restores_the_global_setting():
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_mode(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_invalid_settings_are_rejected():
+    with pytest.raises(ValueError, match="unknown task"):
+        Trainer("survival")
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer("mortality", batch_size=0)
+    with pytest.raises(ValueError, match="patience"):
+        Trainer("mortality", patience=0)
