@@ -7,7 +7,8 @@ Order of work (each step in its own module):
    over the raw files (:mod:`cbstore.extract`);
 3. cohort steps 1-4 (:mod:`cbstore.cohort`), the hourly EHR tensor (:mod:`cbstore.ehr`), cohort
    step 5 (stays with EHR data), labels (:mod:`cbstore.labels`);
-4. X-ray selection and decoding (:mod:`cbstore.cxr`) into a memory-mapped array in the work folder;
+4. X-ray selection and decoding (:mod:`cbstore.cxr`) into a memory-mapped array in the work folder,
+   in a thread that runs alongside step 3 (it needs only the cohort of steps 1-4);
 5. patient-level splits stratified by ICU mortality (:mod:`cbstore.splits`) and per-fold
    training statistics (:mod:`cbstore.stats`);
 6. the store writer (:class:`cbstore.store.StoreWriter`) writes into ``<out>.partial-*`` and
@@ -19,9 +20,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,16 +101,29 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
     with _work_directory(config.work_dir, roots) as work:
         with Extractor(iv, work, memory_limit=config.memory_limit, threads=config.threads) as ex:
             all_stays = read_stays(ex)
-            stays, flow = select_cohort(all_stays, min_age=config.min_age, window_hours=config.window_hours)
-            _require_stays(stays, flow)
-            say("cohort: %d of %d ICU stays before EHR extraction", len(stays), len(all_stays))
-            values = extract_hourly(ex, stays, variables, config.window_hours)
-            stays, values = keep_with_ehr(stays, values, flow)
-            _require_stays(stays, flow)
-            say("EHR: %d stays x %d h x %d variables (%s)", *values.shape, _timings(ex.timings))
-            labels = compute_labels(ex, stays, phenotypes.code_table(), list(phenotypes.names))
+            candidates, flow = select_cohort(all_stays, min_age=config.min_age, window_hours=config.window_hours)
+            _require_stays(candidates, flow)
+            say("cohort: %d of %d ICU stays before EHR extraction", len(candidates), len(all_stays))
+            # The X-rays depend only on the cohort, so they are selected and decoded in a thread
+            # while DuckDB extracts the EHR (PIL and DuckDB release the GIL). Stays that cohort
+            # step 5 drops are decoded too and left out afterwards (the selection is per stay).
+            stop = threading.Event()
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbstore-build-xray") as pool:
+                decoding = pool.submit(_decode_xrays, cx, stays_table(candidates, config.min_age), config, work,
+                                       progress, stop)
+                try:
+                    values = extract_hourly(ex, candidates, variables, config.window_hours)
+                    stays, values = keep_with_ehr(candidates, values, flow)
+                    _require_stays(stays, flow)
+                    say("EHR: %d stays x %d h x %d variables (%s)", *values.shape, _timings(ex.timings))
+                    labels = compute_labels(ex, stays, phenotypes.code_table(), list(phenotypes.names))
+                    decoded = decoding.result()
+                finally:
+                    stop.set()  # on an error, the decoding thread stops after its current block
         table = stays_table(stays, config.min_age)
-        cxr, images, skips = _xray(cx, table, config, work, progress)
+        positions = pd.Index(candidates["stay_id"]).get_indexer(stays["stay_id"])
+        cxr, skips = _xray_table(decoded, positions, table.index)
+        images = decoded.images
         say("CXR: %d of %d stays with a film; skipped %s", int(cxr["present"].sum()), len(cxr), skips)
         splits = assign_folds(table["subject_id"].to_numpy(), labels["mortality"], n_folds=config.n_folds,
                               val_fraction=config.val_fraction, seed=config.seed)
@@ -119,9 +136,9 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
         )
         with StoreWriter(out, content, config.image_size, overwrite, chunk_stays=CHUNK_STAYS) as writer:
             for start in range(0, writer.n_stays, writer.shard_stays):
-                writer.write_images(start, np.asarray(images[start:start + writer.shard_stays]))
+                writer.write_images(start, images[positions[start:start + writer.shard_stays]])
             path = writer.finish()
-        del images
+        del images, decoded
     say("store written to %s in %.1f s", path, time.perf_counter() - started)
     return path
 
@@ -180,12 +197,21 @@ def _timings(timings: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k.startswith("ehr_"))
 
 
-def _xray(cx: MimicCxrSource, stays: pd.DataFrame, config: BuildConfig, work: Path,
-          progress: bool) -> tuple[pd.DataFrame, np.ndarray, dict[str, int]]:
+@dataclass
+class _DecodedXrays:
+    """Films selected and decoded for the cohort candidates (before cohort step 5), in their order."""
+
+    selection: pd.DataFrame
+    images: np.ndarray  # uint8 [candidate, S, S], memory-mapped in the work folder; zeros where absent
+    present: np.ndarray
+    reasons: np.ndarray
+
+
+def _decode_xrays(cx: MimicCxrSource, stays: pd.DataFrame, config: BuildConfig, work: Path, progress: bool,
+                  stop: threading.Event) -> _DecodedXrays | None:
     """Select and decode each stay's film; images go to a memory-mapped ``.npy`` in ``work``.
 
-    Returns the ``cxr`` table of the store, the images (uint8 [stay, S, S], zeros where absent)
-    and the counts of selected films that could not be used, by reason.
+    Returns None when ``stop`` was set before all blocks were decoded (the build failed meanwhile).
     """
     metadata = read_cxr_metadata(cx.root)
     selection = select_films(metadata, stays[["subject_id", "intime", "prediction_time"]],
@@ -195,14 +221,31 @@ def _xray(cx: MimicCxrSource, stays: pd.DataFrame, config: BuildConfig, work: Pa
     present = np.zeros(n, dtype=bool)
     reasons = np.full(n, "", dtype=object)
     batches = iter_image_batches(cx.root, selection, size, workers=config.workers, batch_stays=CHUNK_STAYS)
-    with tqdm(total=n, desc="decoding X-rays", unit="stay", disable=not progress) as bar:
+    # The work file is only read back by this process, so it is never flushed to disk.
+    with closing(batches), tqdm(total=n, desc="decoding X-rays", unit="stay", disable=not progress) as bar:
         for start, block, block_present, block_reasons in batches:
-            stop = start + len(block)
-            images[start:stop] = block
-            present[start:stop] = block_present
-            reasons[start:stop] = block_reasons
+            if stop.is_set():
+                return None
+            stop_at = start + len(block)
+            images[start:stop_at] = block
+            present[start:stop_at] = block_present
+            reasons[start:stop_at] = block_reasons
             bar.update(len(block))
-    images.flush()
+    return _DecodedXrays(selection=selection, images=images, present=present, reasons=reasons)
+
+
+def _xray_table(decoded: _DecodedXrays, positions: np.ndarray,
+                index: pd.Index) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The ``cxr`` table of the stays at ``positions`` of the candidates, and the skip counts.
+
+    Returns the table (indexed by ``index``, the stays' ids) and the counts of selected films
+    that could not be used, by reason.
+    """
+    if (positions < 0).any():  # keep_with_ehr only drops candidates
+        raise AssertionError("a cohort stay is not among the candidates")
+    selection = decoded.selection.iloc[positions]
+    present = decoded.present[positions]
+    reasons = decoded.reasons[positions]
 
     skips = Counter({"decode_error": 0, "file_missing": 0})
     for reason in reasons:
@@ -222,8 +265,8 @@ def _xray(cx: MimicCxrSource, stays: pd.DataFrame, config: BuildConfig, work: Pa
         "view_position": np.where(present, selection["view_position"].to_numpy(dtype=object), ""),
         "n_eligible": selection["n_eligible"].to_numpy(np.int16),
         "absent_reason": np.where(present, "", np.where(film, reasons, NO_ELIGIBLE_FILM)),
-    }, index=stays.index)
-    return cxr, images, dict(sorted(skips.items()))
+    }, index=index)
+    return cxr, dict(sorted(skips.items()))
 
 
 def _attrs(iv: MimicIVSource, cx: MimicCxrSource, config: BuildConfig, variables: Variables,

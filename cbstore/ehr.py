@@ -34,7 +34,7 @@ import pandas as pd
 import yaml
 
 from cbstore.errors import CbstoreError
-from cbstore.extract import Extractor
+from cbstore.extract import Extractor, load_sql
 
 log = logging.getLogger(__name__)
 
@@ -341,25 +341,28 @@ def extract_hourly(extractor: Extractor, stays: pd.DataFrame, variables: Variabl
         "intime": pd.to_datetime(stays["intime"]).astype("datetime64[us]"),
         "prediction_time": pd.to_datetime(stays["prediction_time"]).astype("datetime64[us]"),
     })
-    extractor.register("ehr_cohort", cohort)
+    extractor.load_table("ehr_cohort", cohort)
     for name, table in _item_tables(variables).items():
-        extractor.register(name, table)
-    used = {s for v in variables.items for s in v.sources}
+        extractor.load_table(name, table)
+    used = [s for s in SOURCES if any(s in v.sources for v in variables.items)]
     extractor.run("ehr_events_create")
-    for source in SOURCES:
-        if source in used:
-            extractor.run(f"ehr_events_{source}", reads=(_SOURCE_TABLE[source],))
-    frames = [extractor.fetch("ehr_numeric"), extractor.fetch("ehr_text")]
+    # One INSERT of the sources' UNION ALL, so DuckDB may schedule the files' scans together
+    # instead of strictly one file after the other.
+    selects = [load_sql(f"ehr_events_{source}").strip().rstrip(";") for source in used]
+    extractor.execute("ehr_events", "INSERT INTO ehr_events\n" + "\nUNION ALL\n".join(selects),
+                      reads=tuple(_SOURCE_TABLE[s] for s in used))
+    results = [extractor.fetch_arrays("ehr_numeric"), extractor.fetch_arrays("ehr_text")]
     extractor.con.execute("DROP TABLE ehr_events")
 
     values = np.full((n, window_hours, n_vars), np.nan, dtype=np.float32)
-    for frame in frames:
-        if len(frame):
-            hour = frame["hour"].to_numpy(np.int64)
+    for result in results:
+        if len(result["hour"]):
+            hour = np.asarray(result["hour"], dtype=np.int64)
             if hour.min() < 0 or hour.max() >= window_hours:  # the SQL window guarantees this
                 raise AssertionError("hour index outside the window")
-            values[frame["stay_idx"].to_numpy(np.int64), hour, frame["var_idx"].to_numpy(np.int64)] = \
-                frame["value"].to_numpy(np.float64).astype(np.float32)
+            value = np.ma.filled(np.ma.asarray(result["value"], dtype=np.float64), np.nan)
+            values[np.asarray(result["stay_idx"], dtype=np.int64), hour,
+                   np.asarray(result["var_idx"], dtype=np.int64)] = value.astype(np.float32)
     _fill_derived(values, variables)
     return values
 

@@ -4,8 +4,9 @@
 --   computed in microseconds so it is exact. Numeric items keep valuenum; text items keep the
 --   value with surrounding spaces stripped (MIMIC pads some values, e.g. "On "). Rows with
 --   neither are dropped. Needs ehr_cohort(stay_idx, stay_id, subject_id, intime, prediction_time)
---   and ehr_items(var_idx, itemid, source, is_text).
-INSERT INTO ehr_events
+--   and ehr_items(var_idx, itemid, source, is_text). A SELECT with the columns of ehr_events
+--   (ehr_events_create.sql): cbstore/ehr.py inserts the UNION ALL of the ehr_events_* steps of
+--   the sources in use in one statement.
 SELECT
     s.stay_idx,
     (epoch_us(e.charttime) - epoch_us(s.intime)) // 3600000000 AS hour,
@@ -21,4 +22,4 @@ JOIN (SELECT itemid, bool_or(is_text) AS is_text
     ON t.itemid = e.itemid
 WHERE e.charttime >= s.intime
   AND e.charttime < s.prediction_time
-  AND (CASE WHEN t.is_text THEN nullif(trim(e.value), '') IS NOT NULL ELSE e.valuenum IS NOT NULL END);
+  AND (CASE WHEN t.is_text THEN nullif(trim(e.value), '') IS NOT NULL ELSE e.valuenum IS NOT NULL END)

@@ -2,7 +2,6 @@
 -- Description: Output events (e.g. urine) of the variables' outputevents items for the cohort
 --   stays (joined on stay_id) with charttime in [intime, prediction_time); value is numeric in
 --   this table. Needs ehr_cohort and ehr_items (see ehr_events_chartevents.sql).
-INSERT INTO ehr_events
 SELECT
     s.stay_idx,
     (epoch_us(e.charttime) - epoch_us(s.intime)) // 3600000000 AS hour,
@@ -16,4 +15,4 @@ JOIN ehr_cohort AS s
 WHERE e.itemid IN (SELECT itemid FROM ehr_items WHERE source = 'outputevents' AND NOT is_text)
   AND e.charttime >= s.intime
   AND e.charttime < s.prediction_time
-  AND e.value IS NOT NULL;
+  AND e.value IS NOT NULL

@@ -5,6 +5,8 @@
 --   group's catch-all ("*") variable, else none. Every variable of the group then sees 1 if it is
 --   the event's category and 0 otherwise, aggregated per (stay, hour, variable) with the
 --   variable's agg (last: the latest event, ties broken by the text; max: any event).
+--   As in ehr_numeric.sql, the hour's events are sorted as (charttime, text, value) structs
+--   instead of ordered aggregates, so results do not depend on threads; rows come out unordered.
 --   Needs ehr_items, ehr_vars, ehr_text_groups(group_id, itemid),
 --   ehr_text_vars(group_id, var_idx) and ehr_text_prefixes(group_id, var_idx, prefix).
 WITH events AS (
@@ -31,17 +33,21 @@ indicators AS (
     FROM categorised AS c
     JOIN ehr_text_vars AS v ON v.group_id = c.group_id
     JOIN ehr_vars AS x ON x.var_idx = v.var_idx
+),
+grouped AS (
+    SELECT stay_idx, hour, var_idx, agg,
+           list_sort(list({'t': charttime, 'x': text, 'v': value})) AS ordered
+    FROM indicators
+    GROUP BY stay_idx, hour, var_idx, agg
 )
 SELECT
     stay_idx,
     hour,
     var_idx,
     CASE agg
-        WHEN 'last' THEN last(value ORDER BY charttime, text, value)
-        WHEN 'max' THEN max(value)
-        WHEN 'mean' THEN avg(value ORDER BY charttime, text, value)
-        WHEN 'sum' THEN sum(value ORDER BY charttime, text, value)
+        WHEN 'last' THEN ordered[-1].v
+        WHEN 'max' THEN list_max(list_transform(ordered, lambda e: e.v))
+        WHEN 'mean' THEN list_avg(list_transform(ordered, lambda e: e.v))
+        WHEN 'sum' THEN list_sum(list_transform(ordered, lambda e: e.v))
     END AS value
-FROM indicators
-GROUP BY stay_idx, hour, var_idx, agg
-ORDER BY stay_idx, hour, var_idx;
+FROM grouped;
