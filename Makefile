@@ -51,4 +51,4 @@ demo: $(STAMP) $(DEMO)/store.zarr/cbstore_manifest.json
 	    $(CB) fuse $(DEMO)/store.zarr --method $$method --task $$task --fold 0 --seed 0 \
 	        --out $(DEMO)/runs --no-progress || exit 1; \
 	done; done
-	$(CB) report $(DEMO)/runs --out $(DEMO)/report.md
+	$(CB) report $(DEMO)/runs --per-label auroc --out $(DEMO)/report.md

@@ -12,7 +12,8 @@ import pathlib
 
 from fusion.evaluation import format_table
 
-__all__ = ["PRIMARY_METRICS", "collect_runs", "comparison_rows", "comparison_table"]
+__all__ = ["PRIMARY_METRICS", "collect_runs", "comparison_rows", "comparison_table",
+           "per_label_table"]
 
 #: Metrics shown per task kind, in column order (names of ``metrics.json["metrics"]``).
 PRIMARY_METRICS = {
@@ -108,3 +109,35 @@ def comparison_table(runs: list[dict], task: str | None = None) -> str:
         if rows:
             blocks.append(f"## {name}\n\n{format_table(rows)}")
     return "\n\n".join(blocks)
+
+
+def per_label_table(runs: list[dict], metric: str = "auroc") -> str:
+    """Markdown table of one per-label metric of the phenotype runs: a row per label, a column per run.
+
+    Columns are named ``<method> (<run id>)``; cells carry 95% CIs. Use it to see on which
+    phenotypes fusion helps, rather than only the macro average.
+
+    Parameters
+    ----------
+    runs : list of dict
+        From :func:`collect_runs`; runs of other tasks are ignored.
+    metric : {"auroc", "auprc"}
+        Per-label metric of ``metrics.json["per_label"]``.
+
+    Returns
+    -------
+    str
+        The table; ``""`` when there is no phenotype run.
+    """
+    runs = [r for r in runs if r["config"]["task"] == "phenotype"]
+    if not runs:
+        return ""
+    labels = list(runs[0]["metrics"]["per_label"])
+    rows = []
+    for label in labels:
+        row = {"phenotype": label}
+        for run in runs:
+            row[f"{run['config']['method']} ({run['run_id'][:6]})"] = \
+                run["metrics"]["per_label"][label].get(metric)
+        rows.append(row)
+    return f"## phenotype, per label ({metric})\n\n{format_table(rows)}"

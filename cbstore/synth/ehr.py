@@ -576,7 +576,10 @@ def _chart_batch(s: pd.DataFrame, rng, rounds_per_hour: float, chart_ids: set) -
     dur = (s["outtime"] - s["intime"]).to_numpy() / HOUR
     f = _factors(s)
     mu = physiology(f, n)
-    drift_raw = 0.4 * s["severity"].to_numpy() + 1.6 * s["icu_death"].to_numpy() - 0.3
+    # Stays that end in an ICU death deteriorate only modestly within the window: a stronger drift
+    # makes mortality separable from the vitals alone (AUROC ~0.99, far above the ~0.85-0.9 seen on
+    # MIMIC) and leaves no room for the image findings that also drive death.
+    drift_raw = 0.4 * s["severity"].to_numpy() + 0.5 * s["icu_death"].to_numpy() - 0.3
     rows = _Rows()
 
     def drift(stay, t):
