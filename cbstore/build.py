@@ -7,12 +7,13 @@ Order of work (each step in its own module):
    over the raw files (:mod:`cbstore.extract`);
 3. cohort steps 1-4 (:mod:`cbstore.cohort`), the hourly EHR tensor (:mod:`cbstore.ehr`), cohort
    step 5 (stays with EHR data), labels (:mod:`cbstore.labels`);
-4. X-ray selection and decoding (:mod:`cbstore.cxr`) into a memory-mapped array in the work folder,
-   in a thread that runs alongside step 3 (it needs only the cohort of steps 1-4);
+4. X-ray selection and decoding (:mod:`cbstore.cxr`), in a thread that runs alongside step 3 (it
+   needs only the cohort of steps 1-4); only the decoded films are kept, in memory;
 5. patient-level splits stratified by ICU mortality (:mod:`cbstore.splits`) and per-fold
    training statistics (:mod:`cbstore.stats`);
-6. the store writer (:class:`cbstore.store.StoreWriter`) writes into ``<out>.partial-*`` and
-   renames it to ``out`` only once complete, so a failed build leaves nothing at ``out``.
+6. the store writer (:class:`cbstore.store.StoreWriter`) writes into ``<out>.partial-*``, the
+   films shard by shard, and renames it to ``out`` only once complete, so a failed build leaves
+   nothing at ``out``.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
             # step 5 drops are decoded too and left out afterwards (the selection is per stay).
             stop = threading.Event()
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbstore-build-xray") as pool:
-                decoding = pool.submit(_decode_xrays, cx, stays_table(candidates, config.min_age), config, work,
+                decoding = pool.submit(_decode_xrays, cx, stays_table(candidates, config.min_age), config,
                                        progress, stop)
                 try:
                     values = extract_hourly(ex, candidates, variables, config.window_hours)
@@ -123,7 +124,6 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
         table = stays_table(stays, config.min_age)
         positions = pd.Index(candidates["stay_id"]).get_indexer(stays["stay_id"])
         cxr, skips = _xray_table(decoded, positions, table.index)
-        images = decoded.images
         say("CXR: %d of %d stays with a film; skipped %s", int(cxr["present"].sum()), len(cxr), skips)
         splits = assign_folds(table["subject_id"].to_numpy(), labels["mortality"], n_folds=config.n_folds,
                               val_fraction=config.val_fraction, seed=config.seed)
@@ -136,9 +136,9 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
         )
         with StoreWriter(out, content, config.image_size, overwrite, chunk_stays=CHUNK_STAYS) as writer:
             for start in range(0, writer.n_stays, writer.shard_stays):
-                writer.write_images(start, images[positions[start:start + writer.shard_stays]])
+                writer.write_images(start, decoded.images(positions[start:start + writer.shard_stays]))
             path = writer.finish()
-        del images, decoded
+        del decoded
     say("store written to %s in %.1f s", path, time.perf_counter() - started)
     return path
 
@@ -202,14 +202,23 @@ class _DecodedXrays:
     """Films selected and decoded for the cohort candidates (before cohort step 5), in their order."""
 
     selection: pd.DataFrame
-    images: np.ndarray  # uint8 [candidate, S, S], memory-mapped in the work folder; zeros where absent
-    present: np.ndarray
-    reasons: np.ndarray
+    present: np.ndarray  # bool [candidate]
+    reasons: np.ndarray  # absent_reason [candidate]
+    films: np.ndarray  # uint8 [film, S, S]: only the decoded films, in candidate order
+    film_row: np.ndarray  # int64 [candidate]: the candidate's row in films, -1 where it has none
+
+    def images(self, positions: np.ndarray) -> np.ndarray:
+        """uint8 [len(positions), S, S]: the films of the candidates at ``positions``, zeros where absent."""
+        rows = self.film_row[positions]
+        out = np.zeros((len(rows), *self.films.shape[1:]), dtype=np.uint8)
+        have = rows >= 0
+        out[have] = self.films[rows[have]]
+        return out
 
 
-def _decode_xrays(cx: MimicCxrSource, stays: pd.DataFrame, config: BuildConfig, work: Path, progress: bool,
+def _decode_xrays(cx: MimicCxrSource, stays: pd.DataFrame, config: BuildConfig, progress: bool,
                   stop: threading.Event) -> _DecodedXrays | None:
-    """Select and decode each stay's film; images go to a memory-mapped ``.npy`` in ``work``.
+    """Select and decode each stay's film, keeping only the decoded films (in memory).
 
     Returns None when ``stop`` was set before all blocks were decoded (the build failed meanwhile).
     """
@@ -217,21 +226,28 @@ def _decode_xrays(cx: MimicCxrSource, stays: pd.DataFrame, config: BuildConfig, 
     selection = select_films(metadata, stays[["subject_id", "intime", "prediction_time"]],
                              views=config.views, lookback_hours=config.cxr_lookback_hours)
     n, size = len(stays), config.image_size
-    images = np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
+    # sized for every selected film; pages of films that fail to decode are never touched
+    n_selected = int((selection["path"].fillna("").astype(str) != "").sum())
+    films = np.empty((n_selected, size, size), dtype=np.uint8)
+    film_row = np.full(n, -1, dtype=np.int64)
+    n_films = 0
     present = np.zeros(n, dtype=bool)
     reasons = np.full(n, "", dtype=object)
     batches = iter_image_batches(cx.root, selection, size, workers=config.workers, batch_stays=CHUNK_STAYS)
-    # The work file is only read back by this process, so it is never flushed to disk.
     with closing(batches), tqdm(total=n, desc="decoding X-rays", unit="stay", disable=not progress) as bar:
         for start, block, block_present, block_reasons in batches:
             if stop.is_set():
                 return None
             stop_at = start + len(block)
-            images[start:stop_at] = block
+            rows = np.flatnonzero(block_present)
+            films[n_films:n_films + rows.size] = block[rows]
+            film_row[start + rows] = np.arange(n_films, n_films + rows.size)
+            n_films += rows.size
             present[start:stop_at] = block_present
             reasons[start:stop_at] = block_reasons
             bar.update(len(block))
-    return _DecodedXrays(selection=selection, images=images, present=present, reasons=reasons)
+    return _DecodedXrays(selection=selection, present=present, reasons=reasons, films=films[:n_films],
+                         film_row=film_row)
 
 
 def _xray_table(decoded: _DecodedXrays, positions: np.ndarray,

@@ -16,6 +16,7 @@ import pytest
 import zarr
 
 import cbstore.store as store_mod
+import cbstore.store_write as write_mod
 from cbstore import FORMAT_VERSION
 from cbstore.content import CXR_COLUMNS, STAT_NAMES, STAY_COLUMNS
 from cbstore.errors import (
@@ -207,7 +208,7 @@ def test_crash_before_manifest_leaves_nothing(content, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(store_mod, "_write_manifest", boom)
+    monkeypatch.setattr(write_mod, "_write_manifest", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_store(tmp_path / "s.zarr", content)
     assert list(tmp_path.iterdir()) == []  # no final path, and the partial folder was removed
@@ -287,6 +288,101 @@ def test_streaming_writer_alignment(content, tmp_path):
         w.write_images(16, content.images[16:32])
         w.write_images(32, content.images[32:])
         path = w.finish()
+    np.testing.assert_array_equal(open_store(path).images(), content.images)
+
+
+def _shard_index(path, shard_stays):
+    """(offset, nbytes) per inner chunk of a shard file (index at the end, then a CRC32C)."""
+    raw = path.read_bytes()
+    index = np.frombuffer(raw[-(16 * shard_stays + 4):-4], dtype="<u8").reshape(shard_stays, 2)
+    return raw, index
+
+
+def test_image_shards_hold_only_present_films(tmp_path):
+    c = random_content(n_stays=40, n_folds=2, window=6, n_features=4, image_size=8, seed=4)
+    present = c.cxr["present"].to_numpy().copy()
+    present[16:32] = False  # shard 1 has no film at all
+    c.cxr.loc[c.cxr.index[16:32], ["present", "absent_reason"]] = [False, "no_eligible_film"]
+    c.images[16:32] = 0
+    with StoreWriter(tmp_path / "s.zarr", c, image_size=8, chunk_stays=16) as writer:
+        writer.write_images(0, c.images)  # one block of three shards
+        path = writer.finish()
+    shard_dir = path / "cxr" / "images" / "c"
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["0", "2"]  # no file for the empty shard
+    empty = np.iinfo(np.uint64).max
+    for shard in (0, 2):
+        raw, index = _shard_index(shard_dir / str(shard) / "0" / "0", 16)
+        rows = present[shard * 16:(shard + 1) * 16]
+        rows = np.pad(rows, (0, 16 - rows.size))  # the last shard is partial (40 = 2 x 16 + 8)
+        assert (index[~rows] == empty).all(), "an absent stay's chunk was written"
+        assert (index[rows] != empty).all()
+        assert index[rows, 0].tolist() == sorted(index[rows, 0].tolist())  # films in stay order
+    np.testing.assert_array_equal(open_store(path).images(), c.images)
+
+
+def test_image_shards_are_those_zarr_writes(tmp_path):
+    """The shard writer's files are byte-identical to zarr's own writes of the same films."""
+    c = random_content(n_stays=40, n_folds=2, window=6, n_features=4, image_size=8, seed=6)
+    path = write_store(tmp_path / "s.zarr", c, chunk_stays=16)
+    ours = zarr.open_array(str(path / "cxr" / "images"), mode="r")
+    theirs = zarr.create_array(str(tmp_path / "zarr.zarr"), shape=ours.shape, dtype="uint8", chunks=ours.chunks,
+                               shards=ours.shards, fill_value=0, compressors=ours.compressors,
+                               dimension_names=ours.metadata.dimension_names)
+    theirs[...] = c.images
+    assert theirs.metadata.to_dict()["codecs"] == ours.metadata.to_dict()["codecs"]
+    for shard in range(3):
+        key = f"c/{shard}/0/0"
+        assert (path / "cxr" / "images" / key).read_bytes() == (tmp_path / "zarr.zarr" / key).read_bytes(), key
+
+
+def test_shard_writer_refuses_other_codecs(tmp_path):
+    from cbstore.image_shards import ShardWriter
+
+    plain = zarr.create_array(str(tmp_path / "a.zarr"), shape=(4, 8, 8), dtype="uint8", chunks=(1, 8, 8),
+                              shards=(2, 8, 8), compressors=(zarr.codecs.ZstdCodec(level=1),))
+    with pytest.raises(StoreError, match=r"cannot write image shards of .*a\.zarr: its layout or codecs"):
+        ShardWriter(plain, tmp_path / "a.zarr")
+    unsharded = zarr.create_array(str(tmp_path / "b.zarr"), shape=(4, 8, 8), dtype="uint8", chunks=(1, 8, 8))
+    with pytest.raises(StoreError, match="cannot write image shards"):
+        ShardWriter(unsharded, tmp_path / "b.zarr")
+
+
+def test_codecs_per_array(store_path):
+    root = zarr.open_group(str(store_path), mode="r")
+
+    def blosc(key):
+        (codec,) = root[key].compressors
+        return codec.cname.value, codec.clevel, codec.shuffle.value
+
+    assert blosc("cxr/images") == ("zstd", 1, "bitshuffle")
+    assert blosc("ehr/observed") == ("zstd", 1, "bitshuffle")
+    assert blosc("ehr/values") == ("zstd", 1, "shuffle")
+    assert blosc("stays/intime") == ("zstd", 1, "shuffle")
+    assert blosc("stays/race") == ("zstd", 1, "noshuffle")
+
+
+def test_failure_while_writing_tables_leaves_nothing(content, tmp_path, monkeypatch):
+    real = zarr.AsyncArray.setitem
+
+    async def fail_on_ehr(self, selection, value, **kwargs):
+        if self.path == "ehr/values":
+            raise OSError("simulated full disk")
+        return await real(self, selection, value, **kwargs)
+
+    monkeypatch.setattr(zarr.AsyncArray, "setitem", fail_on_ehr)
+    with pytest.raises(OSError, match="simulated full disk"):
+        write_store(tmp_path / "s.zarr", content)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_works_inside_a_running_event_loop(content, tmp_path):
+    """As in a Jupyter cell: the writer runs zarr's async API on a loop of its own."""
+    import asyncio
+
+    async def inside():
+        return write_store(tmp_path / "s.zarr", content, chunk_stays=16)
+
+    path = asyncio.run(inside())
     np.testing.assert_array_equal(open_store(path).images(), content.images)
 
 
