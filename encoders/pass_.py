@@ -47,6 +47,7 @@ import numpy as np
 from cbstore.errors import StoreError, StoreReadOnlyError
 from cbstore.store import EmbeddingWriter, Store, open_store
 from encoders.errors import EncoderError, EncodingInputError, NonFiniteEmbeddingError
+from encoders.weights import RANDOM
 from encoders.registry import EncoderSpec, get_encoder
 
 logger = logging.getLogger(__name__)
@@ -339,7 +340,8 @@ def _provenance(spec: EncoderSpec, encoder, store: Store, batch_size: int) -> di
     attrs = dict(encoder.provenance())
     attrs["encoder_name"] = spec.name
     attrs["library_versions"] = library_versions()
-    attrs["leakage_note"] = spec.leakage_note
+    # Random weights were trained on nothing, so the MIMIC-CXR overlap caveat does not apply.
+    attrs["leakage_note"] = "" if attrs.get("weights") == RANDOM else spec.leakage_note
     attrs["nan_allowed"] = bool(spec.nan_allowed)
     if spec.modality == "cxr":
         attrs["image_size"] = int(store.image_size)

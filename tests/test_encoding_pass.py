@@ -105,6 +105,14 @@ def test_cxr_pass_records_provenance(store_path):
     assert entry["encoder_name"] == DN and entry["leakage_note"] == ""
 
 
+def test_random_weights_carry_no_mimic_leakage_note(store_path):
+    """The caveat is about weights trained on MIMIC-CXR; random weights were trained on nothing."""
+    run_encoding_pass(store_path, "densenet121-res224-mimic_ch", **FAST)
+    (entry,) = [e for e in open_store(store_path).embeddings()
+                if e["encoder_id"] == "densenet121-res224-mimic_ch-random"]
+    assert entry["leakage_note"] == ""
+
+
 def test_rerun_is_a_no_op_unless_overwrite(store_path, forward_calls):
     run_encoding_pass(store_path, DN, **FAST)
     n_first = len(forward_calls)

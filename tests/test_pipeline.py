@@ -86,6 +86,15 @@ def test_report_lists_every_run_with_cis(pipeline):
     for method in METHODS:
         assert f"| {method}" in text
     assert "[" in text and "]" in text  # confidence intervals
+    per_label = invoke("report", pipeline["runs"], "--per-label", "auroc")
+    assert "per label (auroc)" in per_label
+    assert "Pneumonia (except that caused by tuberculosis" in per_label
+
+
+def test_report_refuses_an_empty_runs_folder(tmp_path):
+    result = CliRunner().invoke(cbstore, ["report", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "no complete runs" in result.output
 
 
 def test_second_fuse_reuses_the_run(pipeline):
