@@ -63,6 +63,12 @@ def test_fuse_writes_a_complete_run_folder(store_path, tmp_path):
     assert f"run {folder.name} complete" in result.output
     assert "auroc" in result.output, "the command prints a metrics summary"
 
+    # fairness.csv is the metrics' fairness section, one row per (attribute, group)
+    fairness = pd.read_csv(folder / "fairness.csv")
+    assert list(fairness.columns[:4]) == ["attribute", "group", "n", "small"]
+    by_gender = fairness[fairness["attribute"] == "gender"]
+    assert by_gender["n"].sum() == (df["part"] == "test").sum()
+
 
 def test_rerun_reuses_and_overwrite_recomputes_identically(store_path, tmp_path):
     assert _fuse(store_path, tmp_path).exit_code == 0
