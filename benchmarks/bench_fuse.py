@@ -33,7 +33,7 @@ methods (encoding about 6,000 films at 224 px on CPU would take hours). The buil
 to ``--stays`` / 0.61; the stores are reused while their recipe is unchanged (``--rebuild``
 forces a rebuild, e.g. after changing the build code)::
 
-    python benchmarks/bench_fuse.py                      # first run builds the stores (~15 min)
+    python benchmarks/bench_fuse.py                      # first run builds the stores (~11 min)
     python benchmarks/bench_fuse.py --quick --json bench-out/fuse.json
 
 Exit status 1 when a target is missed.
