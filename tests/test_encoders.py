@@ -14,12 +14,7 @@ from encoders.errors import EncodingInputError, UnknownEncoderError, WeightsErro
 from encoders.registry import ENCODERS, get_encoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -25,12 +25,7 @@ DN_RANDOM = f"{DN}-random"
 FAST = dict(weights="random", input_size=32, region_stays=8, progress=False, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -239,6 +239,12 @@ class _LGBM(FusionMethod):
                 out[name] = self.sets_[name].predict(x)
         return out
 
+    def predict_proba(self, data, part: str) -> np.ndarray:
+        """float64 ``[n, C]`` probabilities of the method's single branch (training prevalence
+        where a branch's X-ray is absent); methods with several branches combine them."""
+        (prob,) = self._branch_proba(data, part).values()
+        return prob
+
     def _state(self) -> dict:
         return {"task": self.task_, "n_outputs": self.n_outputs_,
                 "prior": [float(v) for v in self.prior_],
@@ -270,10 +276,6 @@ class LGBMEHR(_LGBM):
     absent_cxr_policy = "not_used"
     branches = {"ehr": (("ehr_emb",), False)}
 
-    def predict_proba(self, data, part: str) -> np.ndarray:
-        """float64 ``[n, C]`` probabilities."""
-        return self._branch_proba(data, part)["ehr"]
-
 
 @register("lgbm-cxr")
 class LGBMCXR(_LGBM):
@@ -285,10 +287,6 @@ class LGBMCXR(_LGBM):
     absent_cxr_policy = "train_prevalence"
     branches = {"cxr": (("cxr_emb",), True)}
 
-    def predict_proba(self, data, part: str) -> np.ndarray:
-        """float64 ``[n, C]`` probabilities (training prevalence where the X-ray is absent)."""
-        return self._branch_proba(data, part)["cxr"]
-
 
 @register("lgbm-early")
 class LGBMEarly(_LGBM):
@@ -299,10 +297,6 @@ class LGBMEarly(_LGBM):
     handles_missing_cxr = True
     absent_cxr_policy = "native"
     branches = {"early": (("ehr_emb", "cxr_emb"), False)}
-
-    def predict_proba(self, data, part: str) -> np.ndarray:
-        """float64 ``[n, C]`` probabilities."""
-        return self._branch_proba(data, part)["early"]
 
 
 @register("lgbm-late")
