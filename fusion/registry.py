@@ -5,9 +5,10 @@ needs and what it can do (see :class:`FusionMethod`); the contract test suite
 (``tests/test_method_contract.py``) reads these declarations to test every registered method the
 same way.
 
-Importing this module is light (no torch, no LightGBM). The method modules, which may import
-torch, are imported on the first call of :func:`get_method` or :func:`list_methods`, so that
-every method has registered itself before a name is looked up.
+Importing this module is light (no torch, no LightGBM). A method's module, which may import
+torch, is imported when :func:`get_method` first looks up its name (only that module, from
+:data:`fusion.methods.METHOD_MODULES`); :func:`list_methods` and an unknown name import them
+all, so that every method has registered itself.
 
 Examples
 --------
@@ -20,7 +21,6 @@ True
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import pathlib
@@ -44,8 +44,6 @@ FUSION_METHODS: dict[str, type] = {}
 
 #: File in a saved-method folder holding the method name, parameters and fitted state.
 STATE_FILE = "method.json"
-
-_METHODS_PACKAGE = "fusion.methods"
 
 
 class FusionError(Exception):
@@ -99,6 +97,9 @@ class FusionMethod:
         ``"ehr_only"`` (fusion falls back to the EHR prediction) or ``"native"``.
     hyperparameters : dict
         Hyperparameter name -> default value. The default's type is the accepted type.
+    cached_hyperparameters : dict
+        Defaults that replace those of ``hyperparameters`` when the method runs on cached
+        features (a subset of its names; see :meth:`resolve_hyperparameters`).
     hyperparameter_choices : dict
         Hyperparameter name -> allowed values, for the categorical ones.
     test_hyperparameters : dict
@@ -115,6 +116,7 @@ class FusionMethod:
     handles_missing_cxr: bool = False
     absent_cxr_policy: str = "not_used"
     hyperparameters: dict = {}
+    cached_hyperparameters: dict = {}
     hyperparameter_choices: dict = {}
     test_hyperparameters: dict = {}
     paper: str = ""
@@ -126,13 +128,16 @@ class FusionMethod:
 
     # ----- declarations -------------------------------------------------------------------------
     @classmethod
-    def resolve_hyperparameters(cls, given: Mapping | None = None) -> dict:
+    def resolve_hyperparameters(cls, given: Mapping | None = None, features: str | None = None) -> dict:
         """Return the defaults updated with ``given``, after checking names and types.
 
         Parameters
         ----------
         given : mapping, optional
             Hyperparameter values (strings from a command line are converted to the default's type).
+        features : str, optional
+            Feature mode of the run; ``"cached"`` starts from the defaults updated with
+            :attr:`cached_hyperparameters`. ``given`` always wins.
 
         Returns
         -------
@@ -152,6 +157,8 @@ class FusionMethod:
                 f"method {cls.name!r} has no hyperparameter(s) {', '.join(unknown)}; "
                 f"valid hyperparameters: {valid}")
         resolved = dict(cls.hyperparameters)
+        if features == "cached":
+            resolved.update(cls.cached_hyperparameters)
         for key, value in given.items():
             resolved[key] = _coerce(cls.name, key, value, cls.hyperparameters[key])
             choices = cls.hyperparameter_choices.get(key)
@@ -335,14 +342,11 @@ def _check_declarations(name: str, cls) -> None:
         raise TypeError(f"fusion method {name!r}: unknown tasks in {cls.tasks!r}")
 
 
-def _load_methods() -> None:
-    """Import the method modules so that each registers itself (idempotent)."""
-    importlib.import_module(_METHODS_PACKAGE)
-
-
 def list_methods() -> list[str]:
     """Sorted names of all registered methods."""
-    _load_methods()
+    from fusion.methods import import_all
+
+    import_all()
     return sorted(FUSION_METHODS)
 
 
@@ -354,13 +358,14 @@ def get_method(name: str) -> type:
     UnknownMethodError
         If no method has that name; the message lists the valid names.
     """
-    _load_methods()
-    try:
-        return FUSION_METHODS[name]
-    except KeyError:
-        raise UnknownMethodError(
-            f"unknown fusion method {name!r}; valid methods: {', '.join(sorted(FUSION_METHODS))}"
-        ) from None
+    from fusion.methods import import_module_of
+
+    import_module_of(name)
+    if name not in FUSION_METHODS:
+        valid = list_methods()  # imports every method module
+        if name not in FUSION_METHODS:
+            raise UnknownMethodError(f"unknown fusion method {name!r}; valid methods: {', '.join(valid)}")
+    return FUSION_METHODS[name]
 
 
 def load_method(folder) -> FusionMethod:

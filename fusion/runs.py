@@ -118,7 +118,7 @@ def resolve(cfg: RunConfig, store) -> dict:
     cls = get_method(cfg.method)
     cls.check_task(cfg.task)
     inputs = cls.inputs_for(cfg.features)
-    hyper = cls.resolve_hyperparameters(cfg.hyperparameters)
+    hyper = cls.resolve_hyperparameters(cfg.hyperparameters, features=cfg.features)
     embeddings = {}
     for modality, given in (("ehr", cfg.ehr_encoder), ("cxr", cfg.cxr_encoder)):
         needed = cfg.features == "cached" and f"{modality}_emb" in inputs

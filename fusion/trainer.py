@@ -307,7 +307,10 @@ class Trainer:
             raise ValueError("the training part is empty")
         seed_everything(self.seed)
         module.to(self.device)
-        optimiser = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # The fused kernel updates all parameters in one call; the default per-tensor loop was
+        # about 40 % of a cached late-fusion epoch on CPU.
+        optimiser = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+                                      fused=self.device.type in ("cpu", "cuda"))
         loader = self._loader(train, train=True, batch_size=self.batch_size)
         y_val = val.part.y[val.rows] if len(val) else np.empty((0,))
         monitor = choose_monitor(self.task, y_val) if len(val) else "none"

@@ -50,7 +50,7 @@ def test_fuse_writes_a_complete_run_folder(store_path, tmp_path):
     assert config["run_id"] == folder.name and len(folder.name) == 12
     assert config["method"] == "lgbm-early" and config["embeddings"]["cxr"]["encoder_id"] == CXR_ID
     assert config["hyperparameters"]["n_estimators"] == 10
-    assert config["hyperparameters"]["learning_rate"] == 0.05, "defaults are part of the config"
+    assert config["hyperparameters"]["learning_rate"] == 0.1, "defaults are part of the config"
     assert config["store"]["config_sha256"]
 
     df, meta = load_predictions(folder / "predictions.parquet")
@@ -99,7 +99,7 @@ def test_incomplete_folder_is_replaced(store_path, tmp_path):
 
 def test_settings_change_the_run_id(store_path, tmp_path):
     _fuse(store_path, tmp_path)
-    _fuse(store_path, tmp_path, "--set", "learning_rate=0.1")
+    _fuse(store_path, tmp_path, "--set", "learning_rate=0.2")
     _fuse(store_path, tmp_path, "--seed", "3")
     assert len([p for p in tmp_path.iterdir()]) == 3
 
@@ -127,6 +127,8 @@ def test_late_fusion_writes_per_modality_probabilities(store_path, tmp_path):
     assert df.loc[df["cxr_present"], cxr].notna().all().all()
     np.testing.assert_allclose(df[[f"y_prob_{c}" for c in meta["class_names"]]].sum(axis=1), 1.0,
                                atol=1e-5)
+    hyper = json.loads((_run_dir(tmp_path) / "config.json").read_text())["hyperparameters"]
+    assert (hyper["batch_size"], hyper["lr"]) == (128, 3e-4), "the cached-feature defaults"
 
 
 def test_raw_features_run(store_path, tmp_path):
@@ -135,6 +137,8 @@ def test_raw_features_run(store_path, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((_run_dir(tmp_path) / "config.json").read_text())
     assert config["features"] == "raw" and config["embeddings"] == {}
+    hyper = config["hyperparameters"]
+    assert (hyper["batch_size"], hyper["lr"]) == (16, 1e-4), "the reference protocol's defaults"
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])
@@ -142,10 +146,10 @@ def test_config_file_and_command_line_precedence(store_path, tmp_path, suffix):
     path = tmp_path / f"run{suffix}"
     if suffix == ".yaml":
         path.write_text("task: phenotype\nseed: 5\nhyperparameters:\n  n_estimators: 7\n"
-                        "  learning_rate: 1.0e-1\n")
+                        "  learning_rate: 2.0e-1\n")
     else:
         path.write_text('task = "phenotype"\nseed = 5\n[hyperparameters]\nn_estimators = 7\n'
-                        "learning_rate = 0.1\n")
+                        "learning_rate = 0.2\n")
     out = tmp_path / "runs"
     result = _fuse(store_path, out, "--config", str(path), "--seed", "2", "--set",
                    "n_estimators=9", extra=[])
@@ -154,7 +158,7 @@ def test_config_file_and_command_line_precedence(store_path, tmp_path, suffix):
     assert config["task"] == "phenotype", "file value"
     assert config["seed"] == 2, "the command line overrides the file"
     assert config["hyperparameters"]["n_estimators"] == 9
-    assert config["hyperparameters"]["learning_rate"] == 0.1
+    assert config["hyperparameters"]["learning_rate"] == 0.2
 
 
 def _error(store_path, tmp_path, *args, method="lgbm-early", encoder=True):

@@ -19,6 +19,22 @@ def test_every_baseline_is_registered():
     assert list_methods() == sorted(list_methods())
 
 
+def test_method_module_map_matches_the_registrations():
+    from fusion.methods import METHOD_MODULES
+
+    names = list_methods()
+    assert set(METHOD_MODULES) == set(names) - {n for n in names if n.startswith("test-")}
+    for name, module in METHOD_MODULES.items():
+        assert get_method(name).__module__ == f"fusion.methods.{module}", name
+
+
+def test_looking_up_a_lightgbm_method_does_not_import_torch():
+    code = ("import sys; from fusion.registry import get_method; get_method('lgbm-early'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_unknown_method_lists_the_valid_names():
     with pytest.raises(UnknownMethodError) as err:
         get_method("late-fusion")
@@ -91,6 +107,14 @@ def test_hyperparameters_are_validated_and_converted(scratch_name):
     assert method.get_params() == {"seed": 7, "alpha": 1.0, "depth": 4, "flag": True, "kind": "a"}
 
 
+def test_cached_defaults_apply_only_to_cached_features_and_given_values_win(scratch_name):
+    cls = register(scratch_name)(type("Cached", (_scratch_class(),), {"cached_hyperparameters": {"depth": 8}}))
+    assert cls.resolve_hyperparameters()["depth"] == 3
+    assert cls.resolve_hyperparameters(features="raw")["depth"] == 3
+    assert cls.resolve_hyperparameters(features="cached")["depth"] == 8
+    assert cls.resolve_hyperparameters({"depth": "5"}, features="cached")["depth"] == 5
+
+
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_declarations_of_every_method(name):
     cls = get_method(name)
@@ -104,8 +128,9 @@ def test_declarations_of_every_method(name):
     # the modalities read in each mode match the declared modalities
     for kinds in cls.inputs.values():
         assert {k.split("_")[0] for k in kinds} == set(cls.modalities)
-    # the test settings are valid hyperparameters
+    # the test settings and the cached-feature defaults are valid hyperparameters
     cls.resolve_hyperparameters(cls.test_hyperparameters)
+    cls.resolve_hyperparameters(cls.cached_hyperparameters)
     for mode in set(FEATURE_MODES) - set(cls.inputs):
         with pytest.raises(UnsupportedFeaturesError, match=f"--features {mode}"):
             cls.inputs_for(mode)

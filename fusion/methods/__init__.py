@@ -1,8 +1,33 @@
-"""Fusion methods, one module per family; importing this package registers every method.
+"""Fusion methods, one module per family.
+
+:data:`METHOD_MODULES` maps each method name to the module that registers it, so that looking
+up one method imports only its module (LightGBM methods never import torch).
+:func:`import_all` imports every module.
 
 To add a method: write ``fusion/methods/<family>.py`` with a class decorated by
-``@fusion.registry.register("<name>")`` and import the module here. The contract test suite
-(``tests/test_method_contract.py``) then tests it with no further change.
+``@fusion.registry.register("<name>")`` and add its name here. The contract test suite
+(``tests/test_method_contract.py``) then tests it with no further change, and
+``tests/test_registry.py`` checks that this map and the registrations agree.
 """
 
-from fusion.methods import latefusion, lgbm, unimodal  # noqa: F401  (registration side effect)
+import importlib
+
+#: Method name -> module of this package that registers it.
+METHOD_MODULES = {
+    "latefusion": "latefusion",
+    "lgbm-ehr": "lgbm", "lgbm-cxr": "lgbm", "lgbm-early": "lgbm", "lgbm-late": "lgbm",
+    "lstm": "unimodal", "transformer": "unimodal", "resnet": "unimodal", "ehr-mlp": "unimodal",
+    "cxr-mlp": "unimodal",
+}
+
+
+def import_module_of(name: str) -> None:
+    """Import the module registering method ``name`` (nothing for an unknown name)."""
+    if name in METHOD_MODULES:
+        importlib.import_module(f"{__name__}.{METHOD_MODULES[name]}")
+
+
+def import_all() -> None:
+    """Import every method module, so that every method has registered itself."""
+    for module in sorted(set(METHOD_MODULES.values())):
+        importlib.import_module(f"{__name__}.{module}")
