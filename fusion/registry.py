@@ -122,9 +122,24 @@ class FusionMethod:
     paper: str = ""
     tasks: tuple = TASKS
 
-    def __init__(self, seed: int = 0, **hyperparameters):
+    def __init__(self, seed: int = 0, features: str | None = None, **hyperparameters):
+        """Set the seed and the hyperparameters (unknown names and wrong types raise).
+
+        Parameters
+        ----------
+        seed : int
+        features : str, optional
+            Feature mode the method will be fitted in (``"raw"`` or ``"cached"``); it picks that
+            mode's defaults (:attr:`cached_hyperparameters`) and :meth:`fit` refuses data of
+            another mode. None: the plain defaults, any mode.
+        **hyperparameters
+            Overrides of the defaults.
+        """
+        if features is not None:
+            self.inputs_for(features)  # an unknown or unsupported mode raises here
         self.seed = seed
-        self.params = self.resolve_hyperparameters(hyperparameters)
+        self.features = features
+        self.params = self.resolve_hyperparameters(hyperparameters, features=features)
 
     # ----- declarations -------------------------------------------------------------------------
     @classmethod
@@ -199,8 +214,8 @@ class FusionMethod:
 
     # ----- estimator contract -------------------------------------------------------------------
     def get_params(self) -> dict:
-        """All hyperparameters plus ``seed`` (JSON-serialisable)."""
-        return {"seed": self.seed, **self.params}
+        """All hyperparameters plus ``seed`` and ``features`` (JSON-serialisable)."""
+        return {"seed": self.seed, "features": self.features, **self.params}
 
     def fit(self, data, *, device=None, progress: bool = False) -> "FusionMethod":
         """Fit on ``data.part("train")``, selecting on ``data.part("val")``; return ``self``."""
@@ -213,6 +228,13 @@ class FusionMethod:
     def predict_modality_proba(self, data, part: str) -> dict:
         """Per-modality probabilities ``{"ehr": [n, C], "cxr": [n, C]}``; empty if not available."""
         return {}
+
+    def _check_features(self, data) -> None:
+        """Refuse data of another feature mode than the one given to the constructor."""
+        if self.features is not None and data.features != self.features:
+            raise MethodStateError(
+                f"method {self.name!r} was set up for --features {self.features} (and that mode's "
+                f"defaults) but the data has features {data.features!r}")
 
     def _check_fitted(self) -> None:
         if not getattr(self, "fitted_", False):
@@ -253,7 +275,7 @@ class FusionMethod:
                 f"{path}: holds method {doc.get('method')!r}, not {cls.name!r}; "
                 "use fusion.registry.load_method")
         params = dict(doc["params"])
-        method = cls(seed=params.pop("seed", 0), **params)
+        method = cls(seed=params.pop("seed", 0), features=params.pop("features", None), **params)
         method._restore(doc["state"], folder)
         method.fitted_ = True
         return method

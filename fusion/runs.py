@@ -239,7 +239,7 @@ def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib
         cxr_missing_rate=cfg.cxr_missing_rate, missing_at=cfg.missing_at,
         mask_seed=resolved["mask_seed"] or 0, parts=PARTS)
     loaded = time.perf_counter()
-    method = cls(seed=cfg.seed, **resolved["hyperparameters"])
+    method = cls(seed=cfg.seed, features=cfg.features, **resolved["hyperparameters"])
     method.fit(data, device=cfg.device, progress=cfg.progress)
     fitted = time.perf_counter()
     method.save(folder / "weights")

@@ -111,6 +111,18 @@ def test_unknown_hyperparameter_and_unsupported_mode(name):
     for mode in {"raw", "cached"} - set(cls.inputs):
         with pytest.raises(ValueError, match=f"does not support --features {mode}"):
             cls.inputs_for(mode)
+        with pytest.raises(ValueError, match=f"does not support --features {mode}"):
+            cls(features=mode)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_constructor_mode_picks_that_modes_defaults_and_fit_refuses_another_mode(name, datasets):
+    cls = get_method(name)
+    for mode in cls.inputs:
+        assert cls(features=mode).params == cls.resolve_hyperparameters(features=mode)
+    if {"raw", "cached"} <= set(cls.inputs):
+        with pytest.raises(ValueError, match="set up for --features raw"):
+            cls(features="raw", **cls.test_hyperparameters).fit(datasets("mortality", "cached"))
 
 
 @pytest.mark.parametrize("name", [n for n in list_methods() if get_method(n).modalities == {"cxr"}])

@@ -104,7 +104,8 @@ def test_hyperparameters_are_validated_and_converted(scratch_name):
     with pytest.raises(HyperparameterError, match="alhpa"):
         cls(alhpa=1.0)
     method = cls(seed=7, depth=4)
-    assert method.get_params() == {"seed": 7, "alpha": 1.0, "depth": 4, "flag": True, "kind": "a"}
+    assert method.get_params() == {"seed": 7, "features": None, "alpha": 1.0, "depth": 4, "flag": True,
+                                   "kind": "a"}
 
 
 def test_cached_defaults_apply_only_to_cached_features_and_given_values_win(scratch_name):
@@ -113,6 +114,9 @@ def test_cached_defaults_apply_only_to_cached_features_and_given_values_win(scra
     assert cls.resolve_hyperparameters(features="raw")["depth"] == 3
     assert cls.resolve_hyperparameters(features="cached")["depth"] == 8
     assert cls.resolve_hyperparameters({"depth": "5"}, features="cached")["depth"] == 5
+    # the estimator built for a mode gets that mode's defaults, as a run does
+    assert cls(features="cached").params["depth"] == 8 and cls().params["depth"] == 3
+    assert cls(features="cached").get_params()["features"] == "cached"
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))

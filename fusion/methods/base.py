@@ -94,6 +94,7 @@ class TorchMethod(FusionMethod):
 
     def _check_data(self, data) -> frozenset:
         self.check_task(data.task)
+        self._check_features(data)
         inputs = self.inputs_for(data.features)
         missing = inputs - frozenset(data.inputs)
         if missing:

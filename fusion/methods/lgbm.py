@@ -205,6 +205,7 @@ class _LGBM(FusionMethod):
     def fit(self, data, *, device=None, progress: bool = False) -> "_LGBM":
         """Fit every booster set on the train part, stopping early on the val part."""
         self.check_task(data.task)
+        self._check_features(data)
         self.inputs_for(data.features)
         self._check_params()
         train, val = data.part("train"), data.part("val")
