@@ -94,7 +94,7 @@ data = {}
 def fit(features, epochs):
     if features not in data:
         data[features] = load_fusion_data(store, task, 0, features=features, inputs=cls.inputs_for(features))
-    model = cls(seed=0, max_epochs=epochs, patience=epochs)
+    model = cls(seed=0, features=features, max_epochs=epochs, patience=epochs)
     before = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
     model.fit(data[features], device=device)
