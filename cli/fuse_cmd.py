@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
-from cbstore.errors import CbstoreError
+from cli.errors import reports_errors
 from fusion.config import COHORTS, make_config
-from fusion.evaluation.predictions import PredictionsError
-from fusion.registry import FEATURE_MODES, TASKS, FusionError
+from fusion.registry import FEATURE_MODES, TASKS
 
 
 @click.command("fuse")
@@ -42,6 +41,7 @@ from fusion.registry import FEATURE_MODES, TASKS, FusionError
 @click.option("--n-boot", type=int, help="Bootstrap resamples of the evaluator [1000].")
 @click.option("--overwrite", is_flag=True, help="Recompute a complete run instead of reusing it.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar per epoch [on].")
+@reports_errors
 def fuse(store, method, task, fold, seed, features, ehr_encoder, cxr_encoder, cohort,
          cxr_missing_rate, missing_at, mask_seed, config_file, set_pairs, device, out, n_boot,
          overwrite, progress):
@@ -57,8 +57,5 @@ def fuse(store, method, task, fold, seed, features, ehr_encoder, cxr_encoder, co
                "cohort": cohort, "cxr_missing_rate": cxr_missing_rate,
                "missing_at": list(missing_at) or None, "mask_seed": mask_seed, "device": device,
                "out": out, "n_boot": n_boot, "overwrite": overwrite or None, "progress": progress}
-    try:
-        cfg = make_config(config_file=config_file, options=options, set_pairs=set_pairs)
-        run_fusion(cfg, echo=click.echo)
-    except (FusionError, CbstoreError, PredictionsError) as err:
-        raise click.ClickException(str(err)) from None
+    cfg = make_config(config_file=config_file, options=options, set_pairs=set_pairs)
+    run_fusion(cfg, echo=click.echo)

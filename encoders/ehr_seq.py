@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from encoders.errors import EncodingInputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -176,7 +178,8 @@ class EhrLstmEncoder:
         x_tr, m_tr = (torch.from_numpy(a) for a in self.prepare(train_raw, stats, normalize))
         x_va, m_va = (torch.from_numpy(a) for a in self.prepare(val_raw, stats, normalize))
         if len(x_tr) == 0:
-            raise ValueError("ehr-lstm: the fold has no training stays")
+            raise EncodingInputError("ehr-lstm: the fold has no training stays; the store's splits give "
+                                     "this fold an empty training part")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = _Forecaster(self.n_features, cfg.hidden, cfg.layers).to(self.device)

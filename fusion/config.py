@@ -25,7 +25,8 @@ from collections.abc import Iterable, Mapping
 
 import yaml
 
-from fusion.registry import FEATURE_MODES, TASKS, FusionError
+from cbstore.errors import ConfigError
+from fusion.registry import FEATURE_MODES, TASKS
 
 __all__ = ["COHORTS", "PARTS", "ConfigError", "RunConfig", "load_config_file", "make_config",
            "parse_missing_at", "parse_set_pairs"]
@@ -34,10 +35,6 @@ __all__ = ["COHORTS", "PARTS", "ConfigError", "RunConfig", "load_config_file", "
 COHORTS = ("full", "matched", "matched_to_full", "full_to_matched")
 #: Parts of a fold.
 PARTS = ("train", "val", "test")
-
-
-class ConfigError(FusionError, ValueError):
-    """A run configuration (file, option or override) is invalid."""
 
 
 @dataclasses.dataclass

@@ -28,7 +28,8 @@ from fusion.evaluation.metrics import (
     STRATA_DESCRIPTION, THRESHOLD_RULE, bootstrap_strata, task_statistic, youden_threshold,
 )
 from fusion.evaluation.predictions import (
-    PARTS, is_binary, load_predictions, select_test, task_arrays, validate_predictions,
+    PARTS, EvaluationError, is_binary, load_predictions, select_test, task_arrays,
+    validate_predictions,
 )
 from fusion.evaluation.significance import permutation_test
 
@@ -102,9 +103,9 @@ def evaluate_predictions(df: pd.DataFrame, meta: dict, *, n_boot: int = 1000, se
         ``threshold_part`` is ``"test"`` or unknown.
     """
     if threshold_part == "test":
-        raise ValueError("the decision threshold is never chosen on the test part; use 'val'")
+        raise EvaluationError("the decision threshold is never chosen on the test part; use 'val'")
     if threshold_part not in PARTS:
-        raise ValueError(f"unknown threshold_part {threshold_part!r}; use 'val' (or 'train')")
+        raise EvaluationError(f"unknown threshold_part {threshold_part!r}; use 'val' (or 'train')")
     source = str(meta.get("run_id") or "predictions") if isinstance(meta, dict) else "predictions"
     df, meta = validate_predictions(df, meta, source=source)
     task = meta["task"]

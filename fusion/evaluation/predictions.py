@@ -30,8 +30,10 @@ import tempfile
 import numpy as np
 import pandas as pd
 
+from fusion.registry import FusionError
+
 __all__ = [
-    "BINARY_TASKS", "LOS_CLASS_NAMES", "META_KEY", "PARTS", "PredictionsError", "TASKS",
+    "BINARY_TASKS", "EvaluationError", "LOS_CLASS_NAMES", "META_KEY", "PARTS", "PredictionsError", "TASKS",
     "align_test_parts", "as_validated", "is_binary", "label_columns", "load_predictions",
     "prob_columns", "task_arrays", "select_test", "validate_predictions", "write_predictions",
 ]
@@ -53,8 +55,12 @@ _SHOW_IDS = 5
 _BASE_COLUMNS = ("stay_id", "part", "fold", "task")
 
 
-class PredictionsError(ValueError):
+class PredictionsError(FusionError, ValueError):
     """A predictions file or frame does not follow the predictions format."""
+
+
+class EvaluationError(FusionError, ValueError):
+    """An evaluation option is invalid (threshold part, metric name)."""
 
 
 def is_binary(task: str) -> bool:

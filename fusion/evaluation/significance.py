@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fusion.evaluation.metrics import MAX_ELEMENTS, task_statistic
-from fusion.evaluation.predictions import align_test_parts, as_validated
+from fusion.evaluation.predictions import EvaluationError, align_test_parts, as_validated
 
 __all__ = ["PERMUTATION_METRICS", "benjamini_hochberg", "permutation_p_value",
            "permutation_test"]
@@ -63,7 +63,7 @@ def benjamini_hochberg(pvalues) -> np.ndarray:
     q = np.full(p.shape, np.nan)
     finite = np.isfinite(p)
     if np.any((p[finite] < 0) | (p[finite] > 1)):
-        raise ValueError("p-values must lie in [0, 1]")
+        raise EvaluationError("p-values must lie in [0, 1]")
     m = int(finite.sum())
     if m == 0:
         return q
@@ -100,7 +100,7 @@ def permutation_p_value(observed, permuted) -> np.ndarray:
 def _resolve(kind: str, metric: str) -> tuple[str, str | None]:
     """Statistic key of the headline metric and of the per-label metric (phenotype)."""
     if metric not in PERMUTATION_METRICS[kind]:
-        raise ValueError(f"unknown metric {metric!r} for a {kind} task; valid: "
+        raise EvaluationError(f"unknown metric {metric!r} for a {kind} task; valid: "
                          f"{', '.join(PERMUTATION_METRICS[kind])}")
     if kind == "phenotype":
         base = metric.removeprefix("macro_")
@@ -148,7 +148,7 @@ def permutation_test(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str = "auro
         Unknown metric or ``n_perm < 1``.
     """
     if n_perm < 1:
-        raise ValueError("n_perm must be >= 1")
+        raise EvaluationError("n_perm must be >= 1")
     a = as_validated(df_a, meta_a, task, "run a")
     b = as_validated(df_b, meta_b, task, "run b")
     paired = align_test_parts(a, b, names=("run a", "run b"))
