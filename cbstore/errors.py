@@ -49,16 +49,13 @@ class ConfigError(CbstoreError, ValueError):
     """A configuration (build settings, a fusion run's options or file) is invalid."""
 
 
-class UnknownTaskError(CbstoreError, KeyError):
+class UnknownTaskError(CbstoreError, ValueError):
     """A task name is not one of :data:`cbstore.tasks.TASKS`; the message lists them."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 class MaskError(CbstoreError, ValueError):
     """Invalid missing-modality mask parameters (rate outside [0, 1], bad stay ids)."""
 
 
-class InputsError(CbstoreError, ValueError):
+class InputsError(StoreError, ValueError):
     """A request for model inputs does not fit the store (shapes, parts, cohorts, input kinds)."""

@@ -26,15 +26,12 @@ from collections.abc import Iterable, Mapping
 import yaml
 
 from cbstore.errors import ConfigError
+from cbstore.inputs import COHORTS, PARTS
 from fusion.registry import FEATURE_MODES, TASKS
 
 __all__ = ["COHORTS", "PARTS", "ConfigError", "RunConfig", "load_config_file", "make_config",
            "parse_missing_at", "parse_set_pairs"]
 
-#: Cohorts: all stays, stays with an X-ray, or train/val from one and test from the other.
-COHORTS = ("full", "matched", "matched_to_full", "full_to_matched")
-#: Parts of a fold.
-PARTS = ("train", "val", "test")
 
 
 @dataclasses.dataclass

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusion.tasks import logit_of_mean_probability
+
 __all__ = ["CXREncoder", "EHRLSTMEncoder", "EHRTransformerEncoder", "EmbeddingInput", "MLPHead",
            "SmallCNN", "build_encoder", "logit_of_mean_probability", "resnet50_1ch"]
 
@@ -255,26 +257,3 @@ def build_encoder(modality: str, kind: str, spec: dict, params: dict) -> nn.Modu
         encoder.out_dim = hidden
         return encoder
     raise ValueError(f"unknown input kind {kind!r} for modality {modality!r}")
-
-
-def logit_of_mean_probability(probs: list, weights: list, task: str) -> torch.Tensor:
-    """Logits whose sigmoid/softmax is the weighted mean of per-modality probabilities.
-
-    Used by late fusion, so that the trainer's rule "probabilities = sigmoid/softmax(logits)"
-    holds for averaged predictions too.
-
-    Parameters
-    ----------
-    probs : list of Tensor
-        ``[B, C]`` probabilities per modality.
-    weights : list of Tensor
-        ``[B]`` weights per modality (0 where the modality is absent); at least one positive per row.
-    task : str
-    """
-    total = sum(w.unsqueeze(1) * p for p, w in zip(probs, weights))
-    mean = total / sum(weights).unsqueeze(1)
-    eps = torch.finfo(mean.dtype).eps
-    mean = mean.clamp(eps, 1 - eps)
-    if task == "los":
-        return torch.log(mean)
-    return torch.log(mean) - torch.log1p(-mean)

@@ -27,6 +27,8 @@ import pathlib
 from collections.abc import Mapping
 
 from cbstore.errors import CbstoreError
+from cbstore.inputs import INPUT_KINDS as STORE_INPUT_KINDS
+from cbstore.tasks import TASKS as STORE_TASKS
 
 __all__ = [
     "FEATURE_MODES", "FUSION_METHODS", "INPUT_KINDS", "TASKS", "DuplicateMethodError",
@@ -37,10 +39,11 @@ __all__ = [
 
 #: Feature modes: end-to-end from raw tensors, or heads on cached embeddings.
 FEATURE_MODES = ("raw", "cached")
-#: Input kinds a method may declare (raw EHR time series, raw image, cached embeddings).
-INPUT_KINDS = frozenset({"ehr_ts", "cxr_img", "ehr_emb", "cxr_emb"})
-#: Tasks known to the fusion package (the store's tasks).
-TASKS = ("mortality", "mortality_hosp", "phenotype", "los")
+#: Input kinds a method may declare (raw EHR time series, raw image, cached embeddings):
+#: :data:`cbstore.inputs.INPUT_KINDS`.
+INPUT_KINDS = STORE_INPUT_KINDS
+#: Tasks known to the fusion package: the store's tasks (:data:`cbstore.tasks.TASKS`).
+TASKS = STORE_TASKS
 #: Name -> class of every registered method.
 FUSION_METHODS: dict[str, type] = {}
 

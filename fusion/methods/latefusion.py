@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
-from fusion.modules import MLPHead, build_encoder, logit_of_mean_probability
+from fusion.modules import MLPHead, build_encoder
 from fusion.registry import HyperparameterError, register
-from fusion.trainer import probabilities, task_loss
+from fusion.tasks import logit_of_mean_probability, probabilities, task_loss
 
 __all__ = ["LateFusion", "LateFusionNet"]
 
