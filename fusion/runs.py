@@ -172,8 +172,8 @@ def predictions_frame(method, data, store, *, run_id: str,
                              f"for part {part!r}, expected {expected}")
         frame = {"stay_id": item.stay_id.astype(np.int64), "part": part,
                  "fold": np.full(len(item), data.fold, dtype=np.int64), "task": task}
-        if task == "los":
-            frame["y_true_los"] = item.y.astype(np.int64)
+        if data.multiclass:
+            frame[f"y_true_{task}"] = item.y.astype(np.int64)
         else:
             for j, name in enumerate(names):
                 frame[f"y_true_{name}"] = item.y[:, j].astype(np.int64)
@@ -189,11 +189,11 @@ def predictions_frame(method, data, store, *, run_id: str,
         for col in DEMOGRAPHICS:
             df[col] = demo[col].to_numpy()
         frames.append(df)
-    meta = {"task": task, "labels": ["los"] if task == "los" else names, "method": method.name,
+    meta = {"task": task, "labels": [task] if data.multiclass else names, "method": method.name,
             "run_id": run_id, "fold": data.fold, "seed": method.seed, "features": data.features,
             "cohort": data.cohort, "cxr_missing_rate": data.cxr_missing_rate,
             "absent_cxr_policy": method.absent_cxr_policy}
-    if task == "los":
+    if data.multiclass:
         meta["class_names"] = names
     return pd.concat(frames, ignore_index=True), meta
 
