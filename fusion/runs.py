@@ -240,6 +240,7 @@ def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib
         mask_seed=resolved["mask_seed"] or 0, parts=PARTS)
     loaded = time.perf_counter()
     method = cls(seed=cfg.seed, features=cfg.features, **resolved["hyperparameters"])
+    method.weights_dir = cfg.weights_dir  # where pretrained files are; methods without any ignore it
     method.fit(data, device=cfg.device, progress=cfg.progress)
     fitted = time.perf_counter()
     method.save(folder / "weights")
@@ -308,7 +309,8 @@ def run_fusion(cfg: RunConfig, *, echo: Callable[[str], None] | None = None) -> 
     try:
         write_json({"run_id": run_id, **resolved,
                     "not_hashed": {"out": str(out), "overwrite": cfg.overwrite,
-                                   "device": cfg.device, "progress": cfg.progress}},
+                                   "device": cfg.device, "progress": cfg.progress,
+                                   "weights_dir": cfg.weights_dir}},
                    tmp / "config.json")
         echo(f"run {run_id}: {cfg.method} on {cfg.task}, fold {cfg.fold}, seed {cfg.seed}, "
              f"{cfg.features} features, cohort {cfg.cohort}"

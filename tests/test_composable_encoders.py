@@ -208,3 +208,28 @@ def test_present_only_learns_the_vector_of_absent_xrays():
     assert torch.equal(gate.absent_vector.grad, torch.ones(2)), "one absent row feeds the vector"
     with pytest.raises(HyperparameterError, match="absent='mean'"):
         PresentOnly(_Recorder(), 2, absent="mean")
+
+
+def test_cli_raw_run_finds_imagenet_weights_with_weights_dir(tmp_path, imagenet_dir, no_weights_anywhere):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import cbstore
+    from fusion_store import make_fusion_store
+
+    store = tmp_path / "store.zarr"
+    make_fusion_store(store, n_stays=40, embeddings=False)
+    args = ["fuse", str(store), "--method", "resnet", "--features", "raw", "--n-boot", "10",
+            "--no-progress", "--set", "max_epochs=1", "--set", "hidden=8", "--set", "batch_size=8"]
+    missing = CliRunner().invoke(cbstore, [*args, "--out", str(tmp_path / "a")])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
+    (line,) = [x for x in missing.output.splitlines() if x.startswith("Error: ")]
+    assert IMAGENET_FILE in line and "--set cxr_weights=random" in line
+    found = CliRunner().invoke(cbstore, [*args, "--out", str(tmp_path / "b"),
+                                         "--weights-dir", str(imagenet_dir)])
+    assert found.exit_code == 0, found.output
+    (run,) = [p for p in (tmp_path / "b").iterdir() if not p.name.startswith(".")]
+    config = json.loads((run / "config.json").read_text())
+    assert config["hyperparameters"]["cxr_weights"] == "imagenet"
+    assert config["not_hashed"]["weights_dir"] == str(imagenet_dir), "where files live is not hashed"
