@@ -5,8 +5,8 @@
 * :class:`StayDataset` -- one stay per item, for plain ``DataLoader`` use
   (:meth:`cbstore.store.Store.torch_dataset`).
 
-Both read their stays through :func:`cbstore.inputs.select_stays` and
-:class:`cbstore.inputs.FoldReader`, so a stay gets the same EHR values (imputed and normalised with
+Both read their stays through :class:`cbstore.inputs.FoldReader` (its ``select`` is
+:func:`cbstore.inputs.select_stays`), so a stay gets the same EHR values (imputed and normalised with
 the fold's *training* statistics), masks, labels and X-ray flags whichever view reads it.
 
 Keys (a batch has a leading batch dimension; a :class:`StayDataset` item has none):
@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cbstore.errors import StoreError
-from cbstore.inputs import FoldReader, StayInputs, select_stays
+from cbstore.inputs import FoldReader, StayInputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from cbstore.store import Store
@@ -154,7 +154,6 @@ class StayDataset(Dataset):
     ) -> None:
         if cohort not in COHORTS:
             raise StoreError(f"unknown cohort {cohort!r}; choose one of {list(COHORTS)}")
-        positions = select_stays(store, task, fold, part, cohort)
         if cxr_drop is None:
             drop = np.zeros(store.n_stays, dtype=bool)
         else:
@@ -167,6 +166,7 @@ class StayDataset(Dataset):
         self.with_images = with_images
         kinds = {"ehr_ts", "cxr_img"} if with_images else {"ehr_ts"}
         reader = FoldReader(store, fold, task=task, inputs=kinds)
+        positions = reader.select(part, cohort)
         self._inputs = reader.read(positions, name=part, cxr_hidden=drop[positions])
         self._kinds = frozenset(kinds)
         self.task, self.fold, self.part, self.cohort = task, reader.fold, part, cohort

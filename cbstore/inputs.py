@@ -195,12 +195,15 @@ def select_stays(store, task, fold: int, part: str, cohort: str = "full") -> np.
         Unknown task (the message lists the tasks).
     """
     spec = get_task(task)
+    return _select(store, store.task_mask(spec.name), _check_fold(store, fold), part, cohort)
+
+
+def _select(store, usable: np.ndarray, fold: int, part: str, cohort: str) -> np.ndarray:
     which = cohort_of_part(cohort, part)
     if part not in PARTS:
         raise InputsError(f"unknown part {part!r}; valid parts: {', '.join(PARTS)}")
-    _check_fold(store, fold)
-    idx = np.asarray(store.indices(int(fold), part), dtype=np.int64)
-    idx = idx[store.task_mask(spec.name)[idx]]
+    idx = np.asarray(store.indices(fold, part), dtype=np.int64)
+    idx = idx[usable[idx]]
     if which == "matched":
         idx = idx[np.asarray(store.cxr_present, dtype=bool)[idx]]
     return idx
@@ -299,9 +302,10 @@ class FoldReader:
         self.fold = _check_fold(store, fold)
         self.task = None if task is None else get_task(task)
         self.label_names = None
-        self._y = None
+        self._y = self._usable = None
         if self.task is not None:
             self._y, self.label_names = _targets(store, self.task)
+            self._usable = np.asarray(store.task_mask(self.task.name), dtype=bool)
         self._natural = np.asarray(store.cxr_present, dtype=bool)
         self._hours = np.asarray(store.cxr_hours_before_prediction, dtype=np.float32)
         self._stay_ids = np.asarray(store.stay_ids, dtype=np.int64)
@@ -320,6 +324,17 @@ class FoldReader:
             setattr(self, f"{modality}_encoder", entry["encoder_id"])
             setattr(self, f"{modality}_dim", int(values.shape[1]))
         self.preprocessor = EhrPreprocessor.from_store(store, self.fold) if "ehr_ts" in self.inputs else None
+
+    @property
+    def usable(self) -> np.ndarray:
+        """bool ``[n_stays]``: stays with a usable label for the reader's task."""
+        if self._usable is None:
+            raise InputsError("this reader was made without a task; pass task= to select stays")
+        return self._usable
+
+    def select(self, part: str, cohort: str = "full") -> np.ndarray:
+        """:func:`select_stays` for the reader's task and fold, from the labels already read."""
+        return _select(self.store, self.usable, self.fold, part, cohort)
 
     def read(self, positions, *, name: str = "", cxr_hidden=None) -> StayInputs:
         """The inputs of the stays at store ``positions``.

@@ -27,7 +27,7 @@ import numpy as np
 
 from cbstore.errors import InputsError, UnknownTaskError
 from cbstore.inputs import (
-    COHORTS, PARTS, FoldReader, StayInputs, available_encoders, cohort_of_part, select_stays,
+    COHORTS, PARTS, FoldReader, StayInputs, available_encoders, cohort_of_part,
 )
 from cbstore.inputs import resolve_encoder as _resolve_encoder
 from cbstore.masks import apply_cxr_mask
@@ -190,14 +190,14 @@ def _load(store, task, fold, *, cohort, features, inputs, ehr_encoder, cxr_encod
     inputs = DEFAULT_INPUTS[features] if inputs is None else frozenset(inputs)
     reader = FoldReader(store, fold, task=spec, inputs=inputs, ehr_encoder=ehr_encoder,
                         cxr_encoder=cxr_encoder)
-    if not store.task_mask(spec.name).any():
+    if not reader.usable.any():
         raise FusionDataError(f"store {store.path} has no stay with a label for task {task!r}")
     natural = np.asarray(store.cxr_present, dtype=bool)
     stay_ids = np.asarray(store.stay_ids, dtype=np.int64)
     missing_at = tuple(missing_at)
     loaded = {}
     for part in parts:
-        idx = select_stays(store, spec, reader.fold, part, cohort)
+        idx = reader.select(part, cohort)
         if idx.size == 0:
             raise FusionDataError(
                 f"store {store.path}: fold {reader.fold} part {part!r} has no stay for task "
