@@ -24,17 +24,13 @@ from typing import Any
 
 import yaml
 
-from cbstore.errors import CbstoreError
+from cbstore.errors import ConfigError
 from cbstore.schema import config_sha256 as schema_config_sha256
 
 #: Keys that change how a build runs but not what it produces.
 RUNTIME_KEYS = ("memory_limit", "threads", "workers", "work_dir")
 
 _MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)\s*$", re.IGNORECASE)
-
-
-class ConfigError(CbstoreError):
-    """A build configuration file or option is invalid."""
 
 
 @dataclass(frozen=True)

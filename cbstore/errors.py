@@ -1,14 +1,20 @@
-"""Exceptions raised by cbstore.
+"""Exceptions raised by cbstore and the packages built on it.
 
-Every error names the path, array, column or value at fault and says what to do about it.
-Other packages may import these (``from cbstore.errors import StoreError``).
+Every error that ``cbstore``, ``encoders`` or ``fusion`` raises on purpose derives from
+:class:`CbstoreError`, so a caller (and the ``cbstore`` command line) catches them all with one
+``except CbstoreError``. Each message names the path, array, column or value at fault and says what
+to do about it. Other packages import these (``from cbstore.errors import StoreError``) and derive
+their own errors from :class:`CbstoreError`.
+
+Most classes also derive from the matching built-in exception (``ValueError``, ``KeyError``,
+``FileNotFoundError`` ...), so code that catches the built-in keeps working.
 """
 
 from __future__ import annotations
 
 
 class CbstoreError(Exception):
-    """Base class of all cbstore errors."""
+    """Base class of all cbstore errors (store, build, encoders, fusion, evaluation, CLI)."""
 
 
 class StoreError(CbstoreError):
@@ -37,3 +43,19 @@ class EmbeddingError(StoreError):
 
 class SourceError(CbstoreError, ValueError):
     """A source file (MIMIC-IV, MIMIC-CXR-JPG or synthetic) is missing, truncated or malformed."""
+
+
+class ConfigError(CbstoreError, ValueError):
+    """A configuration (build settings, a fusion run's options or file) is invalid."""
+
+
+class UnknownTaskError(CbstoreError, ValueError):
+    """A task name is not one of :data:`cbstore.tasks.TASKS`; the message lists them."""
+
+
+class MaskError(CbstoreError, ValueError):
+    """Invalid missing-modality mask parameters (rate outside [0, 1], bad stay ids)."""
+
+
+class InputsError(StoreError, ValueError):
+    """A request for model inputs does not fit the store (shapes, parts, cohorts, input kinds)."""

@@ -17,13 +17,11 @@ import hashlib
 
 import numpy as np
 
+from cbstore.errors import MaskError
+
 __all__ = ["MaskError", "apply_cxr_mask", "cxr_drop_mask", "stay_uniforms"]
 
 _TWO_POW_64 = float(2**64)
-
-
-class MaskError(ValueError):
-    """Invalid mask parameters (rate outside [0, 1], bad stay ids)."""
 
 
 def _check_ids(stay_ids) -> np.ndarray:

@@ -24,14 +24,13 @@ import zarr
 
 from cbstore.content import CXR_COLUMNS, PART_CODES, STAT_NAMES, STAY_COLUMNS
 from cbstore.embeddings import EmbeddingWriter
-from cbstore.errors import EmbeddingError, StoreError, StoreVersionError
+from cbstore.errors import EmbeddingError, StoreError, StoreVersionError, UnknownTaskError
 from cbstore.schema import (
     ARRAYS,
     DATETIME_COLUMNS,
     EMBEDDINGS_GROUP,
     FORMAT_VERSION,
     GROUPS,
-    LOS_CLASS_NAMES,
     MANIFEST_NAME,
     MODALITIES,
     ROOT_ATTRS_KEY,
@@ -39,6 +38,7 @@ from cbstore.schema import (
     major,
 )
 from cbstore.store_write import StoreWriter, write_store
+from cbstore.tasks import TaskSpec, get_task
 from cbstore.zarr_io import consolidate, package_version, quiet_zarr_warnings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -260,33 +260,36 @@ class Store:
         """bool [stay]: a film was selected and decoded."""
         return np.asarray(self._array("cxr/present")[:], dtype=bool)
 
+    @cached_property
+    def cxr_hours_before_prediction(self) -> np.ndarray:
+        """float32 [stay]: hours from the film to the prediction time (NaN where no film)."""
+        hours = np.asarray(self._array("cxr/hours_before_prediction")[:], dtype=np.float32)
+        return np.where(self.cxr_present, hours, np.float32(np.nan))
+
     # -- labels and splits ---------------------------------------------------------------------
 
-    def _check_task(self, task: str) -> None:
-        if task not in TASKS:
-            raise StoreError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    def _check_task(self, task: str) -> "TaskSpec":
+        try:
+            return get_task(task)
+        except UnknownTaskError as exc:
+            raise StoreError(str(exc)) from None
 
     def labels(self, task: str) -> np.ndarray:
-        """Labels of ``task``: int8 [n] (mortality*), int8 [n, P] (phenotype), int8 los_class [n] (los)."""
-        self._check_task(task)
-        key = {"phenotype": "phenotype_labels", "los": "los_class"}.get(task, task)
-        return np.asarray(self._array(f"labels/{key}")[:], dtype=np.int8)
+        """Labels of ``task`` as stored: int8 [n] (binary, multiclass) or [n, P] (multilabel).
+
+        The array is ``labels/<TaskSpec.labels_array>`` (:mod:`cbstore.tasks`).
+        """
+        spec = self._check_task(task)
+        return np.asarray(self._array(f"labels/{spec.labels_array}")[:], dtype=np.int8)
 
     def label_names(self, task: str) -> list[str]:
-        """Label names: ``[task]`` for mortality*, phenotype names, or the LoS class names."""
-        self._check_task(task)
-        if task == "phenotype":
-            return list(self.phenotype_names)
-        if task == "los":
-            return list(LOS_CLASS_NAMES)
-        return [task]
+        """Output names: ``[task]`` (binary), the phenotype names, or the LoS class names."""
+        return self._check_task(task).label_names(self.phenotype_names)
 
     def task_mask(self, task: str) -> np.ndarray:
-        """bool [n]: stays usable for ``task`` (LoS needs a stay of at least 2 days)."""
-        self._check_task(task)
-        if task == "los":
-            return self.labels("los") >= 0
-        return np.ones(self.n_stays, dtype=bool)
+        """bool [n]: stays with a usable label for ``task`` (LoS needs a stay of at least 2 days)."""
+        spec = self._check_task(task)
+        return spec.targets(self.labels(task), len(self.label_names(task)))[1]
 
     def _check_fold(self, fold: int) -> int:
         if not isinstance(fold, (int, np.integer)) or not 0 <= int(fold) < self.n_folds:

@@ -8,8 +8,8 @@ import click
 
 from cbstore.build import build_store, format_cohort_flow
 from cbstore.config import load_config
-from cbstore.errors import CbstoreError
 from cbstore.store import open_store
+from cli.errors import reports_errors
 
 
 @click.command("build")
@@ -29,6 +29,7 @@ from cbstore.store import open_store
               help="Folder for temporary files (default: the system temporary folder).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out once the new one is complete.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@reports_errors
 def build(mimic_iv, mimic_cxr, out, config_file, window_hours, image_size, workers, threads, memory_limit,
           work_dir, overwrite, quiet):
     """Build a feature store from MIMIC-IV and MIMIC-CXR-JPG (or a synthetic source).
@@ -37,13 +38,10 @@ def build(mimic_iv, mimic_cxr, out, config_file, window_hours, image_size, worke
     """
     if not quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        config = load_config(config_file, window_hours=window_hours, image_size=image_size, workers=workers,
-                             threads=threads, memory_limit=memory_limit, work_dir=work_dir)
-        path = build_store(mimic_iv, mimic_cxr, out, config, overwrite=overwrite, progress=not quiet)
-        store = open_store(path)
-    except CbstoreError as err:
-        raise click.ClickException(str(err)) from None
+    config = load_config(config_file, window_hours=window_hours, image_size=image_size, workers=workers,
+                         threads=threads, memory_limit=memory_limit, work_dir=work_dir)
+    path = build_store(mimic_iv, mimic_cxr, out, config, overwrite=overwrite, progress=not quiet)
+    store = open_store(path)
     attrs = store.attrs
     click.echo(format_cohort_flow(attrs["cohort_flow"]))
     n_cxr = int(store.cxr_present.sum())

@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from cbstore.errors import CbstoreError
+from cli.errors import reports_errors
 from encoders.registry import ENCODERS
 
 
@@ -44,6 +44,7 @@ def _encoder_help() -> str:
                    "for quick demos and tests; recorded in the embedding's provenance).")
 @click.option("--overwrite", is_flag=True, help="Recompute a complete embedding (or restart an incomplete one).")
 @click.option("--quiet", is_flag=True, help="No progress bar or log lines.")
+@reports_errors
 def encode(store, encoder_name, weights, weights_dir, device, batch_size, workers, threads,
            dask_scheduler, dask_workers, region_stays, seed, input_size, overwrite, quiet):
     """Embed one modality of STORE with an encoder and cache the result in the store.
@@ -57,14 +58,11 @@ def encode(store, encoder_name, weights, weights_dir, device, batch_size, worker
         raise click.UsageError("give either --dask-scheduler or --dask-workers, not both")
     if not quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        summary = run_encoding_pass(
-            store, encoder_name, device=device, batch_size=batch_size, workers=workers,
-            overwrite=overwrite, weights=weights, weights_dir=weights_dir,
-            dask_scheduler=dask_scheduler, dask_workers=dask_workers, progress=not quiet,
-            region_stays=region_stays, seed=seed, threads=threads, input_size=input_size)
-    except CbstoreError as err:
-        raise click.ClickException(str(err)) from None
+    summary = run_encoding_pass(
+        store, encoder_name, device=device, batch_size=batch_size, workers=workers,
+        overwrite=overwrite, weights=weights, weights_dir=weights_dir,
+        dask_scheduler=dask_scheduler, dask_workers=dask_workers, progress=not quiet,
+        region_stays=region_stays, seed=seed, threads=threads, input_size=input_size)
     where = f"embeddings/{summary['modality']}/{summary['encoder_id']}"
     if summary["status"] == ALREADY_COMPLETE:
         click.echo(f"{where} is already complete in {summary['store']}; nothing to do "

@@ -6,9 +6,8 @@ import pathlib
 
 import click
 
-from fusion.evaluation import (
-    PredictionsError, compare_files, evaluate_file, render_summary, write_json,
-)
+from cli.errors import reports_errors
+from fusion.evaluation import compare_files, evaluate_file, render_summary, write_json
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=pathlib.Path)
 
@@ -29,6 +28,7 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=pathlib.Path)
               help="Second predictions file: paired permutation tests PREDICTIONS vs this one.")
 @click.option("--n-perm", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Permutations for --compare.")
+@reports_errors
 def evaluate(predictions: pathlib.Path, n_boot: int, seed: int, out: pathlib.Path | None,
              fairness: bool, min_group_size: int, other: pathlib.Path | None,
              n_perm: int) -> None:
@@ -38,13 +38,10 @@ def evaluate(predictions: pathlib.Path, n_boot: int, seed: int, out: pathlib.Pat
     the val part, fairness by group, SHA-256 of the file).
     """
     out = out or predictions.with_name(f"{predictions.stem}.metrics.json")
-    try:
-        result = evaluate_file(predictions, n_boot=n_boot, seed=seed, fairness=fairness,
-                               min_group_size=min_group_size)
-        if other is not None:
-            result["comparison"] = compare_files(predictions, other, n_perm=n_perm, seed=seed)
-    except PredictionsError as exc:
-        raise click.ClickException(str(exc)) from exc
+    result = evaluate_file(predictions, n_boot=n_boot, seed=seed, fairness=fairness,
+                           min_group_size=min_group_size)
+    if other is not None:
+        result["comparison"] = compare_files(predictions, other, n_perm=n_perm, seed=seed)
     write_json(result, out)
     click.echo(render_summary(result))
     click.echo(f"\nwrote {out}")

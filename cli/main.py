@@ -1,7 +1,9 @@
 """The ``cbstore`` console script: one click group, one subcommand per stage.
 
 The commands live in small modules beside this one and hold no logic of their own; each calls
-into ``cbstore``, ``encoders`` or ``fusion``.
+into ``cbstore``, ``encoders`` or ``fusion``. Each is decorated with
+:func:`cli.errors.reports_errors`: an error deriving from :class:`cbstore.errors.CbstoreError` (the
+root of every error the packages raise on purpose) is printed as one line, with exit status 1.
 """
 
 import click

@@ -6,6 +6,7 @@ import pathlib
 
 import click
 
+from cli.errors import reports_errors
 from fusion.compare import PRIMARY_METRICS, collect_runs, comparison_table, per_label_table
 
 
@@ -17,6 +18,7 @@ from fusion.compare import PRIMARY_METRICS, collect_runs, comparison_table, per_
               help="Also a table of this metric per phenotype label (a column per run).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
               help="Also write the tables to this Markdown file.")
+@reports_errors
 def report(runs_dir: pathlib.Path, task: str | None, per_label: str | None,
            out: pathlib.Path | None) -> None:
     """Compare the complete runs under RUNS_DIR: test metrics with 95% bootstrap CIs."""

@@ -6,25 +6,23 @@ from pathlib import Path
 
 import click
 
-from cbstore.errors import StoreError
+from cli.errors import reports_errors
 
 
 @click.command("info")
 @click.argument("store", type=click.Path(path_type=Path))
+@reports_errors
 def info(store: Path) -> None:
     """Summarise STORE: cohort, splits, labels, CXR coverage, embeddings, size."""
     from cbstore.info import store_summary
     from cbstore.store import open_store
 
-    try:
-        opened = open_store(store)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(store_summary(opened))
+    click.echo(store_summary(open_store(store)))
 
 
 @click.command("validate")
 @click.argument("store", type=click.Path(path_type=Path))
+@reports_errors
 def validate(store: Path) -> None:
     """Check STORE against the store layout; exit 1 when problems are found."""
     from cbstore.validate import validation_report

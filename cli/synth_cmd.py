@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cbstore.errors import CbstoreError
 from cbstore.synth import write_synthetic_source
+from cli.errors import reports_errors
 
 
 @click.command("synth")
@@ -19,16 +19,14 @@ from cbstore.synth import write_synthetic_source
 @click.option("--chartevents-per-stay", type=click.FloatRange(min=1.0), default=None,
               help="Mean chartevents rows per stay [about 650: hourly vital signs].")
 @click.option("--overwrite", is_flag=True, help="Replace a synthetic source already in OUT.")
+@reports_errors
 def synth(out, n_stays, seed, image_size, no_images, chartevents_per_stay, overwrite):
     """Write a synthetic MIMIC-IV + MIMIC-CXR-JPG source with planted ground truth into OUT.
 
     OUT receives mimic-iv/ and mimic-cxr-jpg/ (pass them to `cbstore build`) and truth.json.
     """
-    try:
-        summary = write_synthetic_source(out, n_stays, seed, image_size, images=not no_images,
-                                         chartevents_per_stay=chartevents_per_stay, overwrite=overwrite)
-    except CbstoreError as err:
-        raise click.ClickException(str(err)) from None
+    summary = write_synthetic_source(out, n_stays, seed, image_size, images=not no_images,
+                                     chartevents_per_stay=chartevents_per_stay, overwrite=overwrite)
     rows = summary.rows
     films = f"{summary.n_images} films" + ("" if summary.images_written else " (metadata only, no JPEGs)")
     click.echo(f"{summary.out_dir}: {summary.n_stays} stays, {summary.n_patients} patients, "

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from encoders.errors import EncodingInputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -125,14 +127,22 @@ class EhrLstmEncoder:
         }
 
     @staticmethod
-    def prepare(raw: np.ndarray, stats: dict, normalize: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Model input ``[k, T, 2F]`` and observed mask ``[k, T, F]`` from raw values."""
-        from cbstore.preprocess import impute_and_normalise
+    def prepare(raw: np.ndarray, preprocessor, normalize: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Model input ``[k, T, 2F]`` and observed mask ``[k, T, F]`` from raw values.
 
-        raw = np.asarray(raw, dtype=np.float32)
-        mask = (~np.isnan(raw)).astype(np.float32)
-        filled = impute_and_normalise(raw, stats, normalize).astype(np.float32)
-        return np.concatenate([filled, mask], axis=2), mask
+        Parameters
+        ----------
+        raw : numpy.ndarray
+            Raw values ``[k, T, F]`` (NaN = unobserved).
+        preprocessor : cbstore.inputs.EhrPreprocessor or dict
+            The fold's preprocessing (the read path's, so the encoder sees exactly what a fusion
+            method sees); a dict of training statistics plus ``normalize`` is accepted too.
+        normalize : numpy.ndarray of bool, optional
+            With a statistics dict: which features to scale.
+        """
+        values, mask = _as_preprocessor(preprocessor, normalize)(raw)
+        return np.concatenate([values, mask], axis=2), mask
 
     def _epoch_loss(self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor,
                     order: torch.Tensor, optimiser: torch.optim.Optimizer | None) -> float:
@@ -152,8 +162,8 @@ class EhrLstmEncoder:
             count += float(n)
         return total / max(count, 1.0)
 
-    def fit(self, train_raw: np.ndarray, val_raw: np.ndarray, stats: dict,
-            normalize: np.ndarray) -> "EhrLstmEncoder":
+    def fit(self, train_raw: np.ndarray, val_raw: np.ndarray, preprocessor,
+            normalize: np.ndarray | None = None) -> "EhrLstmEncoder":
         """Train on the training stays of one fold.
 
         Parameters
@@ -161,10 +171,11 @@ class EhrLstmEncoder:
         train_raw, val_raw : numpy.ndarray
             Raw values ``[k, T, F]`` (NaN = unobserved) of the fold's training and validation
             stays. Validation stays only choose the epoch (early stopping).
-        stats : dict
-            The fold's training statistics (``Store.fold_stats(fold)``).
-        normalize : numpy.ndarray of bool
-            Which features to scale (``ehr/normalize``).
+        preprocessor : cbstore.inputs.EhrPreprocessor or dict
+            The fold's EHR preprocessing (``EhrPreprocessor.from_store(store, fold)``), or its
+            training statistics (``Store.fold_stats(fold)``) with ``normalize``.
+        normalize : numpy.ndarray of bool, optional
+            Which features to scale (``ehr/normalize``), with a statistics dict.
 
         Returns
         -------
@@ -172,11 +183,12 @@ class EhrLstmEncoder:
             self, with :attr:`model_` and :attr:`history_`.
         """
         cfg = self.config
-        self._stats, self._normalize = stats, np.asarray(normalize, dtype=bool)
-        x_tr, m_tr = (torch.from_numpy(a) for a in self.prepare(train_raw, stats, normalize))
-        x_va, m_va = (torch.from_numpy(a) for a in self.prepare(val_raw, stats, normalize))
+        self.preprocessor_ = _as_preprocessor(preprocessor, normalize)
+        x_tr, m_tr = (torch.from_numpy(a) for a in self.prepare(train_raw, self.preprocessor_))
+        x_va, m_va = (torch.from_numpy(a) for a in self.prepare(val_raw, self.preprocessor_))
         if len(x_tr) == 0:
-            raise ValueError("ehr-lstm: the fold has no training stays")
+            raise EncodingInputError("ehr-lstm: the fold has no training stays; the store's splits give "
+                                     "this fold an empty training part")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = _Forecaster(self.n_features, cfg.hidden, cfg.layers).to(self.device)
@@ -226,7 +238,7 @@ class EhrLstmEncoder:
         sequence : numpy.ndarray
             float32 ``[k, T, hidden]``.
         """
-        x, _ = self.prepare(raw, self._stats, self._normalize)
+        x, _ = self.prepare(raw, self.preprocessor_)
         x = torch.from_numpy(x)
         seqs = []
         for start in range(0, len(x), batch_size):
@@ -235,3 +247,15 @@ class EhrLstmEncoder:
         sequence = (torch.cat(seqs).numpy() if seqs
                     else np.zeros((0, self.window_hours, self.dim), np.float32))
         return np.ascontiguousarray(sequence[:, -1, :]), sequence
+
+
+def _as_preprocessor(preprocessor, normalize=None):
+    """An :class:`cbstore.inputs.EhrPreprocessor` from one, or from statistics and ``normalize``."""
+    from cbstore.inputs import EhrPreprocessor
+
+    if isinstance(preprocessor, EhrPreprocessor):
+        return preprocessor
+    if normalize is None:
+        raise EncodingInputError("ehr-lstm: pass an EhrPreprocessor, or the training statistics "
+                                 "together with normalize")
+    return EhrPreprocessor(preprocessor, np.asarray(normalize, dtype=bool))

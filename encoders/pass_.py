@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from cbstore.errors import StoreError, StoreReadOnlyError
+from cbstore.inputs import EhrPreprocessor
 from cbstore.store import EmbeddingWriter, Store, open_store
 from encoders.errors import EncoderError, EncodingInputError, NonFiniteEmbeddingError
 from encoders.weights import RANDOM
@@ -248,8 +249,9 @@ def fit_fold(store: Store, encoder, fold: int):
     """
     train = store.indices(fold, "train")
     val = store.indices(fold, "val")
-    normalize = store.features["normalize"].to_numpy(dtype=bool)
-    return encoder.fit(store.ehr_values(train), store.ehr_values(val), store.fold_stats(fold), normalize)
+    # the read path's preprocessing of this fold: the encoder sees what a fusion method sees
+    preprocessor = EhrPreprocessor.from_store(store, fold)
+    return encoder.fit(store.ehr_values(train), store.ehr_values(val), preprocessor)
 
 
 def encode_fold(store: Store, writer: EmbeddingWriter, encoder, fold: int, regions: list[int], *,

@@ -25,27 +25,21 @@ from collections.abc import Iterable, Mapping
 
 import yaml
 
-from fusion.registry import FEATURE_MODES, TASKS, FusionError
+from cbstore.errors import ConfigError
+from cbstore.inputs import COHORTS, PARTS
+from fusion.registry import FEATURE_MODES, TASKS
 
 __all__ = ["COHORTS", "PARTS", "ConfigError", "RunConfig", "load_config_file", "make_config",
            "parse_missing_at", "parse_set_pairs"]
 
-#: Cohorts: all stays, stays with an X-ray, or train/val from one and test from the other.
-COHORTS = ("full", "matched", "matched_to_full", "full_to_matched")
-#: Parts of a fold.
-PARTS = ("train", "val", "test")
-
-
-class ConfigError(FusionError, ValueError):
-    """A run configuration (file, option or override) is invalid."""
 
 
 @dataclasses.dataclass
 class RunConfig:
     """Everything that defines one fusion run.
 
-    The fields that change results (all but ``out``, ``overwrite``, ``device`` and ``progress``)
-    enter the run id (:func:`fusion.runs.resolve`).
+    The fields that change results (all but ``out``, ``overwrite``, ``device``, ``progress`` and
+    ``weights_dir``) enter the run id (:func:`fusion.runs.resolve`).
 
     Attributes
     ----------
@@ -79,6 +73,9 @@ class RunConfig:
         Folder that holds the run folders.
     overwrite : bool
         Recompute a complete run instead of reusing it.
+    weights_dir : str or None
+        Folder searched first for pretrained weight files (then ``$CBSTORE_WEIGHTS_DIR``, then the
+        library caches), e.g. the ImageNet ResNet-50 of raw runs.
     device : str or None
         ``cpu``, ``cuda``, ``cuda:1`` ...; None picks CUDA when available.
     progress : bool
@@ -101,6 +98,7 @@ class RunConfig:
     n_boot: int = 1000
     out: str = "runs"
     overwrite: bool = False
+    weights_dir: str | None = None
     device: str | None = None
     progress: bool = True
 
@@ -134,7 +132,7 @@ class RunConfig:
             raise ConfigError(f"cxr_missing_rate: must be in [0, 1], got {self.cxr_missing_rate!r}")
         self.cxr_missing_rate = rate
         self.missing_at = parse_missing_at(self.missing_at)
-        for name in ("ehr_encoder", "cxr_encoder", "device"):
+        for name in ("ehr_encoder", "cxr_encoder", "weights_dir", "device"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{name}: must be a non-empty string, got {value!r}")

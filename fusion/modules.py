@@ -1,33 +1,106 @@
-"""Shared torch building blocks: EHR encoders, CXR backbones, embedding inputs and MLP heads.
+"""Shared torch building blocks: encoders, image backbones, embedding inputs, heads, missing X-rays.
 
-Method files compose these and keep only their own mechanism. Every encoder maps a batch to a
-feature vector ``[B, out_dim]``:
+Method files compose these and keep only their own mechanism.
+
+**Encoders** map a batch (a dict of tensors, see :mod:`cbstore.dataset`) to an
+:class:`EncoderOutput`: ``pooled`` ``[B, H]`` always, and for the EHR encoders also ``sequence``
+``[B, T, H]`` (one vector per hour, for methods that fuse tokens) and ``valid`` ``[B, T]``:
 
 * :class:`EHRLSTMEncoder` and :class:`EHRTransformerEncoder` read ``batch["ehr"]`` and
   ``batch["ehr_mask"]`` (``[B, T, F]``; the mask is appended to the values as extra channels);
 * :class:`CXREncoder` reads ``batch["cxr"]`` (``[B, 1, H, W]`` in ``[-1024, 1024]``);
-* :class:`EmbeddingInput` reads a cached embedding (``batch["ehr_emb"]`` / ``batch["cxr_emb"]``),
-  standardises it with training statistics kept as buffers (so they are saved with the weights)
-  and zeroes the rows whose modality is absent; :func:`build_encoder` follows it with
-  ``Linear -> ReLU -> Dropout`` to ``hidden``, so every encoder ends in a ``hidden``-d feature and
-  heads are linear by default (``head_layers = 0``).
+* :class:`EmbeddingEncoder` reads a cached embedding (``batch["ehr_emb"]`` / ``batch["cxr_emb"]``)
+  through :class:`EmbeddingInput`, which standardises it with training statistics kept as
+  buffers (saved with the weights) and zeroes the rows whose modality is absent, followed by
+  ``Linear -> ReLU -> Dropout`` to ``hidden``.
+
+Every encoder ends in a ``hidden``-d feature (``out_dim``), so heads are linear by default.
+
+**Image backbones** (:class:`ResNet50Backbone`, :class:`SmallCNN`) expose their stages so that a
+fusion module can sit between them::
+
+    h = backbone.stem(backbone.prepare(images))
+    for stage in backbone.stages:
+        h = stage(h)            # e.g. exchange information with the EHR branch here
+    pooled = backbone.pool(h)   # [B, out_dim]
+
+``backbone.forward_stages(images)`` returns the map after every stage; ``backbone(images)`` the
+pooled vector. ``prepare`` maps the xrv range ``[-1024, 1024]`` to what the weights expect.
+
+**ImageNet weights** (``cxr_weights = "imagenet"``, the raw-mode default of methods with a
+ResNet-50, as in the reference): torchvision's ``IMAGENET1K_V1`` file ``resnet50-0676ba61.pth``,
+found offline exactly as ``cbstore encode --encoder resnet50-imagenet`` finds it
+(:mod:`encoders.weights`: a ``weights_dir``, then ``$CBSTORE_WEIGHTS_DIR``, then torch's hub
+cache). The RGB filters of ``conv1`` are summed into one channel and images are scaled to the
+ImageNet grey-level mean and std. ``cxr_weights = "random"`` starts from a seeded random
+initialisation instead.
+
+**Missing X-rays**: :func:`run_on_present` runs an X-ray branch only on the stays that have one
+and scatters the result back (a zero or learned vector for the others); :class:`PresentOnly`
+wraps a branch module with that rule.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CXREncoder", "EHRLSTMEncoder", "EHRTransformerEncoder", "EmbeddingInput", "MLPHead",
-           "SmallCNN", "build_encoder", "logit_of_mean_probability", "resnet50_1ch"]
+from fusion.registry import HyperparameterError
+from fusion.tasks import logit_of_mean_probability
 
-#: Scale of the torchxrayvision input range; images are divided by it before a CNN.
+__all__ = ["CXREncoder", "EHRLSTMEncoder", "EHRTransformerEncoder", "EmbeddingEncoder",
+           "EmbeddingInput", "EncoderOutput", "IMAGENET_WEIGHTS", "MLPHead", "PresentOnly",
+           "ResNet50Backbone", "SmallCNN", "build_backbone", "build_encoder", "check_backbone",
+           "load_imagenet_resnet50", "logit_of_mean_probability", "resnet50_1ch", "run_on_present"]
+
+#: Scale of the torchxrayvision input range; images are divided by it for randomly initialised CNNs.
 XRV_SCALE = 1024.0
+#: torchvision weights used for ``cxr_weights = "imagenet"`` (the ``cbstore encode`` default too).
+IMAGENET_WEIGHTS = "IMAGENET1K_V1"
+#: Values of the ``cxr_weights`` hyperparameter.
+CXR_WEIGHTS = ("imagenet", "random")
+
+
+@dataclasses.dataclass
+class EncoderOutput:
+    """What an encoder returns.
+
+    Attributes
+    ----------
+    pooled : Tensor
+        ``[B, H]`` one vector per stay.
+    sequence : Tensor or None
+        ``[B, T, H]`` one vector per hour (EHR encoders), else None.
+    valid : Tensor or None
+        bool ``[B, T]``: hours that are part of the stay (all True unless ``batch["ehr_valid"]``
+        says otherwise), with ``sequence``.
+    """
+
+    pooled: torch.Tensor
+    sequence: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+
+def _ehr_input(batch: dict) -> torch.Tensor:
+    return torch.cat([batch["ehr"], batch["ehr_mask"]], dim=-1)
+
+
+def _valid_steps(batch: dict, x: torch.Tensor) -> torch.Tensor:
+    valid = batch.get("ehr_valid")
+    if valid is None:
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return valid
 
 
 class EHRLSTMEncoder(nn.Module):
     """Linear input projection -> (bi)LSTM -> final hidden states -> Linear to ``hidden``.
+
+    ``pooled`` is the projection of the final hidden states (both directions); ``sequence`` the
+    same projection (without dropout) of the LSTM output at every hour.
 
     Parameters
     ----------
@@ -38,7 +111,7 @@ class EHRLSTMEncoder(nn.Module):
     num_layers : int
     bidirectional : bool
     dropout : float
-        Dropout on the output feature (and between LSTM layers when ``num_layers > 1``).
+        Dropout on the pooled feature (and between LSTM layers when ``num_layers > 1``).
     """
 
     def __init__(self, n_features: int, hidden: int = 256, num_layers: int = 1,
@@ -52,19 +125,22 @@ class EHRLSTMEncoder(nn.Module):
                                  nn.ReLU())
         self.out_dim = hidden
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        x = torch.cat([batch["ehr"], batch["ehr_mask"]], dim=-1)
-        _, (h, _) = self.lstm(self.proj(x))
+    def forward(self, batch: dict) -> EncoderOutput:
+        x = _ehr_input(batch)
+        steps, (h, _) = self.lstm(self.proj(x))
         directions = 2 if self.lstm.bidirectional else 1
         last = h[-directions:]                      # final layer, each direction: [dirs, B, H]
-        return self.out(last.transpose(0, 1).reshape(x.shape[0], -1))
+        pooled = self.out(last.transpose(0, 1).reshape(x.shape[0], -1))
+        sequence = self.out[2](self.out[1](steps))  # [B, T, dirs * H] -> [B, T, H]
+        return EncoderOutput(pooled, sequence, _valid_steps(batch, x))
 
 
 class EHRTransformerEncoder(nn.Module):
     """Linear projection + learned positions -> Transformer encoder -> mask-aware mean pooling.
 
     Time steps flagged invalid in ``batch["ehr_valid"]`` (bool ``[B, T]``, optional; default all
-    valid) are excluded from attention (boolean key padding mask) and from the mean.
+    valid) are excluded from attention (boolean key padding mask) and from the mean. ``sequence``
+    is the encoder output at every hour.
 
     Parameters
     ----------
@@ -88,23 +164,45 @@ class EHRTransformerEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out_dim = d_model
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        x = torch.cat([batch["ehr"], batch["ehr_mask"]], dim=-1)
+    def forward(self, batch: dict) -> EncoderOutput:
+        x = _ehr_input(batch)
         steps = x.shape[1]
         if steps > self.position.shape[1]:
-            raise ValueError(f"sequence of {steps} steps is longer than max_len "
-                             f"{self.position.shape[1]}")
-        valid = batch.get("ehr_valid")
-        if valid is None:
-            valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            raise HyperparameterError(f"sequence of {steps} steps is longer than the transformer's "
+                                      f"max_len {self.position.shape[1]}")
+        valid = _valid_steps(batch, x)
         h = self.encoder(self.proj(x) + self.position[:, :steps], src_key_padding_mask=~valid)
         weight = valid.unsqueeze(-1).to(h.dtype)
         pooled = (h * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
-        return self.dropout(pooled)
+        return EncoderOutput(self.dropout(pooled), h, valid)
 
 
-class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU blocks with stride 2 and global average pooling (tests, tiny images)."""
+class _StagedBackbone:
+    """``prepare -> stem -> stages -> pool`` for an image backbone (mixed into an ``nn.Module``)."""
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Scale xrv-range images ``[-1024, 1024]`` to about ``[-1, 1]`` (random weights)."""
+        return x / XRV_SCALE
+
+    def forward_stages(self, x: torch.Tensor) -> list:
+        """Feature maps ``[B, C_k, H_k, W_k]`` after each stage, for xrv-range images."""
+        h = self.stem(self.prepare(x))
+        maps = []
+        for stage in self.stages:
+            h = stage(h)
+            maps.append(h)
+        return maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled feature ``[B, out_dim]`` of xrv-range images."""
+        return self.pool(self.forward_stages(x)[-1])
+
+
+class SmallCNN(_StagedBackbone, nn.Module):
+    """Three conv-BN-ReLU stages with stride 2 and global average pooling (tests, tiny images).
+
+    ``stem`` is the identity; ``stages`` are the three blocks.
+    """
 
     def __init__(self, width: int = 16):
         super().__init__()
@@ -113,49 +211,186 @@ class SmallCNN(nn.Module):
             layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
                        nn.BatchNorm2d(out), nn.ReLU()]
             channels = out
+        # One Sequential keeps the parameter names of saved models; stages are views of it.
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.stem = nn.Identity()
+        self.stage_channels = (width, 2 * width, 4 * width)
         self.out_dim = channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+    @property
+    def stages(self) -> tuple:
+        """The three conv-BN-ReLU blocks (views sharing the parameters of ``body``)."""
+        return tuple(self.body[i:i + 3] for i in (0, 3, 6))
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """Global average pooling to ``[B, out_dim]``."""
+        return self.body[10](self.body[9](h))
 
 
-def resnet50_1ch() -> nn.Module:
-    """torchvision ResNet-50 without pretrained weights, 1-channel ``conv1``, no classifier (2048-d)."""
-    from torchvision.models import resnet50
+class ResNet50Backbone(_StagedBackbone, nn.Module):
+    """torchvision ResNet-50 with a one-channel ``conv1`` and no classifier (2048-d).
 
-    model = resnet50(weights=None)
-    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    model.fc = nn.Identity()
-    model.out_dim = 2048
-    return model
-
-
-class CXREncoder(nn.Module):
-    """CNN backbone on ``batch["cxr"]`` (scaled to about [-1, 1]) -> Linear to ``hidden`` -> ReLU.
+    ``stem`` is conv1-bn-relu-maxpool, ``stages`` are ``layer1`` .. ``layer4`` (256, 512, 1024 and
+    2048 channels), ``pool`` global average pooling. The layers are torchvision's, under their
+    torchvision names (so state dicts match torchvision's and earlier cbstore models); torchvision
+    is imported when a backbone is built.
 
     Parameters
     ----------
-    backbone : str
-        ``resnet50`` (torchvision, random init) or ``small`` (:class:`SmallCNN`).
+    imagenet_input : bool
+        Scale inputs as the ImageNet weights expect (grey-level mean and std of ImageNet) instead
+        of dividing by 1024; set by :func:`load_imagenet_resnet50`.
+    """
+
+    stage_channels = (256, 512, 1024, 2048)
+
+    def __init__(self, imagenet_input: bool = False):
+        super().__init__()
+        from torchvision.models import resnet50
+
+        net = resnet50(weights=None)
+        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        net.fc = nn.Identity()
+        for name, child in net.named_children():
+            setattr(self, name, child)
+        self.out_dim = 2048
+        self.imagenet_input = imagenet_input
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """xrv range -> ``[-1, 1]`` (random weights) or ImageNet-normalised grey levels."""
+        if not self.imagenet_input:
+            return x / XRV_SCALE
+        from encoders.cxr import IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD
+
+        return ((x + XRV_SCALE) / (2 * XRV_SCALE) - IMAGENET_GRAY_MEAN) / IMAGENET_GRAY_STD
+
+    @property
+    def stem(self) -> nn.Sequential:
+        """conv1 -> bn1 -> relu -> maxpool (a view sharing the parameters)."""
+        return nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+
+    @property
+    def stages(self) -> tuple:
+        """``layer1`` .. ``layer4``."""
+        return (self.layer1, self.layer2, self.layer3, self.layer4)
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """Global average pooling to ``[B, 2048]``."""
+        return torch.flatten(self.avgpool(h), 1)
+
+
+def resnet50_1ch() -> ResNet50Backbone:
+    """A randomly initialised :class:`ResNet50Backbone` (1-channel ``conv1``, no classifier, 2048-d)."""
+    return ResNet50Backbone()
+
+
+def load_imagenet_resnet50(backbone: ResNet50Backbone, weights_dir=None) -> str:
+    """Load torchvision's ImageNet ResNet-50 weights into ``backbone``, offline.
+
+    The file is looked up like ``cbstore encode --encoder resnet50-imagenet`` looks it up
+    (:func:`encoders.weights.resolve_weights_file`); ``conv1``'s RGB filters are summed into one
+    channel and the classifier is dropped. The backbone then scales its inputs as ImageNet
+    weights expect.
+
+    Parameters
+    ----------
+    backbone : ResNet50Backbone
+    weights_dir : path-like, optional
+        Directory searched first (then ``$CBSTORE_WEIGHTS_DIR``, then torch's hub cache).
+
+    Returns
+    -------
+    str
+        SHA-256 of the weights file.
+
+    Raises
+    ------
+    encoders.errors.WeightsNotFoundError
+        The file is in none of the searched directories; the message names the file, the
+        directories, where to download it and the setting that chooses random weights.
+    """
+    from encoders.cxr import gray_conv1
+    from encoders.errors import WeightsNotFoundError
+    from encoders.weights import (
+        FORMAT_STATE_DICT, file_sha256, load_into, load_state_dict, resolve_weights_file,
+    )
+
+    try:
+        path = resolve_weights_file(IMAGENET_WEIGHTS, weights_dir)
+    except WeightsNotFoundError as exc:
+        raise WeightsNotFoundError(
+            f"{exc}\nThe ResNet-50 X-ray branch starts from these ImageNet weights "
+            "(cxr_weights=imagenet, the default with --features raw). To train it from random "
+            "weights instead, pass --set cxr_weights=random.") from None
+    state = gray_conv1(load_state_dict(path, FORMAT_STATE_DICT))
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_into(backbone, state, path)
+    backbone.imagenet_input = True
+    return file_sha256(path)
+
+
+def check_backbone(name: str, weights: str) -> None:
+    """Refuse an unknown backbone or weights, and ImageNet weights for the small CNN.
+
+    Raises
+    ------
+    HyperparameterError
+        Naming the value and the valid ones.
+    """
+    if name not in ("resnet50", "small"):
+        raise HyperparameterError(f"unknown CXR backbone {name!r}; valid: resnet50, small")
+    if weights not in CXR_WEIGHTS:
+        raise HyperparameterError(f"cxr_weights={weights!r} is not one of {', '.join(CXR_WEIGHTS)}")
+    if name == "small" and weights == "imagenet":
+        raise HyperparameterError("backbone=small has no ImageNet weights; set cxr_weights=random "
+                                  "(--set cxr_weights=random) or use backbone=resnet50")
+
+
+def build_backbone(name: str, *, weights: str = "random", weights_dir=None) -> nn.Module:
+    """An image backbone: ``resnet50`` (:class:`ResNet50Backbone`) or ``small`` (:class:`SmallCNN`).
+
+    Parameters
+    ----------
+    name : str
+    weights : str
+        ``imagenet`` (ResNet-50 only; :func:`load_imagenet_resnet50`) or ``random``.
+    weights_dir : path-like, optional
+        Directory searched first for the ImageNet file.
+
+    Raises
+    ------
+    HyperparameterError
+        See :func:`check_backbone`.
+    """
+    check_backbone(name, weights)
+    if name == "small":
+        return SmallCNN()
+    backbone = ResNet50Backbone()
+    if weights == "imagenet":
+        load_imagenet_resnet50(backbone, weights_dir)
+    return backbone
+
+
+class CXREncoder(nn.Module):
+    """Image backbone on ``batch["cxr"]`` -> Linear to ``hidden`` -> ReLU -> Dropout.
+
+    Parameters
+    ----------
+    backbone : str or nn.Module
+        ``resnet50`` or ``small`` (random weights, see :func:`build_backbone`), or a backbone.
     hidden : int
     dropout : float
     """
 
-    def __init__(self, backbone: str = "resnet50", hidden: int = 256, dropout: float = 0.2):
+    def __init__(self, backbone="resnet50", hidden: int = 256, dropout: float = 0.2):
         super().__init__()
-        if backbone == "resnet50":
-            self.backbone = resnet50_1ch()
-        elif backbone == "small":
-            self.backbone = SmallCNN()
-        else:
-            raise ValueError(f"unknown CXR backbone {backbone!r}; valid: resnet50, small")
+        self.backbone = build_backbone(backbone) if isinstance(backbone, str) else backbone
         self.proj = nn.Sequential(nn.Linear(self.backbone.out_dim, hidden), nn.ReLU(),
                                   nn.Dropout(dropout))
         self.out_dim = hidden
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.proj(self.backbone(batch["cxr"] / XRV_SCALE))
+    def forward(self, batch: dict) -> EncoderOutput:
+        return EncoderOutput(self.proj(self.backbone(batch["cxr"])))
 
 
 class EmbeddingInput(nn.Module):
@@ -221,7 +456,22 @@ class MLPHead(nn.Module):
         return self.net(x)
 
 
-def build_encoder(modality: str, kind: str, spec: dict, params: dict) -> nn.Module:
+class EmbeddingEncoder(nn.Sequential):
+    """:class:`EmbeddingInput` -> ``Linear -> ReLU -> Dropout`` to ``hidden``, as an encoder.
+
+    A ``Sequential`` so that saved weights keep their names (``0.mean``, ``1.weight`` ...).
+    """
+
+    def __init__(self, key: str, dim: int, hidden: int, dropout: float):
+        super().__init__(EmbeddingInput(key, dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.out_dim = hidden
+
+    def forward(self, batch: dict) -> EncoderOutput:
+        return EncoderOutput(super().forward(batch))
+
+
+def build_encoder(modality: str, kind: str, spec: dict, params: dict, *,
+                  pretrained: bool = True, weights_dir=None) -> nn.Module:
     """Encoder of ``modality`` (``ehr``/``cxr``) for input ``kind`` from shapes and hyperparameters.
 
     Parameters
@@ -233,7 +483,18 @@ def build_encoder(modality: str, kind: str, spec: dict, params: dict) -> nn.Modu
         Shapes: ``n_features`` (raw EHR), ``ehr_dim``/``cxr_dim`` (embeddings).
     params : dict
         Hyperparameters: ``ehr_model`` (``lstm``/``transformer``), ``hidden``, ``num_layers``,
-        ``n_heads``, ``dropout``, ``backbone`` (missing keys take the defaults of the classes).
+        ``n_heads``, ``dropout``, ``backbone``, ``cxr_weights`` (``imagenet``/``random``; missing
+        keys take the defaults of the classes, and random weights).
+    pretrained : bool
+        Load pretrained weights where ``cxr_weights`` asks for them. False builds the same
+        architecture without reading the weights file (to restore a saved model).
+    weights_dir : path-like, optional
+        Directory searched first for a weights file.
+
+    Returns
+    -------
+    nn.Module
+        Maps a batch to an :class:`EncoderOutput`; ``out_dim`` is the size of ``pooled``.
     """
     hidden = params.get("hidden", 256)
     dropout = params.get("dropout", 0.2)
@@ -247,34 +508,94 @@ def build_encoder(modality: str, kind: str, spec: dict, params: dict) -> nn.Modu
                               num_layers=params.get("num_layers", 1),
                               bidirectional=params.get("bidirectional", True), dropout=dropout)
     if kind == "cxr_img":
-        return CXREncoder(params.get("backbone", "resnet50"), hidden=hidden, dropout=dropout)
+        name = params.get("backbone", "resnet50")
+        weights = params.get("cxr_weights", "random")
+        check_backbone(name, weights)
+        backbone = build_backbone(name, weights=weights if pretrained else "random",
+                                  weights_dir=weights_dir)
+        if weights == "imagenet":  # a restored model scales its inputs as it was trained
+            backbone.imagenet_input = True
+        return CXREncoder(backbone, hidden=hidden, dropout=dropout)
     if kind in ("ehr_emb", "cxr_emb"):
-        encoder = nn.Sequential(EmbeddingInput(kind, spec[f"{modality}_dim"]),
-                                nn.Linear(spec[f"{modality}_dim"], hidden), nn.ReLU(),
-                                nn.Dropout(dropout))
-        encoder.out_dim = hidden
-        return encoder
-    raise ValueError(f"unknown input kind {kind!r} for modality {modality!r}")
+        return EmbeddingEncoder(kind, spec[f"{modality}_dim"], hidden, dropout)
+    raise HyperparameterError(f"unknown input kind {kind!r} for modality {modality!r}")
 
 
-def logit_of_mean_probability(probs: list, weights: list, task: str) -> torch.Tensor:
-    """Logits whose sigmoid/softmax is the weighted mean of per-modality probabilities.
+def run_on_present(branch: Callable[[dict], torch.Tensor], batch: dict, present: torch.Tensor,
+                   out_dim: int, *, fill: torch.Tensor | None = None, min_rows: int = 1,
+                   keys: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run an X-ray branch only on the stays that have an X-ray; scatter the result back.
 
-    Used by late fusion, so that the trainer's rule "probabilities = sigmoid/softmax(logits)"
-    holds for averaged predictions too.
+    Absent (or masked) X-rays are never encoded: a zero image is not evidence. The rows of
+    ``batch`` where ``present`` is True go through ``branch`` as one smaller batch, in their
+    order; every other row gets ``fill``.
 
     Parameters
     ----------
-    probs : list of Tensor
-        ``[B, C]`` probabilities per modality.
-    weights : list of Tensor
-        ``[B]`` weights per modality (0 where the modality is absent); at least one positive per row.
-    task : str
+    branch : callable
+        ``branch(sub_batch) -> Tensor [k, out_dim]`` (e.g. encoder then head).
+    batch : dict
+        The batch; its tensors have a leading batch dimension B.
+    present : Tensor
+        bool ``[B]``, usually ``batch["cxr_present"]``.
+    out_dim : int
+        D, the size of the branch's output.
+    fill : Tensor, optional
+        ``[D]`` vector for the rows without an X-ray (e.g. a learned parameter); default zeros.
+    min_rows : int
+        Fewest present rows worth a branch call. With fewer, no row uses the branch (every row
+        gets ``fill``). Pass 2 while training a branch with batch norm, which cannot normalise a
+        single sample.
+    keys : tuple of str, optional
+        Batch keys handed to the branch (default: those starting with ``cxr``).
+
+    Returns
+    -------
+    out : Tensor
+        ``[B, D]``.
+    used : Tensor
+        bool ``[B]``: rows whose value came from the branch.
     """
-    total = sum(w.unsqueeze(1) * p for p, w in zip(probs, weights))
-    mean = total / sum(weights).unsqueeze(1)
-    eps = torch.finfo(mean.dtype).eps
-    mean = mean.clamp(eps, 1 - eps)
-    if task == "los":
-        return torch.log(mean)
-    return torch.log(mean) - torch.log1p(-mean)
+    rows = torch.nonzero(present, as_tuple=False).squeeze(1)
+    n = present.shape[0]
+    if fill is None:
+        out = torch.zeros((n, out_dim), device=present.device)
+    else:
+        out = fill.unsqueeze(0).expand(n, out_dim)
+    if rows.numel() < max(1, min_rows):
+        return out, torch.zeros(n, dtype=torch.bool, device=present.device)
+    names = keys if keys is not None else tuple(k for k in batch if k.startswith("cxr"))
+    values = branch({k: batch[k][rows] for k in names})
+    used = torch.zeros(n, dtype=torch.bool, device=present.device).index_fill(0, rows, True)
+    return out.to(values.dtype).index_copy(0, rows, values), used
+
+
+class PresentOnly(nn.Module):
+    """A branch module run only on the stays with an X-ray (:func:`run_on_present`).
+
+    Parameters
+    ----------
+    branch : nn.Module
+        Maps a batch to ``[k, out_dim]`` (a tensor, or an :class:`EncoderOutput` whose ``pooled``
+        is used).
+    out_dim : int
+    absent : str
+        ``zero``: stays without an X-ray get a zero vector; ``learned``: a learned vector
+        (a parameter initialised to zeros and trained with the rest).
+    """
+
+    def __init__(self, branch: nn.Module, out_dim: int, absent: str = "zero"):
+        super().__init__()
+        if absent not in ("zero", "learned"):
+            raise HyperparameterError(f"absent={absent!r} is not one of zero, learned")
+        self.branch, self.out_dim = branch, out_dim
+        self.absent_vector = nn.Parameter(torch.zeros(out_dim)) if absent == "learned" else None
+
+    def _run(self, sub: dict) -> torch.Tensor:
+        out = self.branch(sub)
+        return out.pooled if isinstance(out, EncoderOutput) else out
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features [B, out_dim], used [B])``; in training, fewer than 2 X-rays use none."""
+        return run_on_present(self._run, batch, batch["cxr_present"], self.out_dim,
+                              fill=self.absent_vector, min_rows=2 if self.training else 1)

@@ -26,19 +26,24 @@ import math
 import pathlib
 from collections.abc import Mapping
 
+from cbstore.errors import CbstoreError
+from cbstore.inputs import INPUT_KINDS as STORE_INPUT_KINDS
+from cbstore.tasks import TASKS as STORE_TASKS
+
 __all__ = [
     "FEATURE_MODES", "FUSION_METHODS", "INPUT_KINDS", "TASKS", "DuplicateMethodError",
-    "FusionError", "FusionMethod", "HyperparameterError", "MethodStateError",
+    "FusionError", "FusionMethod", "HyperparameterError", "MethodDeclarationError", "MethodStateError",
     "UnknownMethodError", "UnsupportedFeaturesError", "get_method", "list_methods", "load_method",
     "register",
 ]
 
 #: Feature modes: end-to-end from raw tensors, or heads on cached embeddings.
 FEATURE_MODES = ("raw", "cached")
-#: Input kinds a method may declare (raw EHR time series, raw image, cached embeddings).
-INPUT_KINDS = frozenset({"ehr_ts", "cxr_img", "ehr_emb", "cxr_emb"})
-#: Tasks known to the fusion package (the store's tasks).
-TASKS = ("mortality", "mortality_hosp", "phenotype", "los")
+#: Input kinds a method may declare (raw EHR time series, raw image, cached embeddings):
+#: :data:`cbstore.inputs.INPUT_KINDS`.
+INPUT_KINDS = STORE_INPUT_KINDS
+#: Tasks known to the fusion package: the store's tasks (:data:`cbstore.tasks.TASKS`).
+TASKS = STORE_TASKS
 #: Name -> class of every registered method.
 FUSION_METHODS: dict[str, type] = {}
 
@@ -46,8 +51,8 @@ FUSION_METHODS: dict[str, type] = {}
 STATE_FILE = "method.json"
 
 
-class FusionError(Exception):
-    """Base class of the errors raised by the fusion package."""
+class FusionError(CbstoreError):
+    """Base class of the errors raised by the fusion package (a :class:`CbstoreError`)."""
 
 
 class UnknownMethodError(FusionError, KeyError):
@@ -71,6 +76,10 @@ class UnsupportedFeaturesError(FusionError, ValueError):
 
 class MethodStateError(FusionError, ValueError):
     """A method was used before fitting, or a saved method folder is unusable."""
+
+
+class MethodDeclarationError(FusionError, TypeError):
+    """A method class declares an invalid contract (inputs, modalities, tasks)."""
 
 
 class FusionMethod:
@@ -332,8 +341,9 @@ def register(name: str):
     ------
     DuplicateMethodError
         If ``name`` is already registered.
-    TypeError
-        If the class does not declare a valid contract (inputs, modalities).
+    MethodDeclarationError
+        If the class does not declare a valid contract (inputs, modalities, tasks); a
+        ``TypeError``.
     """
     def decorate(cls):
         if name in FUSION_METHODS:
@@ -349,19 +359,19 @@ def register(name: str):
 
 def _check_declarations(name: str, cls) -> None:
     if not (isinstance(cls, type) and issubclass(cls, FusionMethod)):
-        raise TypeError(f"fusion method {name!r}: {cls!r} is not a FusionMethod subclass")
+        raise MethodDeclarationError(f"fusion method {name!r}: {cls!r} is not a FusionMethod subclass")
     if not cls.inputs or set(cls.inputs) - set(FEATURE_MODES):
-        raise TypeError(f"fusion method {name!r}: inputs must map some of {FEATURE_MODES} to "
+        raise MethodDeclarationError(f"fusion method {name!r}: inputs must map some of {FEATURE_MODES} to "
                         f"input kinds, got {cls.inputs!r}")
     for mode, kinds in cls.inputs.items():
         if not kinds or set(kinds) - INPUT_KINDS:
-            raise TypeError(f"fusion method {name!r}: inputs[{mode!r}] must be a non-empty subset "
+            raise MethodDeclarationError(f"fusion method {name!r}: inputs[{mode!r}] must be a non-empty subset "
                             f"of {sorted(INPUT_KINDS)}, got {kinds!r}")
     if not cls.modalities or set(cls.modalities) - {"ehr", "cxr"}:
-        raise TypeError(f"fusion method {name!r}: modalities must be a non-empty subset of "
+        raise MethodDeclarationError(f"fusion method {name!r}: modalities must be a non-empty subset of "
                         f"{{'ehr', 'cxr'}}, got {cls.modalities!r}")
     if set(cls.tasks) - set(TASKS):
-        raise TypeError(f"fusion method {name!r}: unknown tasks in {cls.tasks!r}")
+        raise MethodDeclarationError(f"fusion method {name!r}: unknown tasks in {cls.tasks!r}")
 
 
 def list_methods() -> list[str]:

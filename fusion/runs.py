@@ -172,8 +172,8 @@ def predictions_frame(method, data, store, *, run_id: str,
                              f"for part {part!r}, expected {expected}")
         frame = {"stay_id": item.stay_id.astype(np.int64), "part": part,
                  "fold": np.full(len(item), data.fold, dtype=np.int64), "task": task}
-        if task == "los":
-            frame["y_true_los"] = item.y.astype(np.int64)
+        if data.multiclass:
+            frame[f"y_true_{task}"] = item.y.astype(np.int64)
         else:
             for j, name in enumerate(names):
                 frame[f"y_true_{name}"] = item.y[:, j].astype(np.int64)
@@ -189,11 +189,11 @@ def predictions_frame(method, data, store, *, run_id: str,
         for col in DEMOGRAPHICS:
             df[col] = demo[col].to_numpy()
         frames.append(df)
-    meta = {"task": task, "labels": ["los"] if task == "los" else names, "method": method.name,
+    meta = {"task": task, "labels": [task] if data.multiclass else names, "method": method.name,
             "run_id": run_id, "fold": data.fold, "seed": method.seed, "features": data.features,
             "cohort": data.cohort, "cxr_missing_rate": data.cxr_missing_rate,
             "absent_cxr_policy": method.absent_cxr_policy}
-    if task == "los":
+    if data.multiclass:
         meta["class_names"] = names
     return pd.concat(frames, ignore_index=True), meta
 
@@ -240,6 +240,7 @@ def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib
         mask_seed=resolved["mask_seed"] or 0, parts=PARTS)
     loaded = time.perf_counter()
     method = cls(seed=cfg.seed, features=cfg.features, **resolved["hyperparameters"])
+    method.weights_dir = cfg.weights_dir  # where pretrained files are; methods without any ignore it
     method.fit(data, device=cfg.device, progress=cfg.progress)
     fitted = time.perf_counter()
     method.save(folder / "weights")
@@ -308,7 +309,8 @@ def run_fusion(cfg: RunConfig, *, echo: Callable[[str], None] | None = None) -> 
     try:
         write_json({"run_id": run_id, **resolved,
                     "not_hashed": {"out": str(out), "overwrite": cfg.overwrite,
-                                   "device": cfg.device, "progress": cfg.progress}},
+                                   "device": cfg.device, "progress": cfg.progress,
+                                   "weights_dir": cfg.weights_dir}},
                    tmp / "config.json")
         echo(f"run {run_id}: {cfg.method} on {cfg.task}, fold {cfg.fold}, seed {cfg.seed}, "
              f"{cfg.features} features, cohort {cfg.cohort}"

@@ -35,15 +35,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cbstore.dataset import PartBatches  # noqa: F401  (public here too; the read path owns it)
+from cbstore.tasks import TASK_SPECS
+from fusion import tasks
+
 __all__ = ["PartBatches", "TrainHistory", "Trainer", "choose_monitor", "deterministic_mode",
            "monitor_score", "probabilities", "resolve_device", "seed_everything", "task_loss",
            "torch_threads"]
 
 log = logging.getLogger(__name__)
 
-#: Metric monitored for early stopping, per task (higher is better); "val_loss" is the fallback.
-MONITORS = {"mortality": "auroc", "mortality_hosp": "auroc", "phenotype": "macro_auroc",
-            "los": "macro_f1"}
+#: Metric monitored for early stopping, per task (higher is better; ``TaskSpec.monitor``);
+#: "val_loss" is the fallback.
+MONITORS = {name: spec.monitor for name, spec in TASK_SPECS.items()}
 
 
 def seed_everything(seed: int) -> None:
@@ -99,96 +103,29 @@ def torch_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def task_loss(logits: torch.Tensor, y: torch.Tensor, task: str,
+def task_loss(logits: torch.Tensor, y: torch.Tensor, task,
               weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean task loss: BCE-with-logits (binary, multi-label) or cross-entropy (LoS).
+    """Mean task loss: BCE-with-logits (binary, multi-label) or cross-entropy (multiclass).
 
-    Parameters
-    ----------
-    logits : Tensor
-        ``[B, C]``.
-    y : Tensor
-        float ``[B, C]`` targets, or int64 ``[B]`` classes for LoS.
-    task : str
-    weight : Tensor, optional
-        ``[B]`` per-stay weights (e.g. 0/1 to train a head only on stays with an X-ray); the
-        result is the weighted mean (0 when all weights are 0).
+    Delegates to :func:`fusion.tasks.task_loss` (see there for the parameters); ``task`` is a
+    task name or a :class:`cbstore.tasks.TaskSpec`.
     """
-    if task == "los":
-        per_stay = nn.functional.cross_entropy(logits, y, reduction="none")
-    else:
-        per_stay = nn.functional.binary_cross_entropy_with_logits(
-            logits, y, reduction="none").mean(dim=1)
-    if weight is None:
-        return per_stay.mean()
-    weight = weight.to(per_stay.dtype)
-    return (per_stay * weight).sum() / weight.sum().clamp_min(1.0)
+    return tasks.task_loss(logits, y, task, weight)
 
 
-def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """Sigmoid (binary, multi-label) or softmax (LoS) of ``logits``."""
-    return torch.softmax(logits, dim=1) if task == "los" else torch.sigmoid(logits)
+def probabilities(logits: torch.Tensor, task) -> torch.Tensor:
+    """Sigmoid (binary, multi-label) or softmax (multiclass) of ``logits`` (:mod:`fusion.tasks`)."""
+    return tasks.probabilities(logits, task)
 
 
-def choose_monitor(task: str, y_val: np.ndarray) -> str:
+def choose_monitor(task, y_val: np.ndarray) -> str:
     """The metric to monitor: the task's metric if defined on these labels, else ``val_loss``."""
-    if task == "los":
-        return MONITORS[task] if len(y_val) else "val_loss"
-    y_val = np.asarray(y_val).reshape(len(y_val), -1)
-    both = (y_val.min(axis=0) != y_val.max(axis=0)) if len(y_val) else np.array([False])
-    return MONITORS[task] if both.any() else "val_loss"
+    return tasks.choose_monitor(task, y_val)
 
 
-def monitor_score(metric: str, task: str, y_true: np.ndarray, prob: np.ndarray) -> float:
+def monitor_score(metric: str, task, y_true: np.ndarray, prob: np.ndarray) -> float:
     """Validation score (higher is better) for ``metric`` (see :data:`MONITORS`)."""
-    from sklearn.metrics import f1_score, roc_auc_score
-
-    if metric == "macro_f1":
-        return float(f1_score(y_true, prob.argmax(axis=1), average="macro", zero_division=0))
-    y_true = np.asarray(y_true).reshape(len(y_true), -1)
-    scores = [roc_auc_score(y_true[:, j], prob[:, j]) for j in range(y_true.shape[1])
-              if y_true[:, j].min() != y_true[:, j].max()]
-    return float(np.mean(scores)) if scores else float("nan")
-
-
-class PartBatches(Dataset):
-    """Batches of a :class:`fusion.data.FusionPart` as dicts of tensors.
-
-    Indexing with a list of rows returns one batch (used with ``DataLoader(batch_size=None)``).
-
-    Parameters
-    ----------
-    part : FusionPart
-    inputs : iterable of str
-        Input kinds to put in the batch (``ehr_ts``, ``cxr_img``, ``ehr_emb``, ``cxr_emb``).
-    rows : array-like of int, optional
-        Rows of the part to use (default all), e.g. only the stays with an X-ray.
-    """
-
-    def __init__(self, part, inputs, rows=None):
-        self.part = part
-        self.inputs = frozenset(inputs)
-        self.rows = np.arange(len(part)) if rows is None else np.asarray(rows, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return int(self.rows.shape[0])
-
-    def __getitem__(self, batch_rows) -> dict:
-        rows = self.rows[np.asarray(batch_rows, dtype=np.int64)]
-        part = self.part
-        y = part.y[rows]
-        batch = {"y": torch.from_numpy(np.ascontiguousarray(y)),
-                 "cxr_present": torch.from_numpy(part.cxr_present[rows].copy())}
-        if "ehr_ts" in self.inputs:
-            batch["ehr"] = torch.from_numpy(np.ascontiguousarray(part.ehr[rows]))
-            batch["ehr_mask"] = torch.from_numpy(np.ascontiguousarray(part.ehr_mask[rows]))
-        if "cxr_img" in self.inputs:
-            batch["cxr"] = torch.from_numpy(part.images(rows))
-        for kind in ("ehr_emb", "cxr_emb"):  # NaN kept: the module's EmbeddingInput handles it
-            if kind in self.inputs:
-                values = getattr(part, kind)[rows]
-                batch[kind] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-        return batch
+    return tasks.monitor_score(metric, task, y_true, prob)
 
 
 class _BatchOrder(Sampler):

@@ -49,7 +49,15 @@ def test_items_shapes_and_types(store, content):
     train = np.flatnonzero(content.splits[:, 0] == TRAIN)
     assert len(ds) == len(train)
     item = ds[0]
-    assert set(item) == {"index", "stay_id", "ehr", "ehr_mask", "cxr", "cxr_present", "label"}
+    # the first release's keys stay; "label" is a documented alias of "y"
+    assert set(item) == {"index", "stay_id", "ehr", "ehr_mask", "cxr", "cxr_present", "label",
+                         "y", "cxr_hours"}
+    assert item["label"] is item["y"]
+    hours = content.cxr["hours_before_prediction"].to_numpy()[item["index"]]
+    if item["cxr_present"]:
+        assert float(item["cxr_hours"]) == pytest.approx(float(hours))
+    else:
+        assert torch.isnan(item["cxr_hours"])
     assert item["ehr"].shape == (8, 6) and item["ehr"].dtype == torch.float32
     assert item["ehr_mask"].shape == (8, 6) and item["ehr_mask"].dtype == torch.float32
     assert item["cxr"].shape == (1, 16, 16) and item["cxr"].dtype == torch.float32

@@ -132,8 +132,9 @@ def test_late_fusion_writes_per_modality_probabilities(store_path, tmp_path):
 
 
 def test_raw_features_run(store_path, tmp_path):
+    # the small CNN has no ImageNet weights: this run says it trains from random weights
     result = _fuse(store_path, tmp_path, "--features", "raw", "--set", "backbone=small",
-                   method="latefusion", extra=FAST_NN)
+                   "--set", "cxr_weights=random", method="latefusion", extra=FAST_NN)
     assert result.exit_code == 0, result.output
     config = json.loads((_run_dir(tmp_path) / "config.json").read_text())
     assert config["features"] == "raw" and config["embeddings"] == {}

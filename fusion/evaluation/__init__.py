@@ -17,7 +17,7 @@ from fusion.evaluation.metrics import (
     THRESHOLD_RULE, RankedScores, expected_calibration_error, youden_threshold,
 )
 from fusion.evaluation.predictions import (
-    LOS_CLASS_NAMES, TASKS, PredictionsError, load_predictions, validate_predictions,
+    LOS_CLASS_NAMES, TASKS, EvaluationError, PredictionsError, load_predictions, validate_predictions,
     write_predictions,
 )
 from fusion.evaluation.reliance import modality_reliance
@@ -26,7 +26,7 @@ from fusion.evaluation.significance import benjamini_hochberg, permutation_test
 
 __all__ = [
     "DEFAULT_GROUPS", "EVALUATOR_VERSION", "LOS_CLASS_NAMES", "TASKS", "THRESHOLD_RULE",
-    "PredictionsError", "RankedScores", "benjamini_hochberg", "bootstrap", "compare_files",
+    "EvaluationError", "PredictionsError", "RankedScores", "benjamini_hochberg", "bootstrap", "compare_files",
     "compare_predictions", "evaluate_file", "evaluate_predictions", "expected_calibration_error",
     "fairness_report", "fairness_table", "file_sha256", "format_table", "json_ready",
     "load_predictions", "modality_reliance", "permutation_test", "render_comparison",

@@ -28,7 +28,8 @@ from fusion.evaluation.metrics import (
     STRATA_DESCRIPTION, THRESHOLD_RULE, bootstrap_strata, task_statistic, youden_threshold,
 )
 from fusion.evaluation.predictions import (
-    PARTS, is_binary, load_predictions, select_test, task_arrays, validate_predictions,
+    PARTS, EvaluationError, load_predictions, select_test, task_arrays,
+    task_kind, validate_predictions,
 )
 from fusion.evaluation.significance import permutation_test
 
@@ -44,20 +45,20 @@ EVALUATOR_VERSION = "1.0.0"
 #: Metrics reported with CIs, per task kind.
 HEADLINE_METRICS = {
     "binary": ("auroc", "auprc", "sensitivity", "specificity", "ppv", "f1"),
-    "phenotype": ("macro_auroc", "macro_auprc", "micro_auroc", "micro_auprc", "weighted_auroc",
-                  "weighted_auprc"),
-    "los": ("accuracy", "macro_f1", "kappa", "kappa_linear", "macro_auroc"),
+    "multilabel": ("macro_auroc", "macro_auprc", "micro_auroc", "micro_auprc", "weighted_auroc",
+                   "weighted_auprc"),
+    "multiclass": ("accuracy", "macro_f1", "kappa", "kappa_linear", "macro_auroc"),
 }
 #: Metrics tested by :func:`compare_predictions` by default.
 COMPARE_METRICS = {
     "binary": ("auroc", "auprc"),
-    "phenotype": ("auroc", "auprc"),
-    "los": ("accuracy", "macro_f1", "kappa_linear", "auroc"),
+    "multilabel": ("auroc", "auprc"),
+    "multiclass": ("accuracy", "macro_f1", "kappa_linear", "auroc"),
 }
 
 
 def _kind(task: str) -> str:
-    return "binary" if is_binary(task) else task
+    return task_kind(task)
 
 
 def evaluate_predictions(df: pd.DataFrame, meta: dict, *, n_boot: int = 1000, seed: int = 0,
@@ -102,9 +103,9 @@ def evaluate_predictions(df: pd.DataFrame, meta: dict, *, n_boot: int = 1000, se
         ``threshold_part`` is ``"test"`` or unknown.
     """
     if threshold_part == "test":
-        raise ValueError("the decision threshold is never chosen on the test part; use 'val'")
+        raise EvaluationError("the decision threshold is never chosen on the test part; use 'val'")
     if threshold_part not in PARTS:
-        raise ValueError(f"unknown threshold_part {threshold_part!r}; use 'val' (or 'train')")
+        raise EvaluationError(f"unknown threshold_part {threshold_part!r}; use 'val' (or 'train')")
     source = str(meta.get("run_id") or "predictions") if isinstance(meta, dict) else "predictions"
     df, meta = validate_predictions(df, meta, source=source)
     task = meta["task"]
@@ -132,7 +133,7 @@ def evaluate_predictions(df: pd.DataFrame, meta: dict, *, n_boot: int = 1000, se
         result["n_test_positive"] = int(y.sum())
         if y.min() == y.max():
             result["notes"].append("the test part has one class only: AUROC/AUPRC are null")
-    elif kind == "los":
+    elif kind == "multiclass":
         result["threshold"] = None
         result["decision_rule"] = "predicted class = arg-max probability (first class on ties)"
     else:
@@ -142,9 +143,9 @@ def evaluate_predictions(df: pd.DataFrame, meta: dict, *, n_boot: int = 1000, se
     point, replicates = bootstrap(stat, bootstrap_strata(task, y), n_boot, seed)
     result["metrics"] = {name: summarise(point[name], replicates[name], n_boot, seed)
                          for name in HEADLINE_METRICS[kind]}
-    if kind == "phenotype":
+    if kind == "multilabel":
         _per_label(result, meta, y, point, replicates, n_boot, seed)
-    elif kind == "los":
+    elif kind == "multiclass":
         _per_class(result, meta, y, point, replicates, n_boot, seed)
     result["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "interval": "percentile 95%",
                            "strata": STRATA_DESCRIPTION[task],

@@ -34,7 +34,7 @@ import pandas as pd
 
 from fusion.evaluation.metrics import RankedScores, expected_calibration_error, youden_threshold
 from fusion.evaluation.predictions import (
-    is_binary, select_test, task_arrays, validate_predictions,
+    is_binary, select_test, task_arrays, task_kind, validate_predictions,
 )
 
 __all__ = ["DEFAULT_GROUPS", "GAP_METRICS", "UNKNOWN", "fairness_report", "fairness_table"]
@@ -49,13 +49,13 @@ _ATTR_SEP = " x "
 #: Metrics whose between-group gap is reported, per task kind.
 GAP_METRICS = {
     "binary": ("auroc", "auprc", "tpr", "fpr", "ppv", "selection_rate", "ece"),
-    "phenotype": ("macro_auroc", "macro_auprc"),
-    "los": ("accuracy", "macro_f1"),
+    "multilabel": ("macro_auroc", "macro_auprc"),
+    "multiclass": ("accuracy", "macro_f1"),
 }
 
 
 def _kind(task: str) -> str:
-    return "binary" if is_binary(task) else task
+    return task_kind(task)
 
 
 def _binary_metrics(threshold: float):
@@ -162,7 +162,7 @@ def _frames(df: pd.DataFrame, meta: dict, groups, intersections, threshold, min_
     kind = _kind(meta["task"])
     if kind == "binary":
         names, compute = _binary_metrics(threshold)
-    elif kind == "phenotype":
+    elif kind == "multilabel":
         names, compute = _phenotype_metrics()
     else:
         names, compute = _los_metrics()

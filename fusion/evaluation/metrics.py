@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cbstore.tasks import get_task
+
 __all__ = [
     "RankedScores", "STRATA_DESCRIPTION", "THRESHOLD_RULE", "binary_statistic", "bootstrap_strata",
     "expected_calibration_error", "multiclass_statistic", "multilabel_statistic",
@@ -365,16 +367,17 @@ def multiclass_statistic(y_true, probabilities) -> Statistic:
 def task_statistic(task: str, y_true, scores, *, threshold: float = float("nan"),
                    micro: bool = True) -> Statistic:
     """The statistic of a task: binary, multi-label (phenotype) or multi-class (los)."""
-    if task == "phenotype":
+    kind = get_task(task).kind
+    if kind == "multilabel":
         return multilabel_statistic(y_true, scores, micro=micro)
-    if task == "los":
+    if kind == "multiclass":
         return multiclass_statistic(y_true, scores)
     return binary_statistic(y_true, scores, threshold)
 
 
 def bootstrap_strata(task: str, y_true) -> np.ndarray:
     """Bootstrap strata of a task: the label (binary), none (phenotype), the class (los)."""
-    if task == "phenotype":
+    if get_task(task).kind == "multilabel":
         return np.zeros(len(y_true), dtype=np.int64)
     return np.asarray(y_true).astype(np.int64)
 

@@ -30,21 +30,25 @@ import tempfile
 import numpy as np
 import pandas as pd
 
+from cbstore.tasks import TASKS as STORE_TASKS
+from cbstore.tasks import get_task
+from fusion.registry import FusionError
+
 __all__ = [
-    "BINARY_TASKS", "LOS_CLASS_NAMES", "META_KEY", "PARTS", "PredictionsError", "TASKS",
-    "align_test_parts", "as_validated", "is_binary", "label_columns", "load_predictions",
+    "BINARY_TASKS", "EvaluationError", "LOS_CLASS_NAMES", "META_KEY", "PARTS", "PredictionsError", "TASKS",
+    "align_test_parts", "as_validated", "is_binary", "task_kind", "label_columns", "load_predictions",
     "prob_columns", "task_arrays", "select_test", "validate_predictions", "write_predictions",
 ]
 
-#: Tasks the evaluator knows, with their kind.
-TASKS = ("mortality", "mortality_hosp", "phenotype", "los")
-BINARY_TASKS = ("mortality", "mortality_hosp")
+#: Tasks the evaluator knows (:data:`cbstore.tasks.TASKS`); their kind comes from their TaskSpec.
+TASKS = STORE_TASKS
+BINARY_TASKS = tuple(name for name in TASKS if get_task(name).kind == "binary")
 #: Values of the ``part`` column.
 PARTS = ("train", "val", "test")
 #: Parquet key-value metadata key holding the JSON meta.
 META_KEY = b"cbstore"
 #: Default LoS class names (bins [2,3) [3,4) [4,5) [5,6) [6,7) [7,14) [14,inf) days).
-LOS_CLASS_NAMES = ("2-3d", "3-4d", "4-5d", "5-6d", "6-7d", "7-14d", "14+d")
+LOS_CLASS_NAMES = get_task("los").class_names
 #: Tolerance on the LoS probability row sums.
 LOS_SUM_TOLERANCE = 1e-4
 #: How many offending stay ids an error message shows.
@@ -53,8 +57,12 @@ _SHOW_IDS = 5
 _BASE_COLUMNS = ("stay_id", "part", "fold", "task")
 
 
-class PredictionsError(ValueError):
+class PredictionsError(FusionError, ValueError):
     """A predictions file or frame does not follow the predictions format."""
+
+
+class EvaluationError(FusionError, ValueError):
+    """An evaluation option is invalid (threshold part, metric name)."""
 
 
 def is_binary(task: str) -> bool:
@@ -62,16 +70,25 @@ def is_binary(task: str) -> bool:
     return task in BINARY_TASKS
 
 
+def task_kind(task: str) -> str:
+    """``binary``, ``multilabel`` or ``multiclass``: the kind of ``task`` (its TaskSpec)."""
+    return get_task(task).kind
+
+
+def _multiclass(meta: dict) -> bool:
+    return get_task(meta["task"]).multiclass
+
+
 def label_columns(meta: dict) -> list[str]:
     """Names of the ``y_true_*`` columns for a validated meta."""
-    if meta["task"] == "los":
-        return ["y_true_los"]
+    if _multiclass(meta):
+        return [f"y_true_{meta['task']}"]
     return [f"y_true_{label}" for label in meta["labels"]]
 
 
 def prob_columns(meta: dict) -> list[str]:
     """Names of the main ``y_prob_*`` columns (labels, or LoS classes) for a validated meta."""
-    names = meta["class_names"] if meta["task"] == "los" else meta["labels"]
+    names = meta["class_names"] if _multiclass(meta) else meta["labels"]
     return [f"y_prob_{name}" for name in names]
 
 
@@ -98,13 +115,14 @@ def _complete_meta(df: pd.DataFrame, meta: dict, where: str) -> dict:
         raise PredictionsError(
             f"{where}: unknown task {task!r} in meta; valid tasks: {', '.join(TASKS)}")
     meta = dict(meta)
-    if task == "los":
-        names = meta.get("class_names") or list(LOS_CLASS_NAMES)
+    spec = get_task(task)
+    if spec.multiclass:
+        names = meta.get("class_names") or list(spec.class_names)
         if len(set(names)) != len(names) or len(names) < 2:
             raise PredictionsError(
                 f"{where}: meta class_names must be >= 2 distinct names, got {names!r}")
         meta["class_names"] = [str(n) for n in names]
-        meta["labels"] = ["los"]
+        meta["labels"] = [task]
         return meta
     labels = meta.get("labels")
     if not labels:
@@ -198,7 +216,7 @@ def validate_predictions(df: pd.DataFrame, meta: dict, *, source: str = "predict
     _check_labels(df, meta, source)
     for col in prob_columns(meta):
         _check_probabilities(df, col, source, allow_nan=False)
-    if task == "los":
+    if get_task(task).multiclass:
         probs = df[prob_columns(meta)].to_numpy(dtype=np.float64)
         off = np.abs(probs.sum(axis=1) - 1.0) > LOS_SUM_TOLERANCE
         if off.any():
@@ -217,7 +235,7 @@ def validate_predictions(df: pd.DataFrame, meta: dict, *, source: str = "predict
 
 
 def _check_labels(df: pd.DataFrame, meta: dict, source: str) -> None:
-    n_classes = len(meta["class_names"]) if meta["task"] == "los" else 2
+    n_classes = len(meta["class_names"]) if _multiclass(meta) else 2
     valid = np.arange(n_classes)
     for col in label_columns(meta):
         values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
@@ -263,9 +281,10 @@ def task_arrays(df: pd.DataFrame, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     """
     y = df[label_columns(meta)].to_numpy(dtype=np.int64)
     p = df[prob_columns(meta)].to_numpy(dtype=np.float64)
-    if meta["task"] == "phenotype":
+    kind = task_kind(meta["task"])
+    if kind == "multilabel":
         return y, p
-    if meta["task"] == "los":
+    if kind == "multiclass":
         return y[:, 0], p
     return y[:, 0], p[:, 0]
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fusion.evaluation.metrics import MAX_ELEMENTS, task_statistic
-from fusion.evaluation.predictions import align_test_parts, as_validated
+from fusion.evaluation.predictions import EvaluationError, align_test_parts, as_validated, task_kind
 
 __all__ = ["PERMUTATION_METRICS", "benjamini_hochberg", "permutation_p_value",
            "permutation_test"]
@@ -25,9 +25,9 @@ __all__ = ["PERMUTATION_METRICS", "benjamini_hochberg", "permutation_p_value",
 #: macro averages for phenotype, with per-label tests, and ``auroc`` is macro one-vs-rest for los).
 PERMUTATION_METRICS = {
     "binary": ("auroc", "auprc"),
-    "phenotype": ("auroc", "auprc", "macro_auroc", "macro_auprc", "micro_auroc", "micro_auprc",
+    "multilabel": ("auroc", "auprc", "macro_auroc", "macro_auprc", "micro_auroc", "micro_auprc",
                   "weighted_auroc", "weighted_auprc"),
-    "los": ("accuracy", "macro_f1", "kappa", "kappa_linear", "auroc", "macro_auroc"),
+    "multiclass": ("accuracy", "macro_f1", "kappa", "kappa_linear", "auroc", "macro_auroc"),
 }
 
 _TEST_DESCRIPTION = ("paired permutation test: each common test stay's two predictions swapped "
@@ -63,7 +63,7 @@ def benjamini_hochberg(pvalues) -> np.ndarray:
     q = np.full(p.shape, np.nan)
     finite = np.isfinite(p)
     if np.any((p[finite] < 0) | (p[finite] > 1)):
-        raise ValueError("p-values must lie in [0, 1]")
+        raise EvaluationError("p-values must lie in [0, 1]")
     m = int(finite.sum())
     if m == 0:
         return q
@@ -100,14 +100,14 @@ def permutation_p_value(observed, permuted) -> np.ndarray:
 def _resolve(kind: str, metric: str) -> tuple[str, str | None]:
     """Statistic key of the headline metric and of the per-label metric (phenotype)."""
     if metric not in PERMUTATION_METRICS[kind]:
-        raise ValueError(f"unknown metric {metric!r} for a {kind} task; valid: "
+        raise EvaluationError(f"unknown metric {metric!r} for a {kind} task; valid: "
                          f"{', '.join(PERMUTATION_METRICS[kind])}")
-    if kind == "phenotype":
+    if kind == "multilabel":
         base = metric.removeprefix("macro_")
         if base in ("auroc", "auprc"):
             return f"macro_{base}", f"label_{base}"
         return metric, None
-    if kind == "los" and metric == "auroc":
+    if kind == "multiclass" and metric == "auroc":
         return "macro_auroc", None
     return metric, None
 
@@ -148,12 +148,12 @@ def permutation_test(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str = "auro
         Unknown metric or ``n_perm < 1``.
     """
     if n_perm < 1:
-        raise ValueError("n_perm must be >= 1")
+        raise EvaluationError("n_perm must be >= 1")
     a = as_validated(df_a, meta_a, task, "run a")
     b = as_validated(df_b, meta_b, task, "run b")
     paired = align_test_parts(a, b, names=("run a", "run b"))
     meta = paired["meta"]
-    kind = "binary" if meta["task"] in ("mortality", "mortality_hosp") else meta["task"]
+    kind = task_kind(meta["task"])
     key, label_key = _resolve(kind, metric)
     n = paired["stay_id"].size
     y = paired["y"]

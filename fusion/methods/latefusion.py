@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
-from fusion.modules import MLPHead, build_encoder, logit_of_mean_probability
+from fusion.methods.pretrained import StartsFromPretrained
+from fusion.modules import CXR_WEIGHTS, MLPHead, build_encoder, run_on_present
 from fusion.registry import HyperparameterError, register
-from fusion.trainer import probabilities, task_loss
+from fusion.tasks import logit_of_mean_probability, probabilities, task_loss
 
 __all__ = ["LateFusion", "LateFusionNet"]
 
@@ -26,7 +27,7 @@ class LateFusionNet(nn.Module):
     Parameters
     ----------
     ehr_encoder, cxr_encoder : nn.Module
-        Map a batch to ``[B, out_dim]`` features.
+        Map a batch to an :class:`fusion.modules.EncoderOutput` (``pooled`` ``[B, out_dim]``).
     n_outputs : int
     task : str
     head_layers, hidden : int
@@ -42,18 +43,12 @@ class LateFusionNet(nn.Module):
         self.cxr_head = MLPHead(cxr_encoder.out_dim, n_outputs, hidden, head_layers, dropout)
 
     def forward(self, batch: dict) -> dict:
-        logits_ehr = self.ehr_head(self.ehr_encoder(batch))
-        present = batch["cxr_present"]
-        rows = torch.nonzero(present, as_tuple=False).squeeze(1)
-        # Run the X-ray branch on the stays that have one. Batch norm cannot train on a single
-        # image, so in training a batch with one X-ray leaves that X-ray out of the branch.
-        used = present.clone()
-        logits_cxr = torch.zeros_like(logits_ehr)
-        if rows.numel() >= (2 if self.training else 1):
-            sub = {k: batch[k][rows] for k in ("cxr", "cxr_emb", "cxr_present") if k in batch}
-            logits_cxr = logits_cxr.index_copy(0, rows, self.cxr_head(self.cxr_encoder(sub)))
-        else:
-            used = torch.zeros_like(present)
+        logits_ehr = self.ehr_head(self.ehr_encoder(batch).pooled)
+        # The X-ray branch sees only the stays that have an X-ray. Batch norm cannot train on a
+        # single image, so in training a batch with one X-ray leaves that X-ray out of the branch.
+        logits_cxr, used = run_on_present(
+            lambda sub: self.cxr_head(self.cxr_encoder(sub).pooled), batch, batch["cxr_present"],
+            logits_ehr.shape[1], min_rows=2 if self.training else 1)
         weight_cxr = used.to(logits_ehr.dtype)
         logits = logit_of_mean_probability(
             [probabilities(logits_ehr, self.task), probabilities(logits_cxr, self.task)],
@@ -68,11 +63,12 @@ class LateFusionNet(nn.Module):
 
 
 @register("latefusion")
-class LateFusion(TorchMethod):
+class LateFusion(StartsFromPretrained, TorchMethod):
     """Decision-level late fusion by averaging the probabilities of the modalities present.
 
-    EHR encoder: LSTM (``ehr_model=lstm``) or Transformer; X-ray encoder: ResNet-50 (or ``small``);
-    on cached features each branch is an MLP over the cached embedding.
+    EHR encoder: LSTM (``ehr_model=lstm``) or Transformer; X-ray encoder: ResNet-50 from ImageNet
+    weights (``cxr_weights=imagenet``, the default) or random ones, or ``backbone=small``; on
+    cached features each branch is an MLP over the cached embedding.
 
     Reference: decision-level (late) fusion as surveyed in Baltrušaitis et al., "Multimodal
     machine learning: a survey and taxonomy", IEEE TPAMI 2019; benchmarked as LateFusion in
@@ -84,10 +80,11 @@ class LateFusion(TorchMethod):
     handles_missing_cxr = True
     absent_cxr_policy = "ehr_only"
     hyperparameters = {**TORCH_HYPERPARAMETERS, "ehr_model": "lstm", "num_layers": 1,
-                       "bidirectional": True, "n_heads": 4, "backbone": "resnet50"}
+                       "bidirectional": True, "n_heads": 4, "backbone": "resnet50",
+                       "cxr_weights": "imagenet"}
     hyperparameter_choices = {"ehr_model": ("lstm", "transformer"),
-                              "backbone": ("resnet50", "small")}
-    test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "backbone": "small"}
+                              "backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}
+    test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "backbone": "small", "cxr_weights": "random"}
     paper = ("Baltrusaitis T., Ahuja C., Morency L.-P., Multimodal machine learning: a survey and "
              "taxonomy, IEEE TPAMI 41(2), 2019")
 
@@ -97,7 +94,8 @@ class LateFusion(TorchMethod):
             raise HyperparameterError(f"method {self.name!r}: hidden ({p['hidden']}) must be "
                                       f"divisible by n_heads ({p['n_heads']})")
         cached = spec["features"] == "cached"
-        ehr = build_encoder("ehr", "ehr_emb" if cached else "ehr_ts", spec, p)
-        cxr = build_encoder("cxr", "cxr_emb" if cached else "cxr_img", spec, p)
+        options = self.encoder_options()
+        ehr = build_encoder("ehr", "ehr_emb" if cached else "ehr_ts", spec, p, **options)
+        cxr = build_encoder("cxr", "cxr_emb" if cached else "cxr_img", spec, p, **options)
         return LateFusionNet(ehr, cxr, spec["n_outputs"], spec["task"], head_layers=p["head_layers"],
                              hidden=p["hidden"], dropout=p["dropout"])

@@ -27,6 +27,7 @@ import pathlib
 
 import numpy as np
 
+from cbstore.tasks import get_task
 from fusion.methods.base import label_prior
 from fusion.registry import FusionMethod, HyperparameterError, MethodStateError, register
 
@@ -48,6 +49,8 @@ class BoosterSet:
     Parameters
     ----------
     task : str
+        Task name; its :class:`cbstore.tasks.TaskSpec` kind picks per-label binary boosters or
+        one multiclass booster.
     n_outputs : int
     params : dict
         LightGBM hyperparameters (:data:`LGBM_HYPERPARAMETERS`).
@@ -56,6 +59,7 @@ class BoosterSet:
 
     def __init__(self, task: str, n_outputs: int, params: dict, seed: int):
         self.task, self.n_outputs, self.params, self.seed = task, n_outputs, params, seed
+        self.multiclass = get_task(task).multiclass
         self.models: list = []   # lightgbm.Booster, or float64 [C] constant probabilities
 
     def _lgb_params(self) -> dict:
@@ -65,7 +69,7 @@ class BoosterSet:
                "lambda_l2": p["lambda_l2"], "max_bin": p["max_bin"],
                "num_threads": p["num_threads"], "seed": self.seed, "deterministic": True,
                "force_col_wise": True, "verbosity": -1}
-        if self.task == "los":
+        if self.multiclass:
             out.update(objective="multiclass", num_class=self.n_outputs, metric="multi_logloss")
         else:
             out.update(objective="binary", metric="binary_logloss")
@@ -105,7 +109,7 @@ class BoosterSet:
     def fit(self, x, y, x_val, y_val) -> "BoosterSet":
         """Fit on ``x [n, d]`` / labels ``y`` with early stopping on ``x_val`` / ``y_val``."""
         self.models = []
-        if self.task == "los":
+        if self.multiclass:
             if np.unique(y).size < 2:
                 prior = np.bincount(y, minlength=self.n_outputs) / len(y)
                 self.models.append(prior.astype(np.float64))
@@ -125,7 +129,7 @@ class BoosterSet:
     def predict(self, x) -> np.ndarray:
         """float64 ``[n, C]`` probabilities."""
         n = x.shape[0]
-        if self.task == "los":
+        if self.multiclass:
             model = self.models[0]
             if isinstance(model, np.ndarray):
                 return np.tile(model, (n, 1))

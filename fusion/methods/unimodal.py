@@ -7,6 +7,10 @@ by a hidden layer, so ``lstm``, ``transformer`` and ``ehr-mlp`` coincide in cach
 
 X-ray-only methods train and validate on the stays with an X-ray; for a stay without one they
 predict the training prevalence (LoS: class frequencies) — see ``absent_cxr_policy``.
+
+On raw features ``resnet`` starts from torchvision's ImageNet ResNet-50 weights by default
+(``cxr_weights=imagenet``, as the reference does; the file is looked up offline, see
+:mod:`fusion.modules`); ``cxr_weights=random`` trains it from a seeded random initialisation.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 from torch import nn
 
 from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
-from fusion.modules import MLPHead, build_encoder
+from fusion.methods.pretrained import StartsFromPretrained
+from fusion.modules import CXR_WEIGHTS, MLPHead, build_encoder
 from fusion.registry import HyperparameterError, register
 
 __all__ = ["CXRMLP", "EHRMLP", "LSTMBaseline", "ResNetBaseline", "TransformerBaseline",
@@ -29,10 +34,10 @@ class UnimodalNet(nn.Module):
         self.encoder, self.head = encoder, head
 
     def forward(self, batch: dict) -> dict:
-        return {"logits": self.head(self.encoder(batch))}
+        return {"logits": self.head(self.encoder(batch).pooled)}
 
 
-class _Unimodal(TorchMethod):
+class _Unimodal(StartsFromPretrained, TorchMethod):
     """One encoder for one modality and a head."""
 
     modality = "ehr"
@@ -46,7 +51,7 @@ class _Unimodal(TorchMethod):
             raise HyperparameterError(
                 f"method {self.name!r}: hidden ({params['hidden']}) must be divisible by n_heads "
                 f"({params['n_heads']})")
-        encoder = build_encoder(self.modality, kind, spec, params)
+        encoder = build_encoder(self.modality, kind, spec, params, **self.encoder_options())
         head = MLPHead(encoder.out_dim, spec["n_outputs"], hidden=params["hidden"],
                        layers=params["head_layers"], dropout=params["dropout"])
         return UnimodalNet(encoder, head)
@@ -89,7 +94,7 @@ class TransformerBaseline(_Unimodal):
 
 @register("resnet")
 class ResNetBaseline(_Unimodal):
-    """CXR-only ResNet-50 (random init, 1-channel input); ``backbone=small`` for tiny tests.
+    """CXR-only ResNet-50 (1-channel input; ImageNet or random weights); ``backbone=small`` for tiny tests.
 
     Reference: He et al., "Deep residual learning for image recognition", CVPR 2016.
     """
@@ -99,9 +104,9 @@ class ResNetBaseline(_Unimodal):
     modality = "cxr"
     handles_missing_cxr = False
     absent_cxr_policy = "train_prevalence"
-    hyperparameters = {**TORCH_HYPERPARAMETERS, "backbone": "resnet50"}
-    hyperparameter_choices = {"backbone": ("resnet50", "small")}
-    test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "backbone": "small"}
+    hyperparameters = {**TORCH_HYPERPARAMETERS, "backbone": "resnet50", "cxr_weights": "imagenet"}
+    hyperparameter_choices = {"backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}
+    test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "backbone": "small", "cxr_weights": "random"}
     paper = "He K. et al., Deep residual learning for image recognition, CVPR 2016"
 
 
