@@ -880,8 +880,9 @@ class _Fit:
         try:
             doc = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated or foreign file: torch raises several kinds
-            raise CheckpointError(f"{path}: cannot read the epoch checkpoint ({exc}); delete the "
-                                  "file to train from the start") from exc
+            raise CheckpointError(f"{path}: cannot read the epoch checkpoint (truncated, or not "
+                                  f"a checkpoint: {type(exc).__name__}); delete the file to train "
+                                  "from the start") from exc
         if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path}: not an epoch checkpoint of format {CHECKPOINT_FORMAT}; "
                                   "delete the file to train from the start")
