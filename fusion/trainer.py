@@ -303,7 +303,8 @@ class _BatchOrder(Sampler):
 
 
 def _batches(source: Dataset, batch_size: int, generator: torch.Generator | None = None):
-    return DataLoader(source, batch_size=None, sampler=_BatchOrder(len(source), batch_size, generator))
+    return DataLoader(source, batch_size=None,
+                      sampler=_BatchOrder(len(source), batch_size, generator))
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -363,7 +364,8 @@ class FitStage:
 
     def __post_init__(self):
         if self.trainable is not None:
-            if isinstance(self.trainable, str) or not all(isinstance(t, str) for t in self.trainable):
+            names = self.trainable
+            if isinstance(names, str) or not all(isinstance(t, str) for t in names):
                 raise TypeError(f"stage {self.name!r}: trainable must be a tuple of submodule names, "
                                 f"got {self.trainable!r}")
             object.__setattr__(self, "trainable", tuple(self.trainable))
@@ -591,7 +593,7 @@ class Trainer:
             out = module(batch)
             if output not in out:
                 raise ValueError(f"stage {ctx.stage.name!r} monitors output {output!r} but "
-                               f"{type(module).__name__} returns only {sorted(out)}")
+                                 f"{type(module).__name__} returns only {sorted(out)}")
             losses.append(float(self.loss(module, out, batch, ctx)))
             sizes.append(int(batch["y"].shape[0]))
             logits.append(out[output].float())
@@ -659,7 +661,8 @@ class _Fit:
             if saved is not None:
                 self.history = TrainHistory(saved["history"])
                 self.history.setdefault("resumed", []).append(
-                    {"stage": self.stages[saved["stage"]].name, "epoch": saved["progress"]["epoch"]})
+                    {"stage": self.stages[saved["stage"]].name,
+                     "epoch": saved["progress"]["epoch"]})
                 self.ctx.step = saved["step"]
             for index, stage in enumerate(self.stages):
                 if saved is not None and index < saved["stage"]:
@@ -741,7 +744,8 @@ class _Fit:
         total, count = 0.0, 0
         for batch in self.loader:
             batch = _to_device(batch, self.device)
-            outputs = _step_outputs(step(batch, ctx) if step else self._automatic_step(batch), owner)
+            result = step(batch, ctx) if step else self._automatic_step(batch)
+            outputs = _step_outputs(result, owner)
             ctx.step += 1
             _call(module, "on_train_batch_end", ctx, outputs, batch)
             n = int(batch["y"].shape[0])
@@ -861,8 +865,8 @@ class _Fit:
                 raise CheckpointError(f"{self.checkpoint}: an optimizer of "
                                       f"{type(module).__name__} holds a tensor that is not one of "
                                       "its parameters, so it cannot be checkpointed") from None
-        rng = {"order": self.order.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rng = {"order": self.order.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
         doc = {"format": CHECKPOINT_FORMAT, "settings": self._settings(), "stage": ctx.stage_index,
                "step": ctx.step, "progress": progress.as_dict(), "module": module.state_dict(),
                "optimizers": [o.state_dict() for o in ctx.optimizers], "param_groups": groups,

@@ -154,7 +154,7 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
         _trainer().fit(BankNet(), train, val, checkpoint=path)
 
 
-# ----- a whole run: the work folder keeps the checkpoint, the rerun resumes ------------------------
+# ----- a whole run: the work folder keeps the checkpoint, the rerun resumes -------------------
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
     from fusion_store import make_fusion_store

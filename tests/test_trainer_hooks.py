@@ -274,6 +274,16 @@ class CountedTwoOptimiserNet(TwoOptimiserNet):
         return optimizers, schedulers
 
 
+def test_a_stage_monitoring_a_missing_output_is_refused():
+    class Missing(StagedNet):
+        def fit_stages(self):
+            return [FitStage("only", monitor_output="logits_ehr")]
+
+    with pytest.raises(ValueError, match="monitors output 'logits_ehr' but Missing returns only "
+                                         r"\['logits', 'logits_first'\]"):
+        _fit(Missing())
+
+
 def test_manual_optimisation_with_two_optimisers():
     torch.manual_seed(0)
     module = CountedTwoOptimiserNet()
@@ -391,12 +401,14 @@ def test_a_method_saves_and_loads_a_grown_module_with_its_bank(tmp_path):
     store = make_fusion_store(tmp_path / "store.zarr", n_stays=60)
     data = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
                             inputs={"ehr_emb"})
-    method = _ToyGrowingMethod(seed=0, **_ToyGrowingMethod.test_hyperparameters).fit(data, device="cpu")
+    method = _ToyGrowingMethod(seed=0, **_ToyGrowingMethod.test_hyperparameters)
+    method.fit(data, device="cpu")
     # the best state is taken before the epoch's growth: no head if the best epoch is the first
     assert len(method.module_.heads) == (0 if method.history_["best_epoch"] == 1 else 1)
     prob = method.predict_proba(data, "test")
     method.save(tmp_path / "saved")
     loaded = _ToyGrowingMethod.load(tmp_path / "saved")
     assert len(loaded.module_.heads) == len(method.module_.heads)
-    assert torch.equal(loaded.module_.bank, method.module_.bank) and loaded.module_.bank.shape[0] > 0
+    assert loaded.module_.bank.shape[0] > 0
+    assert torch.equal(loaded.module_.bank, method.module_.bank)
     np.testing.assert_array_equal(loaded.predict_proba(data, "test"), prob)

@@ -122,7 +122,8 @@ class StagedNet(nn.Module):
         return {"logits": self.first(x) + self.second(x), "logits_first": self.first(x)}
 
     def fit_stages(self):
-        return [FitStage("first", trainable=("first",), max_epochs=2, monitor_output="logits_first"),
+        return [FitStage("first", trainable=("first",), max_epochs=2,
+                         monitor_output="logits_first"),
                 FitStage("second", trainable=("second",), max_epochs=3, patience=2)]
 
 

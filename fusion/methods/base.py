@@ -32,7 +32,8 @@ TORCH_HYPERPARAMETERS = {"lr": 1e-4, "weight_decay": 0.01, "batch_size": 16, "ev
 #: 30 s on 2 cores. On that store a cached late fusion (mortality) reached test AUROC 0.961 (best
 #: epoch 6, 1.1 s per epoch) against 0.962 at batch 16 (best epoch 4, 4.1 s per epoch with the fused
 #: AdamW); patience 10 would have kept the same epoch.
-TORCH_CACHED_HYPERPARAMETERS = {"batch_size": 128, "eval_batch_size": 512, "lr": 3e-4, "patience": 5}
+TORCH_CACHED_HYPERPARAMETERS = {"batch_size": 128, "eval_batch_size": 512, "lr": 3e-4,
+                                "patience": 5}
 #: Small settings for the contract tests.
 TORCH_TEST_HYPERPARAMETERS = {"max_epochs": 2, "patience": 1, "hidden": 8, "batch_size": 16}
 
