@@ -24,6 +24,7 @@ epoch, step, max epochs, optimisers, device)::
     for each stage:
         configure_optimizers(ctx)                 default: AdamW over the trainable parameters
         for each epoch:
+            on_train_epoch_start(ctx)             e.g. snapshot the weights of the epoch start
             for each batch:
                 training_step(batch, ctx)         default: forward, loss, backward, step
                     loss(out, batch, ctx)         default: task loss + out["aux_loss"]
@@ -709,6 +710,7 @@ class _Fit:
                    unit="epoch", disable=not self.trainer.progress, leave=False)
         for epoch in bar:
             ctx.epoch, ctx._logged = epoch, {}
+            _call(module, "on_train_epoch_start", ctx)
             record = {"stage": stage.name, "epoch": epoch, "train_loss": self._train_epoch()}
             if history["monitor"] == "none":
                 history["best_epoch"] = epoch

@@ -68,6 +68,9 @@ class Recorder(Linear):
     def on_after_backward(self, ctx):
         self._note("on_after_backward", ctx, has_grad=self.layer.weight.grad is not None)
 
+    def on_train_epoch_start(self, ctx):
+        self._note("on_train_epoch_start", ctx)
+
     def on_train_batch_end(self, ctx, outputs, batch):
         self._note("on_train_batch_end", ctx, keys=sorted(outputs),
                    rows=int(outputs["out"]["logits"].shape[0]), batch_rows=int(batch["y"].shape[0]))
@@ -84,7 +87,8 @@ def test_hooks_are_called_in_order_with_the_context():
     history, trainer, train, val = _fit(module, max_epochs=2)
     hooks = [c["hook"] for c in module.calls]
     n_batches, n_val_batches = 4, 1  # 120 rows by 32 (the last 24); 60 validation rows by 128
-    epoch = (["loss", "on_after_backward", "on_train_batch_end"] * n_batches
+    epoch = (["on_train_epoch_start"]
+             + ["loss", "on_after_backward", "on_train_batch_end"] * n_batches
              + ["loss"] * n_val_batches + ["on_train_epoch_end"])
     assert hooks == ["on_fit_start", "configure_optimizers", *epoch, *epoch, "on_fit_end"]
     assert module.calls[0]["rows"] == len(train)
@@ -98,6 +102,7 @@ def test_hooks_are_called_in_order_with_the_context():
     assert all(c["keys"] == ["loss", "out"] and c["rows"] == c["batch_rows"] for c in ends)
     assert all(c["has_grad"] for c in module.calls if c["hook"] == "on_after_backward")
     assert [c["epoch"] for c in module.calls if c["hook"] == "on_train_epoch_end"] == [1, 2]
+    assert [c["epoch"] for c in module.calls if c["hook"] == "on_train_epoch_start"] == [1, 2]
 
 
 def test_validation_loss_is_the_modules_own_loss():
@@ -316,6 +321,39 @@ class OneLayer(nn.Module):
 
     def forward(self, batch):
         return {"logits": self.layer(batch["ehr_emb"])}
+
+
+class Proximal(Linear):
+    """Pulls the weights towards those of the epoch start (InfoReg's regulation), with SGD."""
+
+    def __init__(self, beta):
+        super().__init__()
+        self.beta, self.starts, self.ends = beta, [], []
+
+    def configure_optimizers(self, ctx):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def on_train_epoch_start(self, ctx):
+        self.reference = {n: p.detach().clone() for n, p in self.named_parameters()}
+        self.starts.append(self.reference["layer.weight"])
+
+    def on_after_backward(self, ctx):
+        for name, parameter in self.named_parameters():
+            parameter.grad.add_(parameter.detach() - self.reference[name], alpha=self.beta)
+
+    def on_train_epoch_end(self, ctx):
+        self.ends.append(self.layer.weight.detach().clone())
+
+
+def test_the_epoch_start_hook_sees_the_weights_the_epoch_starts_from():
+    drift = {}
+    for beta in (0.0, 10.0):
+        torch.manual_seed(0)
+        module = Proximal(beta)
+        _fit(module, max_epochs=3, patience=3)
+        assert all(torch.equal(start, end) for start, end in zip(module.starts[1:], module.ends))
+        drift[beta] = [float((e - s).norm()) for s, e in zip(module.starts, module.ends)]
+    assert all(pulled < free for pulled, free in zip(drift[10.0], drift[0.0])), drift
 
 
 def test_an_inner_loop_on_fast_weights():
