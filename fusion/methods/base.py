@@ -21,8 +21,8 @@ __all__ = ["TORCH_CACHED_HYPERPARAMETERS", "TORCH_HYPERPARAMETERS", "TORCH_TEST_
 #: settings: AdamW lr 1e-4 with weight decay 0.01, batch 16, 50 epochs, patience 10, dropout 0.2,
 #: hidden 256). ``num_threads``: CPU threads (results are bit-identical for a fixed count; on a
 #: shared 2-core machine 1 thread trained a cached late fusion 2.3x faster than 2).
-#: ``eval_batch_size``: batch size of validation and prediction (no gradients are kept, so it is
-#: 4x the training batch, as before it was a setting: 64 raw, 512 cached; at least 2).
+#: ``eval_batch_size``: batch of validation and prediction (at least 2); the defaults, 64 raw and
+#: 512 cached, are 4x the training batch, the fixed ratio used before it became a setting.
 TORCH_HYPERPARAMETERS = {"lr": 1e-4, "weight_decay": 0.01, "batch_size": 16, "eval_batch_size": 64,
                          "max_epochs": 50, "patience": 10, "dropout": 0.2, "hidden": 256,
                          "head_layers": 0, "num_threads": 1}
