@@ -394,7 +394,7 @@ class FitContext:
         The trainer's AdamW settings (see :meth:`default_optimizer`).
     eval_batch_size : int
     stage : FitStage
-        The current stage; ``stage_index`` its position.
+        The current stage (the first one in ``on_fit_start``); ``stage_index`` its position.
     epoch : int
         1-based epoch within the current stage (0 before its first epoch).
     max_epochs : int
@@ -648,6 +648,7 @@ class _Fit:
                                     best_score=None, stopped_early=False)
         self.ctx = FitContext(trainer, module)
         self.stages = self._stages()
+        self.ctx.stage = self.stages[0]
         self.flags: dict = {}  # requires_grad of each parameter before the fit
 
     # ----- the loop -----------------------------------------------------------------------------
@@ -710,6 +711,8 @@ class _Fit:
                    unit="epoch", disable=not self.trainer.progress, leave=False)
         for epoch in bar:
             ctx.epoch, ctx._logged = epoch, {}
+            module.train()
+            ctx.training = True
             _call(module, "on_train_epoch_start", ctx)
             record = {"stage": stage.name, "epoch": epoch, "train_loss": self._train_epoch()}
             if history["monitor"] == "none":
