@@ -117,6 +117,9 @@ class FusionMethod:
         Citation of the method.
     tasks : tuple of str
         Tasks the method supports.
+    resumable : bool
+        True if :meth:`fit` accepts ``checkpoint=<file>`` and resumes an interrupted fit from it
+        (the run writer then keeps an epoch checkpoint in the run's work folder).
     """
 
     name: str = ""
@@ -130,6 +133,7 @@ class FusionMethod:
     test_hyperparameters: dict = {}
     paper: str = ""
     tasks: tuple = TASKS
+    resumable: bool = False
 
     def __init__(self, seed: int = 0, features: str | None = None, **hyperparameters):
         """Set the seed and the hyperparameters (unknown names and wrong types raise).

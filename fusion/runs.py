@@ -16,22 +16,34 @@ Run folder ``<out>/<run-id>/``::
     weights/             the fitted method (method.save)
     COMPLETE             written last
 
-The folder is assembled in a hidden temporary sibling and renamed into place, so a folder named
-after a run id is either complete or left over from a crash (then replaced). A complete run with
-the same id is reused unless ``overwrite`` is set.
+The folder is assembled in a hidden work folder ``<out>/.<run-id>.partial/`` and renamed into
+place, so a folder named after a run id is either complete or left over from a crash (then
+replaced). A complete run with the same id is reused unless ``overwrite`` is set.
+
+Resuming: a method that can resume (``resumable``, the neural ones) keeps an epoch checkpoint in
+the work folder (``checkpoint.pt``, deleted when the run completes). A run that was killed, or
+failed, after some epochs keeps its work folder; rerunning the same configuration resumes the fit
+from its last completed epoch and ends bit-identical on CPU to an uninterrupted run.
+``overwrite`` discards the work folder. A run that fails before any checkpoint leaves nothing.
+
+Processes: while a run works, it holds an exclusive lock on ``<out>/.<run-id>.lock`` (``flock``,
+released by the system if the process dies; the file is removed afterwards), so a second process
+with the same run id waits and then reuses the finished run. Runs are made with the process's
+file-creation mask as it is (the umask is never changed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -45,12 +57,14 @@ from fusion.evaluation import (
     evaluate_predictions, format_table, load_predictions, write_json, write_predictions)
 from fusion.registry import get_method
 
-__all__ = ["COMPLETE_MARKER", "DEMOGRAPHICS", "PREDICTED_PARTS", "RunResult", "predictions_frame",
+__all__ = ["CHECKPOINT_FILE", "COMPLETE_MARKER", "DEMOGRAPHICS", "PREDICTED_PARTS", "RunResult", "predictions_frame",
            "resolve", "run_fusion", "run_id_of", "summary_lines"]
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
+#: Epoch checkpoint of a resumable method, inside the run's work folder.
+CHECKPOINT_FILE = "checkpoint.pt"
 #: Demographic columns joined from ``stays/`` into the predictions.
 DEMOGRAPHICS = ("gender", "age_group", "race", "insurance", "admission_type")
 #: Parts written to the predictions file (val: threshold selection; test: scores).
@@ -241,7 +255,8 @@ def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib
     loaded = time.perf_counter()
     method = cls(seed=cfg.seed, features=cfg.features, **resolved["hyperparameters"])
     method.weights_dir = cfg.weights_dir  # where pretrained files are; methods without any ignore it
-    method.fit(data, device=cfg.device, progress=cfg.progress)
+    resume = {"checkpoint": folder / CHECKPOINT_FILE} if cls.resumable else {}
+    method.fit(data, device=cfg.device, progress=cfg.progress, **resume)
     fitted = time.perf_counter()
     method.save(folder / "weights")
     df, meta = predictions_frame(method, data, store, run_id=run_id)
@@ -266,6 +281,58 @@ def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib
         "fairness_csv": fairness,
     }, folder / "run.json")
     return metrics
+
+
+@contextlib.contextmanager
+def _run_lock(path: pathlib.Path, on_wait: Callable[[], None]):
+    """Hold an exclusive ``flock`` on ``path`` (created, and removed on release).
+
+    The system releases the lock when the holder dies, so a crash leaves no stale lock. A waiter
+    that gets the lock on a file the holder has just removed opens the new file and waits again.
+    """
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    on_wait()
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            held = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking, so that a waiter sees it was removed
+        os.close(fd)
+
+
+def _work_folder(work: pathlib.Path, *, fresh: bool, echo: Callable[[str], None]) -> pathlib.Path:
+    """The run's work folder: kept with only its checkpoint after an interruption, else new."""
+    if work.exists() and (fresh or not (work / CHECKPOINT_FILE).is_file()):
+        shutil.rmtree(work)
+    if work.exists():
+        echo(f"resuming from the epoch checkpoint in {work}")
+        for entry in work.iterdir():  # outputs of the interrupted attempt are written again
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.name != CHECKPOINT_FILE:
+                entry.unlink()
+    else:
+        work.mkdir()  # mode 0o777 filtered by the process umask, like any folder
+    return work
 
 
 def run_fusion(cfg: RunConfig, *, echo: Callable[[str], None] | None = None) -> RunResult:
@@ -302,34 +369,33 @@ def run_fusion(cfg: RunConfig, *, echo: Callable[[str], None] | None = None) -> 
         return RunResult(run_id, final, True, resolved, metrics)
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{run_id}.partial-", dir=out))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; a run folder is not
-    try:
-        write_json({"run_id": run_id, **resolved,
-                    "not_hashed": {"out": str(out), "overwrite": cfg.overwrite,
-                                   "device": cfg.device, "progress": cfg.progress,
-                                   "weights_dir": cfg.weights_dir}},
-                   tmp / "config.json")
-        echo(f"run {run_id}: {cfg.method} on {cfg.task}, fold {cfg.fold}, seed {cfg.seed}, "
-             f"{cfg.features} features, cohort {cfg.cohort}"
-             + (f", X-ray missing rate {cfg.cxr_missing_rate:g} at {','.join(cfg.missing_at)}"
-                if cfg.cxr_missing_rate > 0 else ""))
-        metrics = _execute(cfg, store, resolved, run_id, tmp, echo)
-        (tmp / COMPLETE_MARKER).write_text(run_id + "\n")
-        if final.exists():  # an older complete run (--overwrite) or a crashed, incomplete one
-            shutil.rmtree(final)
+    with _run_lock(out / f".{run_id}.lock", lambda: echo(
+            f"run {run_id} is being computed by another process; waiting for it")):
+        if (final / COMPLETE_MARKER).is_file() and not cfg.overwrite:
+            echo(f"reusing run {run_id} ({final}), completed by another process")
+            metrics = json.loads((final / "metrics.json").read_text())
+            return RunResult(run_id, final, True, resolved, metrics)
+        work = _work_folder(out / f".{run_id}.partial", fresh=cfg.overwrite, echo=echo)
         try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / COMPLETE_MARKER).is_file():
-                raise
-            # a concurrent run with the same id finished first: keep its identical result
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_json({"run_id": run_id, **resolved,
+                        "not_hashed": {"out": str(out), "overwrite": cfg.overwrite,
+                                       "device": cfg.device, "progress": cfg.progress,
+                                       "weights_dir": cfg.weights_dir}},
+                       work / "config.json")
+            echo(f"run {run_id}: {cfg.method} on {cfg.task}, fold {cfg.fold}, seed {cfg.seed}, "
+                 f"{cfg.features} features, cohort {cfg.cohort}"
+                 + (f", X-ray missing rate {cfg.cxr_missing_rate:g} at {','.join(cfg.missing_at)}"
+                    if cfg.cxr_missing_rate > 0 else ""))
+            metrics = _execute(cfg, store, resolved, run_id, work, echo)
+            (work / CHECKPOINT_FILE).unlink(missing_ok=True)
+            (work / COMPLETE_MARKER).write_text(run_id + "\n")
+            if final.exists():  # an older complete run (--overwrite) or a crashed, incomplete one
+                shutil.rmtree(final)
+            os.replace(work, final)
+        except BaseException:
+            if not (work / CHECKPOINT_FILE).is_file():  # nothing to resume from
+                shutil.rmtree(work, ignore_errors=True)
+            raise
     echo(f"run {run_id} complete: {final}")
     for line in summary_lines(metrics):
         echo(line)

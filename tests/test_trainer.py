@@ -7,8 +7,8 @@ from torch import nn
 
 from fusion.data import FusionPart
 from fusion.trainer import (
-    PartBatches, Trainer, choose_monitor, deterministic_mode, monitor_score, probabilities,
-    task_loss)
+    PartBatches, Trainer, _batches, _BatchOrder, choose_monitor, deterministic_mode, monitor_score,
+    probabilities, task_loss)
 
 torch.set_num_threads(1)
 
@@ -96,18 +96,34 @@ def test_training_is_bitwise_reproducible_for_a_seed():
     assert not torch.equal(state_a["layer.weight"], state_c["layer.weight"])
 
 
-def test_batch_order_is_seeded_and_a_single_trailing_row_is_merged():
+def _sizes(n, batch_size, generator=None):
+    return [len(b) for b in _BatchOrder(n, batch_size, generator)]
+
+
+def test_batch_order_is_seeded_and_no_batch_has_a_single_row():
     x, y = _toy(n=33)
-    part = _part(x, y)
-    trainer = Trainer("mortality", batch_size=16, seed=5)
-    sizes = [int(b["y"].shape[0]) for b in trainer._loader(PartBatches(part, {"ehr_emb"}),
-                                                           train=True, batch_size=16)]
-    assert sizes == [16, 17]
-    first = [b["ehr_emb"] for b in trainer._loader(PartBatches(part, {"ehr_emb"}), train=True,
-                                                   batch_size=16)]
-    again = [b["ehr_emb"] for b in Trainer("mortality", batch_size=16, seed=5)._loader(
-        PartBatches(part, {"ehr_emb"}), train=True, batch_size=16)]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    source = PartBatches(_part(x, y), {"ehr_emb"})
+    assert _sizes(33, 16, torch.Generator()) == [16, 17]
+    assert _sizes(33, 16) == [16, 17], "evaluation merges a trailing single row too"
+    assert _sizes(32, 16) == [16, 16] and _sizes(1, 16) == [1]
+
+    def order(seed):
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        return [b["ehr_emb"] for b in _batches(source, 16, generator)]
+    assert all(torch.equal(a, b) for a, b in zip(order(5), order(5)))
+    assert not torch.equal(order(5)[0], order(6)[0])
+
+
+def test_evaluation_batches_have_their_own_size():
+    assert Trainer("mortality", batch_size=16).eval_batch_size == 64
+    trainer = Trainer("mortality", batch_size=16, eval_batch_size=10)
+    x, y = _toy(n=21)
+    seen = []
+    module = Linear()
+    module.register_forward_pre_hook(lambda m, args: seen.append(int(args[0]["y"].shape[0])))
+    trainer.predict(module, PartBatches(_part(x, y), {"ehr_emb"}))
+    assert seen == [10, 11]
 
 
 def test_probabilities_are_sigmoid_or_softmax_never_logits():
@@ -156,3 +172,5 @@ def test_invalid_settings_are_rejected():
         Trainer("mortality", batch_size=0)
     with pytest.raises(ValueError, match="patience"):
         Trainer("mortality", patience=0)
+    with pytest.raises(ValueError, match="eval_batch_size must be >= 2"):
+        Trainer("mortality", eval_batch_size=1)

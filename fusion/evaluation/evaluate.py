@@ -17,7 +17,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 import pandas as pd
@@ -29,7 +28,7 @@ from fusion.evaluation.metrics import (
 )
 from fusion.evaluation.predictions import (
     PARTS, EvaluationError, load_predictions, select_test, task_arrays,
-    task_kind, validate_predictions,
+    task_kind, temporary_sibling, validate_predictions,
 )
 from fusion.evaluation.significance import permutation_test
 
@@ -283,7 +282,7 @@ def write_json(obj, path) -> pathlib.Path:
     path = pathlib.Path(path)
     text = json.dumps(json_ready(obj), indent=2, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp = temporary_sibling(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
+import secrets
 
 import numpy as np
 import pandas as pd
@@ -399,7 +399,7 @@ def write_predictions(df: pd.DataFrame, meta: dict, path) -> pathlib.Path:
     metadata[META_KEY] = meta_json.encode("utf-8")
     table = table.replace_schema_metadata(metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp = temporary_sibling(path)
     os.close(fd)
     try:
         pq.write_table(table, tmp)
@@ -408,6 +408,21 @@ def write_predictions(df: pd.DataFrame, meta: dict, path) -> pathlib.Path:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_sibling(path: pathlib.Path) -> tuple[int, pathlib.Path]:
+    """Create a new, empty hidden sibling of ``path`` to write before renaming it into place.
+
+    Returns an open file descriptor and the sibling's path. Unlike ``tempfile.mkstemp`` (mode
+    0o600), the file gets the mode of any new file (0o666 filtered by the process umask), so the
+    renamed result is as readable as the folder it lands in; the umask itself is never changed.
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # another writer drew the same name
+            continue
 
 
 def load_predictions(path) -> tuple[pd.DataFrame, dict]:

@@ -21,16 +21,19 @@ __all__ = ["TORCH_CACHED_HYPERPARAMETERS", "TORCH_HYPERPARAMETERS", "TORCH_TEST_
 #: settings: AdamW lr 1e-4 with weight decay 0.01, batch 16, 50 epochs, patience 10, dropout 0.2,
 #: hidden 256). ``num_threads``: CPU threads (results are bit-identical for a fixed count; on a
 #: shared 2-core machine 1 thread trained a cached late fusion 2.3x faster than 2).
-TORCH_HYPERPARAMETERS = {"lr": 1e-4, "weight_decay": 0.01, "batch_size": 16, "max_epochs": 50,
-                         "patience": 10, "dropout": 0.2, "hidden": 256, "head_layers": 0,
-                         "num_threads": 1}
+#: ``eval_batch_size``: batch of validation and prediction (at least 2); the defaults, 64 raw and
+#: 512 cached, are 4x the training batch, the fixed ratio used before it became a setting.
+TORCH_HYPERPARAMETERS = {"lr": 1e-4, "weight_decay": 0.01, "batch_size": 16, "eval_batch_size": 64,
+                         "max_epochs": 50, "patience": 10, "dropout": 0.2, "hidden": 256,
+                         "head_layers": 0, "num_threads": 1}
 #: Defaults on cached features (the reference has no cached mode). Each step there is a small MLP
 #: update, so batch 16 spends its time in per-step overhead: batch 128 with the learning rate scaled
 #: by sqrt(128 / 16) (about 3e-4), and patience 5, keep a cached run on a 20,000-stay store under
 #: 30 s on 2 cores. On that store a cached late fusion (mortality) reached test AUROC 0.961 (best
 #: epoch 6, 1.1 s per epoch) against 0.962 at batch 16 (best epoch 4, 4.1 s per epoch with the fused
 #: AdamW); patience 10 would have kept the same epoch.
-TORCH_CACHED_HYPERPARAMETERS = {"batch_size": 128, "lr": 3e-4, "patience": 5}
+TORCH_CACHED_HYPERPARAMETERS = {"batch_size": 128, "eval_batch_size": 512, "lr": 3e-4,
+                                "patience": 5}
 #: Small settings for the contract tests.
 TORCH_TEST_HYPERPARAMETERS = {"max_epochs": 2, "patience": 1, "hidden": 8, "batch_size": 16}
 
@@ -49,12 +52,19 @@ class TorchMethod(FusionMethod):
     """A method whose model is an ``nn.Module`` trained by :class:`fusion.trainer.Trainer`.
 
     Subclasses implement :meth:`build_module` (from ``spec``: shapes, task, feature mode and
-    inputs) and may override :meth:`_modality_outputs`. X-ray-only methods
-    (``modalities == {"cxr"}``) train and validate on the stays with an X-ray and predict the
-    training prevalence elsewhere.
+    inputs); the module may define the trainer's extension points (:mod:`fusion.trainer`).
+    X-ray-only methods (``modalities == {"cxr"}``) train and validate on the stays with an X-ray
+    and predict the training prevalence elsewhere.
+
+    :meth:`save` writes the module's whole state dict, extra state included (the architecture of
+    a module that grew, a neighbour bank), and :meth:`load` rebuilds the module with
+    :meth:`build_module` and loads that state dict into it. Building and loading run inside
+    :func:`fusion.trainer.fit_process_state`, so the global torch generator is left as it was.
 
     Fitted attributes: ``module_``, ``spec_``, ``history_``, ``prior_``.
     """
+
+    resumable = True
 
     hyperparameters = TORCH_HYPERPARAMETERS
     cached_hyperparameters = TORCH_CACHED_HYPERPARAMETERS
@@ -89,8 +99,9 @@ class TorchMethod(FusionMethod):
 
         p = self.params
         return Trainer(task, lr=p["lr"], weight_decay=p["weight_decay"], batch_size=p["batch_size"],
-                       max_epochs=p["max_epochs"], patience=p["patience"], seed=self.seed,
-                       device=self.device, progress=self.progress, num_threads=p["num_threads"])
+                       eval_batch_size=p["eval_batch_size"], max_epochs=p["max_epochs"],
+                       patience=p["patience"], seed=self.seed, device=self.device,
+                       progress=self.progress, num_threads=p["num_threads"])
 
     def _check_data(self, data) -> frozenset:
         self.check_task(data.task)
@@ -107,6 +118,9 @@ class TorchMethod(FusionMethod):
         for key in ("batch_size", "max_epochs", "patience", "hidden", "num_threads"):
             if key in p and p[key] < 1:
                 raise HyperparameterError(f"method {self.name!r}: {key} must be >= 1, got {p[key]}")
+        if "eval_batch_size" in p and p["eval_batch_size"] < 2:
+            raise HyperparameterError(f"method {self.name!r}: eval_batch_size must be >= 2 (no "
+                                      f"evaluation batch of one), got {p['eval_batch_size']}")
         if "head_layers" in p and p["head_layers"] < 0:
             raise HyperparameterError(f"method {self.name!r}: head_layers must be >= 0")
         if "dropout" in p and not 0.0 <= p["dropout"] < 1.0:
@@ -116,10 +130,14 @@ class TorchMethod(FusionMethod):
             raise HyperparameterError(f"method {self.name!r}: lr must be > 0, got {p['lr']}")
 
     # ----- estimator contract -------------------------------------------------------------------
-    def fit(self, data, *, device=None, progress: bool = False) -> "TorchMethod":
-        """Train on the train part with early stopping on the val part; return ``self``."""
+    def fit(self, data, *, device=None, progress: bool = False, checkpoint=None) -> "TorchMethod":
+        """Train on the train part with early stopping on the val part; return ``self``.
+
+        ``checkpoint``: epoch checkpoint file (see :meth:`fusion.trainer.Trainer.fit`); a fit
+        interrupted after some epochs resumes from it when called again with the same settings.
+        """
         from fusion.modules import EmbeddingInput
-        from fusion.trainer import PartBatches, seed_everything
+        from fusion.trainer import PartBatches, fit_process_state
 
         inputs = self._check_data(data)
         self._check_params()
@@ -134,17 +152,18 @@ class TorchMethod(FusionMethod):
                 f"(cohort {data.cohort!r}, cxr_missing_rate {data.cxr_missing_rate}); "
                 "lower the missing rate or use a method that reads the EHR")
         spec = self._spec(data)
-        seed_everything(self.seed)
-        module = self.build_module(spec)
-        train_rows = np.arange(len(train)) if rows is None else rows
-        for layer in module.modules():
-            if isinstance(layer, EmbeddingInput):  # standardise with training statistics only
-                mean, std = EmbeddingInput.statistics(getattr(train, layer.key)[train_rows])
-                layer.mean.copy_(_tensor(mean))
-                layer.std.copy_(_tensor(std))
         trainer = self._trainer(data.task)
-        self.history_ = trainer.fit(module, PartBatches(train, inputs, rows),
-                                    PartBatches(val, inputs, self._rows(val)))
+        with fit_process_state(self.seed, trainer.device, self.params["num_threads"]):
+            module = self.build_module(spec)
+            train_rows = np.arange(len(train)) if rows is None else rows
+            for layer in module.modules():
+                if isinstance(layer, EmbeddingInput):  # standardise with training statistics only
+                    mean, std = EmbeddingInput.statistics(getattr(train, layer.key)[train_rows])
+                    layer.mean.copy_(_tensor(mean))
+                    layer.std.copy_(_tensor(std))
+            self.history_ = trainer.fit(module, PartBatches(train, inputs, rows),
+                                        PartBatches(val, inputs, self._rows(val)),
+                                        checkpoint=checkpoint)
         self.module_, self.spec_ = module, spec
         self.prior_ = label_prior(train, data.n_outputs, data.multiclass)
         self.fitted_ = True
@@ -191,16 +210,21 @@ class TorchMethod(FusionMethod):
                 "prior": [float(v) for v in self.prior_]}
 
     def save(self, folder) -> pathlib.Path:
-        """Write ``method.json`` and the module's ``state_dict`` (``weights.pt``; no pickle)."""
+        """Write ``method.json`` and the module's state dict, extra state included (``weights.pt``).
+
+        The file is read back with ``torch.load(weights_only=True)``: extra state must be made
+        of tensors, numbers, strings, lists, tuples and dicts.
+        """
         import torch
 
         folder = super().save(folder)
-        state = {k: v.detach().cpu() for k, v in self.module_.state_dict().items()}
-        torch.save(state, folder / WEIGHTS_FILE)
+        torch.save(_on_cpu(self.module_.state_dict()), folder / WEIGHTS_FILE)
         return folder
 
     def _restore(self, state: dict, folder: pathlib.Path) -> None:
         import torch
+
+        from fusion.trainer import fit_process_state
 
         path = folder / WEIGHTS_FILE
         if not path.is_file():
@@ -208,10 +232,26 @@ class TorchMethod(FusionMethod):
         self.spec_ = state["spec"]
         self.history_ = state["history"]
         self.prior_ = np.asarray(state["prior"], dtype=np.float64)
-        module = self.build_module(self.spec_)
-        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+        # building initialises weights from the global generator: fork it, leave it as it was
+        with fit_process_state(self.seed, torch.device("cpu"), self.params.get("num_threads")):
+            module = self.build_module(self.spec_)
+            module.load_state_dict(weights)  # extra state first rebuilds the saved architecture
         module.eval()
         self.module_ = module
+
+
+def _on_cpu(value):
+    """``value`` (a state dict, or the extra state inside one) with every tensor on the CPU."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def _tensor(values: np.ndarray):

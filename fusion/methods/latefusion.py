@@ -56,8 +56,9 @@ class LateFusionNet(nn.Module):
         return {"logits": logits, "logits_ehr": logits_ehr, "logits_cxr": logits_cxr,
                 "cxr_used": used}
 
-    def training_loss(self, out: dict, batch: dict, task: str) -> torch.Tensor:
+    def loss(self, out: dict, batch: dict, ctx) -> torch.Tensor:
         """EHR loss over all stays plus X-ray loss over the stays whose X-ray was used."""
+        task = ctx.task
         return (task_loss(out["logits_ehr"], batch["y"], task)
                 + task_loss(out["logits_cxr"], batch["y"], task, weight=out["cxr_used"]))
 
