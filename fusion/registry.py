@@ -103,7 +103,12 @@ class FusionMethod:
     absent_cxr_policy : str
         What the method does for a stay without X-ray: ``"not_used"`` (EHR only method),
         ``"train_prevalence"`` (CXR-only method: predicts the training label prevalence),
-        ``"ehr_only"`` (fusion falls back to the EHR prediction) or ``"native"``.
+        ``"ehr_only"`` (fusion falls back to the EHR prediction), ``"native"``, or a policy named
+        after the method's own mechanism: ``"generated_from_shared"`` (ShaSpec: the X-ray feature
+        is the EHR's shared feature), ``"missing_bank"`` (Flex-MoE: learned tokens of the stay's
+        modality combination), ``"bottleneck_skip"`` (UMSE: the X-ray stream is left out of the
+        bottleneck exchange), ``"skipped_update"`` (HEALNet: the X-ray cross-attention step does
+        not update the stay's latents).
     hyperparameters : dict
         Hyperparameter name -> default value. The default's type is the accepted type.
     cached_hyperparameters : dict
