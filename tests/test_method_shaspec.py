@@ -142,3 +142,13 @@ def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(tmp_pat
     after = method.predict_proba(masked, "test")
     assert np.abs(before[had] - after[had]).min() > 0
     np.testing.assert_array_equal(before[~had], after[~had])
+
+
+def test_hours_since_observed_counts_back_to_the_last_observation():
+    from fusion.modules import hourly_tokens, hours_since_observed
+
+    mask = torch.tensor([[[0.0], [1.0], [0.0], [0.0], [1.0]]])  # one stay, 5 hours, 1 variable
+    assert hours_since_observed(mask)[0, :, 0].tolist() == [1.0, 0.0, 1.0, 2.0, 0.0]
+    tokens = hourly_tokens({"ehr": torch.ones(1, 5, 1), "ehr_mask": mask})
+    assert tokens.shape == (1, 5, 3)
+    torch.testing.assert_close(tokens[0, :, 2], torch.tensor([0.2, 0.0, 0.2, 0.4, 0.0]))
