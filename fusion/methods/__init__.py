@@ -19,6 +19,7 @@ METHOD_MODULES = {
     "lstm": "unimodal", "transformer": "unimodal", "resnet": "unimodal", "ehr-mlp": "unimodal",
     "cxr-mlp": "unimodal",
     "shaspec": "shaspec",
+    "flexmoe": "flexmoe",
 }
 
 
