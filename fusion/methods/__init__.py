@@ -20,6 +20,7 @@ METHOD_MODULES = {
     "cxr-mlp": "unimodal",
     "shaspec": "shaspec",
     "flexmoe": "flexmoe",
+    "umse": "umse",
 }
 
 
