@@ -7,7 +7,8 @@ Dataset adaptor and the EHR encoders use. Every method sees the same stays, labe
 the inputs differ with the feature mode:
 
 * ``cached``: ``ehr_emb`` ``[n, d]`` and ``cxr_emb`` ``[n, d]`` (NaN rows where the X-ray is absent),
-  read from ``embeddings/<modality>/<encoder-id>`` (per-fold encoders: this fold).
+  read from ``embeddings/<modality>/<encoder-id>`` (per-fold encoders: this fold), and for the
+  methods that ask for it ``cxr_map`` ``[n, C, h, w]``, a stored spatial map (NaN where absent).
 * ``raw``: ``ehr`` ``[n, T, F]`` imputed and normalised with this fold's training statistics,
   ``ehr_mask`` ``[n, T, F]`` (1 = observed), and X-ray images read batch by batch as float
   ``[k, 1, H, W]`` in the torchxrayvision range ``[-1024, 1024]`` (zeros where absent).
@@ -50,10 +51,10 @@ class FusionDataError(FusionError, InputsError):
 FusionPart = StayInputs
 
 
-def resolve_encoder(store, modality: str, encoder_id: str | None) -> dict:
+def resolve_encoder(store, modality: str, encoder_id: str | None, kind: str | None = None) -> dict:
     """:func:`cbstore.inputs.resolve_encoder`, raising :class:`FusionDataError`."""
     try:
-        return _resolve_encoder(store, modality, encoder_id)
+        return _resolve_encoder(store, modality, encoder_id, kind)
     except InputsError as exc:
         raise FusionDataError(str(exc)) from None
 
@@ -83,6 +84,11 @@ class FusionData:
         Raw-input shapes (``n_features``/``window_hours`` also in cached mode).
     ehr_dim, cxr_dim : int or None
         Embedding sizes (cached mode).
+    cxr_map_shape : tuple of int or None
+        ``(C, h, w)`` of the stored spatial maps (input ``cxr_map``).
+    cxr_map_attrs : dict or None
+        Provenance of the spatial-map embedding (encoder name, weights, seed, stage), from which
+        a method rebuilds the stages that follow the map.
     """
 
     task: str
@@ -102,6 +108,8 @@ class FusionData:
     image_size: int
     ehr_dim: int | None = None
     cxr_dim: int | None = None
+    cxr_map_shape: tuple | None = None
+    cxr_map_attrs: dict | None = None
 
     @property
     def n_outputs(self) -> int:
@@ -147,7 +155,8 @@ def load_fusion_data(store, task: str, fold: int, *, cohort: str = "full",
         ``cached`` or ``raw``.
     inputs : iterable of str, optional
         Input kinds to load (a method's ``inputs_for(features)``); default: both modalities of
-        the mode.
+        the mode, and in cached mode also ``cxr_map`` when the store holds a spatial-map
+        embedding (and ``cxr_encoder`` is None or one of them).
     ehr_encoder, cxr_encoder : str, optional
         Embedding ids (cached mode); None picks the only one the store holds.
     cxr_missing_rate : float
@@ -187,7 +196,12 @@ def _load(store, task, fold, *, cohort, features, inputs, ehr_encoder, cxr_encod
         raise FusionDataError(f"unknown cohort {cohort!r}; valid cohorts: {', '.join(COHORTS)}")
     if features not in FEATURE_MODES:
         raise FusionDataError(f"unknown feature mode {features!r}; valid: {', '.join(FEATURE_MODES)}")
-    inputs = DEFAULT_INPUTS[features] if inputs is None else frozenset(inputs)
+    if inputs is None:
+        inputs = DEFAULT_INPUTS[features]
+        maps = available_encoders(store, "cxr", "cxr_map") if features == "cached" else []
+        if maps and (cxr_encoder is None or cxr_encoder in maps):
+            inputs = inputs | {"cxr_map"}
+    inputs = frozenset(inputs)
     reader = FoldReader(store, fold, task=spec, inputs=inputs, ehr_encoder=ehr_encoder,
                         cxr_encoder=cxr_encoder)
     if not reader.usable.any():
@@ -213,4 +227,5 @@ def _load(store, task, fold, *, cohort, features, inputs, ehr_encoder, cxr_encod
         cxr_encoder=reader.cxr_encoder, cxr_missing_rate=float(cxr_missing_rate),
         missing_at=missing_at, mask_seed=int(mask_seed), parts=loaded,
         n_features=int(len(store.features)), window_hours=int(store.window_hours),
-        image_size=int(store.image_size), ehr_dim=reader.ehr_dim, cxr_dim=reader.cxr_dim)
+        image_size=int(store.image_size), ehr_dim=reader.ehr_dim, cxr_dim=reader.cxr_dim,
+        cxr_map_shape=reader.cxr_map_shape, cxr_map_attrs=reader.cxr_map_attrs)

@@ -135,9 +135,11 @@ def resolve(cfg: RunConfig, store) -> dict:
     hyper = cls.resolve_hyperparameters(cfg.hyperparameters, features=cfg.features)
     embeddings = {}
     for modality, given in (("ehr", cfg.ehr_encoder), ("cxr", cfg.cxr_encoder)):
-        needed = cfg.features == "cached" and f"{modality}_emb" in inputs
+        # the spatial-map kind decides the X-ray embedding when a method reads maps
+        kind = "cxr_map" if modality == "cxr" and "cxr_map" in inputs else f"{modality}_emb"
+        needed = cfg.features == "cached" and kind in inputs
         if needed or given is not None:
-            entry = resolve_encoder(store, modality, given)
+            entry = resolve_encoder(store, modality, given, kind if needed else None)
             if needed:
                 embeddings[modality] = _embedding_record(entry)
     masked = cfg.cxr_missing_rate > 0

@@ -88,7 +88,10 @@ class TorchMethod(FusionMethod):
         return {"task": data.task, "features": data.features, "n_outputs": data.n_outputs,
                 "inputs": sorted(self.inputs_for(data.features)), "n_features": data.n_features,
                 "window_hours": data.window_hours, "image_size": data.image_size,
-                "ehr_dim": data.ehr_dim, "cxr_dim": data.cxr_dim}
+                "ehr_dim": data.ehr_dim, "cxr_dim": data.cxr_dim,
+                "cxr_map_shape": (None if getattr(data, "cxr_map_shape", None) is None
+                                  else list(data.cxr_map_shape)),
+                "cxr_map_attrs": _map_provenance(getattr(data, "cxr_map_attrs", None))}
 
     def _rows(self, part) -> np.ndarray | None:
         """Rows the model sees: all, or only those with an X-ray for X-ray-only methods."""
@@ -239,6 +242,14 @@ class TorchMethod(FusionMethod):
             module.load_state_dict(weights)  # extra state first rebuilds the saved architecture
         module.eval()
         self.module_ = module
+
+
+def _map_provenance(attrs: dict | None) -> dict | None:
+    """What a method needs to rebuild the stages after a stored spatial map (JSON-safe)."""
+    if attrs is None:
+        return None
+    return {k: attrs.get(k) for k in ("encoder_id", "encoder_name", "weights", "seed", "map_stage",
+                                      "map_shape", "input_resolution")}
 
 
 def _on_cpu(value):
