@@ -21,6 +21,7 @@ METHOD_MODULES = {
     "shaspec": "shaspec",
     "flexmoe": "flexmoe",
     "umse": "umse",
+    "healnet": "healnet",
 }
 
 
