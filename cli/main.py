@@ -6,6 +6,7 @@ into ``cbstore``, ``encoders`` or ``fusion``.
 
 import click
 
+from cli.bench_cmd import bench
 from cli.build_cmd import build
 from cli.encode_cmd import encode
 from cli.evaluate_cmd import evaluate
@@ -24,7 +25,7 @@ def cbstore():
     """
 
 
-for _command in (synth, build, info, validate, encode, fuse, evaluate, report):
+for _command in (synth, build, info, validate, encode, fuse, evaluate, report, bench):
     cbstore.add_command(_command)
 
 
