@@ -98,12 +98,18 @@ def run_cell(options: dict, run_id: str) -> dict:
 
 @dataclasses.dataclass
 class GridOutcome:
-    """Counts after a grid run: cells complete (before or now), failed, and in the grid."""
+    """After a grid run: cells complete (before or now), failed, in the grid, run now; timings.
+
+    ``cell_seconds`` is the sum of the wall times of the cells run now (each measured in its
+    worker); ``cluster_seconds`` the time to start the local cluster (0 without one).
+    """
 
     total: int
     complete: int = 0
     failed: int = 0
     ran: int = 0
+    cell_seconds: float = 0.0
+    cluster_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -132,6 +138,7 @@ class Progress:
         self.finished += 1
         self.left -= 1
         self.outcome.ran += 1
+        self.outcome.cell_seconds += result["seconds"]
         if result["status"] == "failed":
             self.outcome.failed += 1
         else:
@@ -229,8 +236,9 @@ def run_grid(grid: Grid, *, workers: int | None = None, scheduler: str | None = 
     with LocalCluster(n_workers=min(workers, len(pending)), threads_per_worker=1, processes=True,
                       resources=resources or None, dashboard_address=None) as cluster, \
             Client(cluster) as client:
+        outcome.cluster_seconds = time.perf_counter() - started
         echo(f"local Dask cluster: {len(cluster.workers)} worker process(es), 1 thread each, "
-             f"started in {time.perf_counter() - started:.1f} s")
+             f"started in {outcome.cluster_seconds:.1f} s")
         _run_dask(pending, progress, client)
     return outcome
 
