@@ -101,7 +101,8 @@ class GridOutcome:
     """After a grid run: cells complete (before or now), failed, in the grid, run now; timings.
 
     ``cell_seconds`` is the sum of the wall times of the cells run now (each measured in its
-    worker); ``cluster_seconds`` the time to start the local cluster (0 without one).
+    worker); ``cluster_seconds`` and ``cluster_stop_seconds`` the time to start and to stop the
+    local cluster (0 without one).
     """
 
     total: int
@@ -110,6 +111,7 @@ class GridOutcome:
     ran: int = 0
     cell_seconds: float = 0.0
     cluster_seconds: float = 0.0
+    cluster_stop_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -233,13 +235,21 @@ def run_grid(grid: Grid, *, workers: int | None = None, scheduler: str | None = 
             _run_dask(pending, progress, client)
         return outcome
     started = time.perf_counter()
-    with LocalCluster(n_workers=min(workers, len(pending)), threads_per_worker=1, processes=True,
-                      resources=resources or None, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        outcome.cluster_seconds = time.perf_counter() - started
-        echo(f"local Dask cluster: {len(cluster.workers)} worker process(es), 1 thread each, "
-             f"started in {outcome.cluster_seconds:.1f} s")
-        _run_dask(pending, progress, client)
+    # silence_logs: the nanny warns when it kills a worker that is slow to exit after the grid
+    # (interpreter teardown with torch loaded); errors are still shown
+    cluster = LocalCluster(n_workers=min(workers, len(pending)), threads_per_worker=1,
+                           processes=True, resources=resources or None, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    try:
+        with Client(cluster) as client:
+            outcome.cluster_seconds = time.perf_counter() - started
+            echo(f"local Dask cluster: {len(cluster.workers)} worker process(es), 1 thread each, "
+                 f"started in {outcome.cluster_seconds:.1f} s")
+            _run_dask(pending, progress, client)
+    finally:
+        stopping = time.perf_counter()
+        cluster.close()
+        outcome.cluster_stop_seconds = time.perf_counter() - stopping
     return outcome
 
 
