@@ -128,7 +128,7 @@ def test_preset_hyperparameters_and_file_overrides(store_path, tmp_path):
 
     path = _write(tmp_path, _doc(methods=[{"name": "lgbm-ehr", "preset": "preset.yaml"}]))
     exp, source = load_experiment(str(path))
-    with pytest.raises(ExperimentError, match=r"methods\[lgbm-ehr\]\.preset.*not 'lgbm-early'"):
+    with pytest.raises(ExperimentError, match=r"key methods\[0\]\.preset: got 'preset.yaml'.*not 'lgbm-early'"):
         expand_grid(exp, store=store_path, out=tmp_path / "runs", name="exp", source=source)
 
 

@@ -280,8 +280,10 @@ def load_experiment(name_or_path: str) -> tuple[Experiment, pathlib.Path]:
     return parse_experiment(doc, str(path)), path
 
 
-def preset_hyperparameters(spec: MethodSpec, base: pathlib.Path, source: str) -> dict:
+def preset_hyperparameters(spec: MethodSpec, base: pathlib.Path, source: str, key: str) -> dict:
     """The hyperparameters of ``spec``: its preset's, updated with its own.
+
+    ``key`` (``methods[2]``) is where ``spec`` sits in the file, for the error messages.
 
     Raises
     ------
@@ -295,10 +297,10 @@ def preset_hyperparameters(spec: MethodSpec, base: pathlib.Path, source: str) ->
         try:
             doc = load_config_file(path)
         except ConfigError as err:
-            raise ExperimentError(source, f"methods[{spec.name}].preset", spec.preset,
+            raise ExperimentError(source, f"{key}.preset", spec.preset,
                                   f"a YAML/TOML run configuration ({err})") from None
         if doc.get("method", spec.name) != spec.name:
-            raise ExperimentError(source, f"methods[{spec.name}].preset", spec.preset,
+            raise ExperimentError(source, f"{key}.preset", spec.preset,
                                   f"a preset for method {spec.name!r}, not {doc['method']!r}")
         hyper.update(doc.get("hyperparameters") or {})
     hyper.update(spec.hyperparameters)

@@ -24,6 +24,7 @@ default, which is one thread in a Dask worker process, started with ``OMP_NUM_TH
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import pathlib
 
 from fusion.bench.experiment import (
@@ -162,7 +163,7 @@ def _hyperparameters(experiment: Experiment, i: int, spec: MethodSpec, base: pat
                      source: str) -> dict:
     """Overrides of one method (its preset's, updated with the file's), checked."""
     cls = get_method(spec.name)
-    hyper = preset_hyperparameters(spec, base, source)
+    hyper = preset_hyperparameters(spec, base, source, key=f"methods[{i}]")
     if cls.supports(experiment.features):
         try:
             cls.resolve_hyperparameters(hyper, features=experiment.features)
@@ -242,21 +243,19 @@ def expand_grid(experiment: Experiment, *, store: str, out, name: str,
     for i, spec in _method_specs(experiment, src):
         cls = get_method(spec.name)
         hyper = _hyperparameters(experiment, i, spec, base, src)
-        for task in experiment.tasks:
-            for cohort in experiment.cohorts:
-                for fold in experiment.folds:
-                    for seed in experiment.seeds:
-                        for rate, at in _mask_settings(experiment, cohort):
-                            cell = Cell(spec.name, task, cohort, fold, seed, rate, at)
-                            reason = _exclusion(cls, experiment, task, rate, at)
-                            if reason is not None:
-                                excluded.append((cell, reason))
-                                continue
-                            cell.options = _options(experiment, cell, hyper, store, out)
-                            cell.run_id = _run_id(cell, memo)
-                            if cell.run_id not in seen:
-                                seen.add(cell.run_id)
-                                cells.append(cell)
+        for task, cohort, fold, seed in itertools.product(
+                experiment.tasks, experiment.cohorts, experiment.folds, experiment.seeds):
+            for rate, at in _mask_settings(experiment, cohort):
+                cell = Cell(spec.name, task, cohort, fold, seed, rate, at)
+                reason = _exclusion(cls, experiment, task, rate, at)
+                if reason is not None:
+                    excluded.append((cell, reason))
+                    continue
+                cell.options = _options(experiment, cell, hyper, store, out)
+                cell.run_id = _run_id(cell, memo)
+                if cell.run_id not in seen:
+                    seen.add(cell.run_id)
+                    cells.append(cell)
     return Grid(name, experiment, store, pathlib.Path(out), cells, excluded)
 
 
