@@ -11,8 +11,8 @@ cells per minute. Target: wall <= 1.10 x (sum of cell times) / W + cluster start
 scheduler keeps the workers busy.
 
 Stores: ``--store PATH`` (repeatable; any store with an ``ehr-stats`` and one X-ray embedding),
-or ``--stays N`` (repeatable; default 5,000 and 20,000) to build them like ``bench_fuse.py`` does
-(cached under ``--work-dir``)::
+or ``--stays N ...`` (default 5,000 and 20,000) to build them with ``bench_fuse.py``'s recipe
+(cached under ``--work-dir``, shared with that script)::
 
     python benchmarks/bench_grid.py                                   # 5,000 and 20,000 stays
     python benchmarks/bench_grid.py --store demo/store.zarr --folds 2 --seeds 1
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -78,13 +79,13 @@ def _stores(args) -> list[tuple[str, int]]:
     if args.store:
         return [(path, int(open_store(path).n_stays)) for path in args.store]
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_fuse import BUILD_RETENTION, StoreRecipe, ensure_store
+    from bench_fuse import BUILD_RETENTION, CXR_INPUT_SIZE, StoreRecipe, ensure_store
 
     stores = []
     for n in args.stays:
-        recipe = StoreRecipe(name=f"grid-{n}", min_stays=n, synth_stays=int(n / BUILD_RETENTION),
-                             synth_image_size=32, store_image_size=32, chartevents_per_stay=60.0,
-                             seed=0)
+        # bench_fuse.py's recipe (its 20,000-stay store is the same cached store)
+        name = f"store{n // 1000}k" if n % 1000 == 0 else f"store{n}"
+        recipe = StoreRecipe(name, n, math.ceil(n / BUILD_RETENTION), 64, CXR_INPUT_SIZE, 250.0, 0)
         made = ensure_store(Path(args.work_dir), recipe, rebuild=False, keep_source=False)
         stores.append((made["path"], made["n_stays"]))
     return stores
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", action="append", help="existing store (repeatable)")
     parser.add_argument("--stays", type=int, nargs="+", default=[5000, 20000],
                         help="build stores of about these many stays (default: 5000 20000)")
-    parser.add_argument("--work-dir", default=str(REPO / "bench-out"), help="cache of built stores")
+    parser.add_argument("--work-dir", default=str(REPO / "bench-out" / "fuse"),
+                        help="cache of built stores, shared with bench_fuse.py; the grid's run "
+                             "folders go to WORK_DIR/grid-runs")
     parser.add_argument("--folds", type=int, default=3, help="folds per method (default 3)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per method (default 2)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
