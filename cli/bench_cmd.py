@@ -48,6 +48,7 @@ def bench(experiment, store, out, workers, scheduler, resources, dry_run):
     from fusion.bench import expand_grid, load_experiment, run_grid, status_lines
     from fusion.bench.runner import default_workers, write_manifest
 
+    resources = _parse_resources(resources)
     try:
         exp, path = load_experiment(experiment)
         store = store or exp.store
@@ -61,7 +62,7 @@ def bench(experiment, store, out, workers, scheduler, resources, dry_run):
             return
         write_manifest(grid, str(path))
         outcome = run_grid(grid, workers=n_workers, scheduler=scheduler,
-                           resources=_parse_resources(resources), echo=click.echo)
+                           resources=resources, echo=click.echo)
     except (FusionError, CbstoreError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"grid {grid.name}: {outcome.complete} of {outcome.total} cells complete, "

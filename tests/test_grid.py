@@ -277,3 +277,37 @@ def test_failing_cell_does_not_stop_the_grid_and_is_retried(store_path, tmp_path
     assert result.exit_code == 0, result.output
     assert "4 of 4 cells complete, 0 failed, 2 run now" in result.output
     assert not list(out.glob("*.failed.json")), "the record goes once the cell completes"
+
+
+class _RecordingClient:
+    """Stands in for a dask Client: declares worker resources, records submissions."""
+
+    def __init__(self, resources):
+        self.resources, self.submitted = resources, []
+
+    def scheduler_info(self):
+        return {"workers": {"tcp://w1": {"resources": self.resources}}}
+
+    def submit(self, fn, *args, **kwargs):
+        self.submitted.append(kwargs)
+        return len(self.submitted)
+
+
+@pytest.mark.parametrize("resources, wanted", [({"GPU": 1}, {"GPU": 1}), ({}, None)])
+def test_raw_cells_ask_for_a_gpu_only_where_workers_declare_one(store_path, tmp_path, resources,
+                                                                wanted):
+    from fusion.bench.runner import submit_cells
+
+    grid = _grid(store_path, tmp_path, _doc(methods=["latefusion", "lstm"], features="raw"))
+    cached = _grid(store_path, tmp_path, _doc())
+    client = _RecordingClient(resources)
+    futures = submit_cells(grid.cells + cached.cells, client)
+    assert list(futures.values()) == grid.cells + cached.cells
+    assert [k["resources"] for k in client.submitted] == [wanted, wanted, None]
+    assert client.submitted[0]["key"] == f"cell-{grid.cells[0].run_id}"
+
+
+def test_bad_resources_option(store_path, tmp_path):
+    result = _bench(_write(tmp_path, _doc()), store_path, tmp_path / "runs", "--resources", "GPU")
+    assert result.exit_code == 2 and "expected NAME=AMOUNT" in result.output
+    assert "cells" not in result.output, "checked before the grid is expanded"

@@ -32,7 +32,7 @@ from fusion.bench.grid import Cell, Grid, GridError, failed_path
 from fusion.config import RunConfig
 
 __all__ = ["GridOutcome", "Progress", "default_workers", "estimate_remaining", "record_failure",
-           "run_cell", "run_grid", "status_lines", "write_manifest"]
+           "run_cell", "run_grid", "status_lines", "submit_cells", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,11 @@ def _gpu_workers(client) -> bool:
     return any((w.get("resources") or {}).get("GPU", 0) > 0 for w in workers)
 
 
-def _run_dask(cells: list, progress: Progress, client) -> None:
-    from distributed import as_completed
+def submit_cells(cells: list, client) -> dict:
+    """Submit :func:`run_cell` for each cell, in grid order; return ``{future: cell}``.
 
+    Raw-feature cells ask for ``{"GPU": 1}`` when some worker of ``client`` declares a GPU.
+    """
     gpu = _gpu_workers(client)
     futures = {}
     for cell in cells:
@@ -185,6 +187,13 @@ def _run_dask(cells: list, progress: Progress, client) -> None:
         future = client.submit(run_cell, cell.options, cell.run_id, key=f"cell-{cell.run_id}",
                                pure=False, resources={"GPU": 1} if needs_gpu else None)
         futures[future] = cell
+    return futures
+
+
+def _run_dask(cells: list, progress: Progress, client) -> None:
+    from distributed import as_completed
+
+    futures = submit_cells(cells, client)
     for future in as_completed(futures):
         cell = futures[future]
         try:
