@@ -311,3 +311,19 @@ def test_bad_resources_option(store_path, tmp_path):
     result = _bench(_write(tmp_path, _doc()), store_path, tmp_path / "runs", "--resources", "GPU")
     assert result.exit_code == 2 and "expected NAME=AMOUNT" in result.output
     assert "cells" not in result.output, "checked before the grid is expanded"
+
+
+def test_existing_scheduler(store_path, tmp_path):
+    from distributed import LocalCluster
+
+    path, out = _write(tmp_path, _doc(seeds=[0, 1])), tmp_path / "runs"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        result = _bench(path, store_path, out, "--scheduler", cluster.scheduler_address)
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 cells complete, 0 failed, 2 run now" in result.output
+    assert "local Dask cluster" not in result.output
+
+    result = _bench(path, store_path, tmp_path / "other", "--scheduler", "nonsense://host")
+    assert result.exit_code == 1
+    assert "--scheduler nonsense://host: no Dask scheduler answers" in result.output

@@ -32,7 +32,7 @@ from fusion.bench.grid import Cell, Grid, GridError, failed_path
 from fusion.config import RunConfig
 
 __all__ = ["GridOutcome", "Progress", "default_workers", "estimate_remaining", "record_failure",
-           "run_cell", "run_grid", "status_lines", "submit_cells", "write_manifest"]
+           "connect", "run_cell", "run_grid", "status_lines", "submit_cells", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,24 @@ def _run_dask(cells: list, progress: Progress, client) -> None:
         future.release()
 
 
+def connect(scheduler: str, timeout: float = 10.0):
+    """A dask ``Client`` of the scheduler at ``scheduler``.
+
+    Raises
+    ------
+    GridError
+        When no scheduler answers there within ``timeout`` seconds.
+    """
+    from distributed import Client
+
+    try:
+        return Client(scheduler, timeout=timeout)
+    except (OSError, TimeoutError, ValueError) as err:
+        raise GridError(f"--scheduler {scheduler}: no Dask scheduler answers ({err}); start one "
+                        f"with `dask scheduler` and its workers with `dask worker {scheduler} "
+                        "--nthreads 1`, or leave out --scheduler for a local cluster") from None
+
+
 def run_grid(grid: Grid, *, workers: int | None = None, scheduler: str | None = None,
              resources: dict | None = None, echo: Callable[[str], None] = log.info) -> GridOutcome:
     """Run every cell of ``grid`` without a complete run folder.
@@ -240,7 +258,7 @@ def run_grid(grid: Grid, *, workers: int | None = None, scheduler: str | None = 
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
-        with Client(scheduler) as client:
+        with connect(scheduler) as client:
             _run_dask(pending, progress, client)
         return outcome
     started = time.perf_counter()
