@@ -2,7 +2,8 @@
 
 For each method named on the command line (default: ``latefusion`` and the missing-modality
 methods of part 2), each feature mode and each of its two stores, a child process fits the method
-on mortality, fold 0, twice: 1 epoch and ``1 + --extra-epochs`` epochs (no early stop), and reports
+on mortality, fold 0, three times: 1 epoch (warm-up, not used), 1 epoch and ``1 + --extra-epochs``
+epochs (no early stop), and reports
 ``(t_long - t_short) / extra`` so that one-off costs (imports, data loading, model set-up) cancel.
 An epoch is the training pass plus the validation pass. Hyperparameters are the method's defaults
 for the mode, except seeded random X-ray weights (no weights file is read) and, in raw mode, the
@@ -100,9 +101,10 @@ def make_store(work: Path, synth_stays: int) -> Path:
 def time_epochs(store: Path, method: str, features: str, extra: int, task: str, logs: Path) -> dict:
     """Seconds per epoch of ``method`` in mode ``features`` on ``store`` (see the module docstring)."""
     log = logs / f"{method}-{features}-{store.parent.name}.log"
+    # a first fit of one epoch pays the one-off costs (lazy imports); it is not used
     text = _run([sys.executable, "-c", _CHILD, str(store), method, task, features,
-                 json.dumps([1, 1 + extra])], log)
-    short, long = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+                 json.dumps([1, 1, 1 + extra])], log)
+    _, short, long = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     if long["epochs"] - short["epochs"] != extra:
         raise SystemExit(f"{method} {features}: fits ran {short['epochs']} and {long['epochs']} epochs")
     return {"per_epoch_s": (long["fit_s"] - short["fit_s"]) / extra,
