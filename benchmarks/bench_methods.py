@@ -123,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["cached", "raw"], choices=["cached", "raw"])
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
-    stores = {"cached": args.cached_store or [make_store(args.work_dir, n) for n in CACHED_SYNTH],
-              "raw": args.raw_store or [make_store(args.work_dir, n) for n in RAW_SYNTH]}
+    given = {"cached": args.cached_store, "raw": args.raw_store}
+    synth = {"cached": CACHED_SYNTH, "raw": RAW_SYNTH}
+    stores = {mode: given[mode] or [make_store(args.work_dir, n) for n in synth[mode]]
+              for mode in args.modes}
     results = []
     for method in args.methods:
         for features in args.modes:
