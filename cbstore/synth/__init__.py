@@ -86,7 +86,7 @@ from cbstore.phenotypes import load_phenotypes
 from cbstore.synth import cxr as _cxr
 from cbstore.synth import ehr as _ehr
 from cbstore.synth.model import simulate_cohort
-from cbstore.synth._chunks import DEFAULT_CHUNK_STAYS, patient_chunks, patients_by_subject
+from cbstore.synth._chunks import default_chunk_stays, patient_chunks, patients_by_subject
 from cbstore.synth.truth import write_truth
 
 __all__ = ["write_synthetic_source", "SynthSummary", "SynthError", "MIMIC_IV_DIR", "MIMIC_CXR_DIR", "TRUTH_FILE"]
@@ -182,7 +182,7 @@ def _subject_chunks(cohort, chunk_stays: int) -> list[tuple[int, int]]:
 def write_synthetic_source(out_dir, n_stays: int, seed: int, image_size=64, *, images: bool = True,
                            chartevents_per_stay: float | None = None, eligible_share: float = 0.27,
                            overwrite: bool = False, phenotypes_path=None, variables_path=None,
-                           chunk_stays: int = DEFAULT_CHUNK_STAYS) -> SynthSummary:
+                           chunk_stays: int | None = None) -> SynthSummary:
     """Write a synthetic MIMIC-IV + MIMIC-CXR-JPG source with planted ground truth.
 
     Parameters
@@ -207,10 +207,11 @@ def write_synthetic_source(out_dir, n_stays: int, seed: int, image_size=64, *, i
         Replace an existing synthetic source in ``out_dir``; without it a non-empty folder is refused.
     phenotypes_path, variables_path : path-like, optional
         Definition files (default: the packaged ones).
-    chunk_stays : int, default 2000
+    chunk_stays : int, optional
         Stays generated and held in memory at once (the event tables, the films and the stays of
-        ``truth.json`` are written chunk by chunk). Every stay, patient and film draws from its own
-        generator, so the written bytes do not depend on it; only peak memory and speed do.
+        ``truth.json`` are written chunk by chunk); default: about one million chartevents rows
+        (:func:`cbstore.synth._chunks.default_chunk_stays`). Every stay, patient and film draws from
+        its own generator, so the written bytes do not depend on it; only peak memory does.
 
     Returns
     -------
@@ -240,10 +241,12 @@ def write_synthetic_source(out_dir, n_stays: int, seed: int, image_size=64, *, i
         raise SynthError(f"image_size must be an int >= 8 or a pair (rows, cols) of them, got {image_size!r}")
     if not 0.0 < eligible_share < 1.0:
         raise SynthError(f"eligible_share must be in (0, 1), got {eligible_share!r}")
-    if not isinstance(chunk_stays, (int, np.integer)) or isinstance(chunk_stays, bool) or chunk_stays < 1:
-        raise SynthError(f"chunk_stays must be a positive integer, got {chunk_stays!r}")
     if chartevents_per_stay is not None and not chartevents_per_stay > 0:
         raise SynthError(f"chartevents_per_stay must be positive, got {chartevents_per_stay!r}")
+    if chunk_stays is None:
+        chunk_stays = default_chunk_stays(chartevents_per_stay)
+    if not isinstance(chunk_stays, (int, np.integer)) or isinstance(chunk_stays, bool) or chunk_stays < 1:
+        raise SynthError(f"chunk_stays must be a positive integer, got {chunk_stays!r}")
     n_stays, seed, chunk_stays = int(n_stays), int(seed), int(chunk_stays)
 
     out = Path(out_dir)

@@ -10,8 +10,19 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Default stays per chunk: about 1 GB peak at 1,100 chartevents rows per stay.
-DEFAULT_CHUNK_STAYS = 2000
+#: Chartevents rows per chunk by default: about 0.3 KB of working memory per row.
+DEFAULT_CHUNK_ROWS = 1_000_000
+#: Mean chartevents rows per stay when charting vital signs hourly (the generator's default).
+DEFAULT_CHARTEVENTS_PER_STAY = 650
+
+
+def default_chunk_stays(chartevents_per_stay: float | None) -> int:
+    """Stays per chunk holding about :data:`DEFAULT_CHUNK_ROWS` chartevents rows (at least 1).
+
+    1,538 stays with the default charting, 909 at 1,100 rows per stay, 232 at MIMIC-IV's ~4,300.
+    """
+    per_stay = DEFAULT_CHARTEVENTS_PER_STAY if chartevents_per_stay is None else float(chartevents_per_stay)
+    return max(1, int(DEFAULT_CHUNK_ROWS // per_stay))
 
 
 def stay_chunks(n_stays: int, chunk_stays: int) -> list[tuple[int, int]]:

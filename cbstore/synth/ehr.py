@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 #: libyaml's safe loader when available (much faster), else the pure-Python one.
@@ -828,15 +829,17 @@ def write_chartevents(path, cohort: Cohort, seed: int, chart_ids, chartevents_pe
                 x[order] for x in (stay, charttime, itemid, valuenum, text, is_text, storetime, caregiver,
                                    no_caregiver))
             n = len(stay)
-            value = text.copy()
+            # numeric rows show their number, text rows (GCS too) their text; built in arrow, not
+            # as one Python string per row
             num = ~is_text & ~np.isnan(valuenum)
-            value[num] = float_strings(valuenum[num]).to_numpy(zero_copy_only=False)
+            value = pc.if_else(pa.array(num), float_strings(valuenum), pa.array(text, pa.string()))
+            del text
             table = pa.table({
                 "subject_id": s["subject_id"].to_numpy()[stay], "hadm_id": s["hadm_id"].to_numpy()[stay],
                 "stay_id": s["stay_id"].to_numpy()[stay],
                 "caregiver_id": pa.array(caregiver, mask=no_caregiver),
                 "charttime": datetime_strings(charttime), "storetime": datetime_strings(storetime),
-                "itemid": itemid, "value": pa.array(value, pa.string()),
+                "itemid": itemid, "value": value,
                 "valuenum": pa.array(valuenum, mask=np.isnan(valuenum)),
                 "valueuom": take_strings(uom_list, np.searchsorted(item_list, itemid)),
                 "warning": pa.array(np.zeros(n, np.int64), mask=np.isnan(valuenum)),

@@ -16,7 +16,8 @@ import numpy as np
 
 from cbstore.synth._draws import UnitDraws
 
-_BATCH = 256
+#: Films rendered at once (bounds the float32 scratch arrays, about 10 per batch).
+_BATCH = 64
 
 
 def _soft_ellipse(Y, X, cy, cx, ry, rx, edge=0.08):
