@@ -6,6 +6,16 @@
 ``OUT/truth.json`` (the planted ground truth; never inside the source folders). Each source root
 holds ``SYNTHETIC.txt`` and ``cbstore_synthetic.json`` markers. Same seed, same bytes.
 
+Memory
+------
+The latent world (patients, admissions, stays, diagnoses, the film plan: about 1 KB of data per
+stay) is simulated at once; the rows that grow with the source are generated and written chunk by
+chunk (``chunk_stays``): chartevents and outputevents by stays in ``stay_id`` order, labevents and
+the JPEG films by whole patients in ``subject_id`` order, the stays of ``truth.json`` last. Each
+stay, patient and film draws from its own generator, seeded from ``(seed, table, its position)``
+(:mod:`cbstore.synth._draws`), and the gzip streams are written without flushes, so every file is
+byte-identical whatever the chunk size. The default chunk holds about one million chartevents rows.
+
 Generative model
 ----------------
 Patients, admissions, stays
@@ -284,7 +294,8 @@ def write_synthetic_source(out_dir, n_stays: int, seed: int, image_size=64, *, i
     (cxr_root / "files").mkdir(exist_ok=True)
     n_written = 0
     if images:
-        n_written = _cxr.write_images(cxr_root, films, seed, _cxr.film_chunks(films, _subject_chunks(cohort, chunk_stays)))
+        chunks = _cxr.film_chunks(films, _subject_chunks(cohort, chunk_stays))
+        n_written = _cxr.write_images(cxr_root, films, seed, chunks)
 
     truth = write_truth(out / TRUTH_FILE, cohort, ph, dx, films, rows=rows, seed=seed, image_size=image_size,
                         images_written=images, chunk_stays=chunk_stays)

@@ -2,6 +2,9 @@
 
 Rows are generated vectorised from a :class:`~cbstore.synth.model.Cohort`: per-stay physiology
 means come from the latent factors, each charted or measured value adds a time drift and noise.
+The event tables are generated and written chunk by chunk; each stay (chartevents, outputevents)
+or patient (labevents) draws from its own generator (:mod:`cbstore.synth._draws`), so the files
+do not depend on the chunk size.
 Which itemids exist comes from ``cbstore/resources/variables.yaml`` (read with yaml, so the two stay
 in sync) plus a few unrelated items, as in the real dictionaries.
 """
