@@ -40,16 +40,17 @@ class UnitDraws:
     (0 .. len(units) - 1) of the unit row ``i`` belongs to; without ``rows``, one value per unit.
     """
 
-    def __init__(self, seed: int, stream: int, units, *, _generators=None):
-        self._gens = _generators if _generators is not None else [
-            unit_generator(seed, stream, u) for u in np.asarray(units, dtype=np.int64).tolist()]
+    def __init__(self, seed: int, stream: int, units):
+        self._gens = [unit_generator(seed, stream, u) for u in np.asarray(units, dtype=np.int64).tolist()]
 
     def __len__(self) -> int:
         return len(self._gens)
 
     def take(self, positions) -> UnitDraws:
         """The units at ``positions`` (chunk positions); their generators are shared, not copied."""
-        return UnitDraws(0, 0, (), _generators=[self._gens[i] for i in np.asarray(positions, np.int64).tolist()])
+        subset = UnitDraws.__new__(UnitDraws)
+        subset._gens = [self._gens[i] for i in np.asarray(positions, np.int64).tolist()]
+        return subset
 
     def _standard(self, kind: str, rows) -> np.ndarray:
         if rows is None:
