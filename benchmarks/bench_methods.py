@@ -6,8 +6,8 @@ on mortality, fold 0, three times: 1 epoch (warm-up, not used), 1 epoch and ``1 
 epochs (no early stop), and reports
 ``(t_long - t_short) / extra`` so that one-off costs (imports, data loading, model set-up) cancel.
 An epoch is the training pass plus the validation pass. Hyperparameters are the method's defaults
-for the mode, except seeded random X-ray weights (no weights file is read) and, in raw mode, the
-small CNN (``backbone=small``) for the methods that have one.
+for the mode, except seeded random X-ray weights (no weights file is read), in raw mode the small
+CNN (``backbone=small``) for the methods that have one, and ``--set KEY=VALUE`` overrides.
 
 Reported per method and mode: seconds per epoch at both sizes, how the cost grows (time ratio
 against stay ratio: linear growth gives equal ratios), and the cost per training stay cached / raw.
@@ -48,13 +48,15 @@ import json, os, sys, time
 from cbstore.store import open_store
 from fusion.data import load_fusion_data
 from fusion.registry import get_method
-store_path, method, task, features, plan = sys.argv[1:5] + [json.loads(sys.argv[5])]
+store_path, method, task, features = sys.argv[1:5]
+plan, settings = json.loads(sys.argv[5]), json.loads(sys.argv[6])
 cls = get_method(method)
 data = load_fusion_data(open_store(store_path), task, 0, features=features,
                         inputs=cls.inputs_for(features))
 params = {"cxr_weights": "random"} if "cxr_weights" in cls.hyperparameters else {}
 if features == "raw" and "backbone" in cls.hyperparameters:
     params["backbone"] = "small"
+params.update({k: v for k, v in settings.items() if k in cls.hyperparameters})
 for epochs in plan:
     model = cls(seed=0, features=features, max_epochs=epochs, patience=epochs, **params)
     before = os.getloadavg()[0]
@@ -98,12 +100,13 @@ def make_store(work: Path, synth_stays: int) -> Path:
     return store
 
 
-def time_epochs(store: Path, method: str, features: str, extra: int, task: str, logs: Path) -> dict:
+def time_epochs(store: Path, method: str, features: str, extra: int, task: str, logs: Path,
+                settings: dict) -> dict:
     """Seconds per epoch of ``method`` in mode ``features`` on ``store`` (see the module docstring)."""
     log = logs / f"{method}-{features}-{store.parent.name}.log"
     # a first fit of one epoch pays the one-off costs (lazy imports); it is not used
     text = _run([sys.executable, "-c", _CHILD, str(store), method, task, features,
-                 json.dumps([1, 1, 1 + extra])], log)
+                 json.dumps([1, 1, 1 + extra]), json.dumps(settings)], log)
     _, short, long = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     if long["epochs"] - short["epochs"] != extra:
         raise SystemExit(f"{method} {features}: fits ran {short['epochs']} and {long['epochs']} epochs")
@@ -121,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="mortality")
     parser.add_argument("--extra-epochs", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["cached", "raw"], choices=["cached", "raw"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="hyperparameter for every method that has it (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
+    settings = dict(pair.split("=", 1) for pair in args.set)
     given = {"cached": args.cached_store, "raw": args.raw_store}
     synth = {"cached": CACHED_SYNTH, "raw": RAW_SYNTH}
     stores = {mode: given[mode] or [make_store(args.work_dir, n) for n in synth[mode]]
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         for features in args.modes:
             sizes = [time_epochs(s, method, features, args.extra_epochs, args.task,
-                                 args.work_dir / "logs") for s in stores[features]]
+                                 args.work_dir / "logs", settings) for s in stores[features]]
             small, large = sizes
             row = {"method": method, "features": features, "sizes": sizes,
                    "stay_ratio": large["n_train"] / small["n_train"],
