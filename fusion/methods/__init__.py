@@ -15,6 +15,7 @@ import importlib
 #: Method name -> module of this package that registers it.
 METHOD_MODULES = {
     "latefusion": "latefusion",
+    "aug": "aug",
     "lgbm-ehr": "lgbm", "lgbm-cxr": "lgbm", "lgbm-early": "lgbm", "lgbm-late": "lgbm",
     "lstm": "unimodal", "transformer": "unimodal", "resnet": "unimodal", "ehr-mlp": "unimodal",
     "cxr-mlp": "unimodal",
