@@ -16,6 +16,7 @@ import importlib
 METHOD_MODULES = {
     "latefusion": "latefusion",
     "aug": "aug",
+    "inforeg": "inforeg",
     "lgbm-ehr": "lgbm", "lgbm-cxr": "lgbm", "lgbm-early": "lgbm", "lgbm-late": "lgbm",
     "lstm": "unimodal", "transformer": "unimodal", "resnet": "unimodal", "ehr-mlp": "unimodal",
     "cxr-mlp": "unimodal",
