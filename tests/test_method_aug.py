@@ -161,6 +161,22 @@ def test_balanced_scores_weigh_each_class_of_each_label_alike(data):
     assert net._scores["ehr"].value("balanced") == pytest.approx(0.5)
 
 
+def test_stays_without_an_xray_are_left_out_of_the_xray_loss_and_score(data):
+    y = torch.tensor([[1.0], [0.0], [1.0]])
+    used = torch.tensor([True, True, False])
+    logits = torch.tensor([[2.0], [-1.0], [5.0]])
+    changed = logits.clone()
+    changed[2] = -40.0
+    assert torch.equal(aug_modality_loss(logits, None, None, y, "mortality", weight=used),
+                       aug_modality_loss(changed, None, None, y, "mortality", weight=used))
+    net = _net(data)
+    net.on_train_batch_end(None, {"logits_ehr": logits, "logits_cxr": changed, "cxr_used": used},
+                           {"y": y})
+    assert float(net._scores["ehr"].counts.sum()) == 3 and float(net._scores["cxr"].counts.sum()) == 2
+    expected = (torch.sigmoid(changed[0]) + 1 - torch.sigmoid(changed[1])) / 2
+    assert net._scores["cxr"].value("mean") == pytest.approx(float(expected))
+
+
 def test_one_shared_classifier_and_alpha_fusion_renormalised_when_the_xray_is_absent(data):
     net = _net(data, alpha=0.4).eval()
     net.add_learner("ehr")
