@@ -263,3 +263,30 @@ def test_bad_settings_are_refused_by_name(data, setting):
         AUG(features="cached", **AUG.test_hyperparameters, **setting).fit(data, device="cpu")
     with pytest.raises(HyperparameterError, match="aca_score"):
         AUG(aca_score="median")
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_an_interrupted_fit_resumes_with_its_learners_bit_identical(data, tmp_path, monkeypatch):
+    from fusion import trainer as trainer_module
+
+    settings = {**AUG.test_hyperparameters, "max_epochs": 4, "patience": 4, "margin": 0.0}
+    whole = AUG(seed=0, features="cached", **settings).fit(data, device="cpu")
+    original = trainer_module._Fit._train_epoch
+
+    def killed_in_epoch_3(fit):
+        if fit.ctx.epoch == 3:
+            raise _Killed()
+        return original(fit)
+    monkeypatch.setattr(trainer_module._Fit, "_train_epoch", killed_in_epoch_3)
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(_Killed):
+        AUG(seed=0, features="cached", **settings).fit(data, device="cpu", checkpoint=checkpoint)
+    monkeypatch.setattr(trainer_module._Fit, "_train_epoch", original)
+    resumed = AUG(seed=0, features="cached", **settings).fit(data, device="cpu", checkpoint=checkpoint)
+    assert [e["aug_learners_cxr"] + e["aug_learners_ehr"] for e in whole.history_["epochs"]] == \
+        [e["aug_learners_cxr"] + e["aug_learners_ehr"] for e in resumed.history_["epochs"]]
+    assert whole.history_["epochs"][1]["aug_learners_cxr"] + whole.history_["epochs"][1]["aug_learners_ehr"] == 2
+    np.testing.assert_array_equal(whole.predict_proba(data, "test"), resumed.predict_proba(data, "test"))

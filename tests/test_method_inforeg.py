@@ -203,3 +203,33 @@ def test_bad_settings_are_refused_by_name(data, setting):
         InfoReg(features="cached", **InfoReg.test_hyperparameters, **setting).fit(data, device="cpu")
     with pytest.raises(HyperparameterError, match="window_modality"):
         InfoReg(window_modality="cxr")
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_an_interrupted_fit_resumes_with_its_fisher_history_bit_identical(data, tmp_path,
+                                                                          monkeypatch):
+    from fusion import trainer as trainer_module
+
+    settings = {**InfoReg.test_hyperparameters, "max_epochs": 4, "patience": 4, "window_epochs": 2}
+    whole = InfoReg(seed=0, features="cached", **settings).fit(data, device="cpu")
+    original = trainer_module._Fit._train_epoch
+
+    def killed_in_epoch_3(fit):
+        if fit.ctx.epoch == 3:
+            raise _Killed()
+        return original(fit)
+    monkeypatch.setattr(trainer_module._Fit, "_train_epoch", killed_in_epoch_3)
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(_Killed):
+        InfoReg(seed=0, features="cached", **settings).fit(data, device="cpu", checkpoint=checkpoint)
+    monkeypatch.setattr(trainer_module._Fit, "_train_epoch", original)
+    resumed = InfoReg(seed=0, features="cached", **settings).fit(data, device="cpu",
+                                                                 checkpoint=checkpoint)
+    keys = ("inforeg_k_ehr", "inforeg_k_cxr", "inforeg_fisher_ehr", "inforeg_regulated_batches_ehr")
+    assert [[e[k] for k in keys] for e in whole.history_["epochs"]] == \
+        [[e[k] for k in keys] for e in resumed.history_["epochs"]]
+    np.testing.assert_array_equal(whole.predict_proba(data, "test"),
+                                  resumed.predict_proba(data, "test"))
