@@ -13,7 +13,7 @@ and reused under ``--work-dir``. Raw fits use the small CNN (``backbone=small``,
 the stored films. Only small sizes are meant for a shared 2-core machine::
 
     python benchmarks/bench_methods.py aug inforeg latefusion
-    python benchmarks/bench_methods.py aug --cached-stays 1640 4920 --raw-stays 500 1000 --json out.json
+    python benchmarks/bench_methods.py aug --raw-stays 500 1000 --json out.json
 
 Sizes are *synthetic* ICU stays; the build keeps about 61 % of them (adults with at least 48 h in
 the ICU), so the defaults give stores of about 1,000 and 3,000 stays (cached) and 300 and 600
@@ -43,7 +43,8 @@ from fusion.data import load_fusion_data
 from fusion.registry import get_method
 store, method, task, features, device, plan = sys.argv[1:6] + [json.loads(sys.argv[6])]
 cls = get_method(method)
-data = load_fusion_data(open_store(store), task, 0, features=features, inputs=cls.inputs_for(features))
+data = load_fusion_data(open_store(store), task, 0, features=features,
+                        inputs=cls.inputs_for(features))
 settings = {}
 if features == "raw":
     settings = {k: v for k, v in {"backbone": "small", "cxr_weights": "random"}.items()
@@ -113,7 +114,8 @@ def time_epoch(store: Path, method: str, features: str, task: str, device: str, 
 
 
 def print_table(results: dict) -> None:
-    print("\n| method | features | train stays | s / epoch | CPU s / epoch | growth (time / stays) |")
+    print("\n| method | features | train stays | s / epoch | CPU s / epoch "
+          "| growth (time / stays) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for method, modes in results.items():
         for features, sizes in modes.items():
@@ -132,7 +134,8 @@ def print_table(results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("methods", nargs="+", help="registered method names")
-    parser.add_argument("--features", nargs="+", default=["cached", "raw"], choices=["cached", "raw"])
+    parser.add_argument("--features", nargs="+", default=["cached", "raw"],
+                        choices=["cached", "raw"])
     parser.add_argument("--cached-stays", nargs=2, type=int, default=[1640, 4920],
                         help="synthetic stays of the two cached-mode stores")
     parser.add_argument("--raw-stays", nargs=2, type=int, default=[500, 1000],

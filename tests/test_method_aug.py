@@ -38,7 +38,8 @@ class Probe(AUGNet):
         super().add_learner(modality)
         learner = self.learners[modality][-1]
         self.initial = getattr(self, "initial", {})
-        self.initial[(modality, len(self.learners[modality]) - 1)] = learner[0].weight.detach().clone()
+        key = (modality, len(self.learners[modality]) - 1)
+        self.initial[key] = learner[0].weight.detach().clone()
 
     def on_fit_end(self, ctx):
         self.optimizers = ctx.optimizers
@@ -172,7 +173,8 @@ def test_stays_without_an_xray_are_left_out_of_the_xray_loss_and_score(data):
     net = _net(data)
     net.on_train_batch_end(None, {"logits_ehr": logits, "logits_cxr": changed, "cxr_used": used},
                            {"y": y})
-    assert float(net._scores["ehr"].counts.sum()) == 3 and float(net._scores["cxr"].counts.sum()) == 2
+    assert float(net._scores["ehr"].counts.sum()) == 3
+    assert float(net._scores["cxr"].counts.sum()) == 2
     expected = (torch.sigmoid(changed[0]) + 1 - torch.sigmoid(changed[1])) / 2
     assert net._scores["cxr"].value("mean") == pytest.approx(float(expected))
 
@@ -285,8 +287,11 @@ def test_an_interrupted_fit_resumes_with_its_learners_bit_identical(data, tmp_pa
     with pytest.raises(_Killed):
         AUG(seed=0, features="cached", **settings).fit(data, device="cpu", checkpoint=checkpoint)
     monkeypatch.setattr(trainer_module._Fit, "_train_epoch", original)
-    resumed = AUG(seed=0, features="cached", **settings).fit(data, device="cpu", checkpoint=checkpoint)
-    assert [e["aug_learners_cxr"] + e["aug_learners_ehr"] for e in whole.history_["epochs"]] == \
-        [e["aug_learners_cxr"] + e["aug_learners_ehr"] for e in resumed.history_["epochs"]]
-    assert whole.history_["epochs"][1]["aug_learners_cxr"] + whole.history_["epochs"][1]["aug_learners_ehr"] == 2
-    np.testing.assert_array_equal(whole.predict_proba(data, "test"), resumed.predict_proba(data, "test"))
+    resumed = AUG(seed=0, features="cached", **settings).fit(data, device="cpu",
+                                                             checkpoint=checkpoint)
+
+    def learners(method):
+        return [e["aug_learners_cxr"] + e["aug_learners_ehr"] for e in method.history_["epochs"]]
+    assert learners(whole) == learners(resumed) == [1, 2, 3, 4]
+    np.testing.assert_array_equal(whole.predict_proba(data, "test"),
+                                  resumed.predict_proba(data, "test"))

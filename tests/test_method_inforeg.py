@@ -161,7 +161,8 @@ def test_the_reference_is_refreshed_at_each_epoch_start_and_the_window_is_counte
                 assert torch.equal(net.starts[epoch][m][name], value)
     assert len(net.fisher["ehr"]) == 3 and all(v > 0 for v in net.fisher["ehr"])
     for record, epoch in zip(history["epochs"], range(3)):
-        assert record["inforeg_k_ehr"] == pytest.approx(prime_window_k(net.fisher["ehr"][:epoch], 2))
+        expected = prime_window_k(net.fisher["ehr"][:epoch], 2)
+        assert record["inforeg_k_ehr"] == pytest.approx(expected)
     # the per-epoch history is saved with the weights
     fresh = _net(data, window_epochs=2)
     fresh.load_state_dict(net.state_dict())
@@ -200,7 +201,8 @@ def test_hiding_every_xray_at_test_changes_the_predictions_of_stays_that_have_on
 def test_bad_settings_are_refused_by_name(data, setting):
     key = next(iter(setting))
     with pytest.raises(HyperparameterError, match=key):
-        InfoReg(features="cached", **InfoReg.test_hyperparameters, **setting).fit(data, device="cpu")
+        InfoReg(features="cached", **InfoReg.test_hyperparameters, **setting).fit(data,
+                                                                                  device="cpu")
     with pytest.raises(HyperparameterError, match="window_modality"):
         InfoReg(window_modality="cxr")
 
@@ -224,7 +226,8 @@ def test_an_interrupted_fit_resumes_with_its_fisher_history_bit_identical(data, 
     monkeypatch.setattr(trainer_module._Fit, "_train_epoch", killed_in_epoch_3)
     checkpoint = tmp_path / "checkpoint.pt"
     with pytest.raises(_Killed):
-        InfoReg(seed=0, features="cached", **settings).fit(data, device="cpu", checkpoint=checkpoint)
+        InfoReg(seed=0, features="cached", **settings).fit(data, device="cpu",
+                                                           checkpoint=checkpoint)
     monkeypatch.setattr(trainer_module._Fit, "_train_epoch", original)
     resumed = InfoReg(seed=0, features="cached", **settings).fit(data, device="cpu",
                                                                  checkpoint=checkpoint)

@@ -35,7 +35,7 @@ def check_interval_for(setting: int, max_epochs: int) -> int:
 
 
 def is_check_epoch(epoch: int, interval: int) -> bool:
-    """Whether ACA runs at the end of 1-based ``epoch``: the first epoch and every ``interval``-th."""
+    """Whether ACA runs at the end of 1-based ``epoch``: the first and every ``interval``-th."""
     return epoch == 1 or epoch % interval == 0
 
 
@@ -99,7 +99,7 @@ def aug_modality_loss(logits: torch.Tensor, prev: torch.Tensor | None, new: torc
 
 
 def _learner(in_dim: int, hidden: int) -> nn.Sequential:
-    """``ReLU(Linear(in_dim -> hidden))`` with Xavier-normal weight and zero bias (authors' init)."""
+    """``ReLU(Linear(in_dim -> hidden))``, Xavier-normal weight and zero bias (authors' init)."""
     layer = nn.Linear(in_dim, hidden)
     nn.init.xavier_normal_(layer.weight)
     nn.init.zeros_(layer.bias)
@@ -125,7 +125,7 @@ class _ConfidenceScore:
         self.counts = torch.zeros(n_cells, dtype=torch.float64)
 
     def add(self, q: torch.Tensor, y: torch.Tensor) -> None:
-        """Add ``q`` (:func:`fusion.tasks.true_class_probability` of some stays) with their ``y``."""
+        """Add ``q`` (:func:`fusion.tasks.true_class_probability` of some stays) and their ``y``."""
         if self.multiclass:
             cells = y.long()
         else:
@@ -145,7 +145,7 @@ class _ConfidenceScore:
 
 
 class AUGNet(nn.Module):
-    """Encoders, per-modality base embeddings and learners, one shared classifier; ACA at epoch ends.
+    """Encoders, per-modality base embeddings and learners, a shared classifier; ACA at epoch ends.
 
     Parameters
     ----------
@@ -180,9 +180,11 @@ class AUGNet(nn.Module):
         self.multiclass = get_task(task).multiclass
         self.alpha, self.lam, self.margin = alpha, lam, margin
         self.check_interval, self.residual_weight = check_interval, residual_weight
-        self.aca_score, self.frozen_learners, self.max_learners = aca_score, frozen_learners, max_learners
+        self.aca_score, self.frozen_learners = aca_score, frozen_learners
+        self.max_learners = max_learners
         self.encoders = nn.ModuleDict({"ehr": ehr_encoder, "cxr": cxr_encoder})
-        self.base = nn.ModuleDict({m: _learner(self.encoders[m].out_dim, hidden) for m in MODALITIES})
+        self.base = nn.ModuleDict({m: _learner(self.encoders[m].out_dim, hidden)
+                                   for m in MODALITIES})
         self.learners = nn.ModuleDict({m: nn.ModuleList() for m in MODALITIES})
         self.classifier = nn.Linear(hidden, n_outputs)
         nn.init.xavier_normal_(self.classifier.weight)
@@ -222,7 +224,7 @@ class AUGNet(nn.Module):
         return {"ehr": (x_ehr, None), "cxr": (x_cxr, used)}
 
     def modality_logits(self, modality: str, x: torch.Tensor) -> tuple:
-        """``(logits, prev, new)``: all terms, all but the newest learner's, the newest learner's."""
+        """``(logits, prev, new)``: all terms, all but the newest learner's, the newest one's."""
         terms = [self.classifier(self.base[modality](x))]
         terms += [self.classifier(learner(x)) for learner in self.learners[modality]]
         logits = torch.stack(terms).sum(dim=0) if len(terms) > 1 else terms[0]
@@ -397,11 +399,11 @@ class AUG(StartsFromPretrained, TorchMethod):
         super()._check_params()
         p = self.params
         if not 0 < p["alpha"] <= 1:
-            raise HyperparameterError(f"method {self.name!r}: alpha (weight of the EHR logits) must "
-                                      f"be in (0, 1], got {p['alpha']}")
+            raise HyperparameterError(f"method {self.name!r}: alpha (weight of the EHR logits) "
+                                      f"must be in (0, 1], got {p['alpha']}")
         if not 0 <= p["residual_weight"] <= 1:
-            raise HyperparameterError(f"method {self.name!r}: residual_weight must be in [0, 1] (the "
-                                      f"loss stays >= 0), got {p['residual_weight']}")
+            raise HyperparameterError(f"method {self.name!r}: residual_weight must be in [0, 1] "
+                                      f"(the loss stays >= 0), got {p['residual_weight']}")
         for key in ("margin", "check_interval", "max_learners"):
             if p[key] < 0:
                 raise HyperparameterError(f"method {self.name!r}: {key} must be >= 0, got {p[key]}")

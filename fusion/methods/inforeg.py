@@ -91,8 +91,8 @@ class InfoRegNet(nn.Module):
     """Two encoders, a linear head on their concatenation, and InfoReg's regulation hooks.
 
     ``logits = W [h_EHR; h_CXR] + b``, ``logits_ehr = W_EHR h_EHR + b / 2``, ``logits_cxr =
-    W_CXR h_CXR + b / 2`` (so ``logits = logits_ehr + logits_cxr``). A stay without an X-ray gets the
-    training mean of ``h_CXR`` in place of its X-ray feature (a running mean over the training
+    W_CXR h_CXR + b / 2`` (so ``logits = logits_ehr + logits_cxr``). A stay without an X-ray gets
+    the training mean of ``h_CXR`` in place of its X-ray feature (a running mean over the training
     batches' stays with an X-ray, a buffer saved with the weights).
 
     Parameters
@@ -224,9 +224,11 @@ class InfoRegNet(nn.Module):
         """Snapshot the encoders, reset the Fisher sums, open or close each window."""
         self.reference = {m: {n: p.detach().clone() for n, p in self.encoders[m].named_parameters()}
                           for m in MODALITIES}
-        self._fisher_sums = {m: {n: torch.zeros_like(p) for n, p in self.encoders[m].named_parameters()
-                                 if n in fisher_parameters(self.encoders[m])}
-                             for m in MODALITIES}
+        self._fisher_sums = {}
+        for m in MODALITIES:
+            names = set(fisher_parameters(self.encoders[m]))
+            self._fisher_sums[m] = {n: torch.zeros_like(p)
+                                    for n, p in self.encoders[m].named_parameters() if n in names}
         self._regulated = {m: 0 for m in MODALITIES}
         for m in MODALITIES:
             k = prime_window_k(self.fisher[m], self.window_epochs)
