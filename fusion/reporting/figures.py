@@ -101,10 +101,12 @@ def critical_difference_figure(names, ranks, cd: float, title: str):
 
     k = len(names)
     half = math.ceil(k / 2)
-    fig, (ax,) = _new_figure(1, panel=(8.0, 1.6 + 0.32 * half))
+    groups = cliques(ranks, cd)
+    top = -0.35 - 0.22 * len(groups)          # the method labels start below the clique bars
+    fig, (ax,) = _new_figure(1, panel=(8.0, 1.8 + 0.3 * (half + len(groups))))
     low, high = 1, max(k, 2)
     ax.set_xlim(low - 0.5, high + 0.5)
-    ax.set_ylim(-(half + 1.2), 1.6)
+    ax.set_ylim(top - 0.45 * half - 0.4, 1.7)
     ax.axis("off")
     ax.hlines(0, low, high, color="black", lw=1)
     for r in range(low, high + 1):
@@ -115,13 +117,13 @@ def critical_difference_figure(names, ranks, cd: float, title: str):
             color="firebrick")
     for i, (name, rank) in enumerate(zip(names, ranks)):
         left = i < half
-        depth = -(i + 1) if left else -(k - i)
+        depth = top - 0.45 * (i if left else k - 1 - i)
         x_text = low - 0.4 if left else high + 0.4
         ax.plot([rank, rank, x_text], [0, depth, depth], color="0.3", lw=0.8)
         ax.text(x_text, depth, f"{name} ({rank:.2f})", ha="right" if left else "left",
                 va="center", fontsize=8)
-    for j, (a, b) in enumerate(cliques(ranks, cd)):
-        y = -0.35 - 0.22 * j
+    for j, (a, b) in enumerate(groups):
+        y = -0.3 - 0.22 * j
         ax.hlines(y, ranks[a] - 0.05, ranks[b] + 0.05, color="black", lw=3)
     ax.set_title(title, fontsize=9)
     return fig
