@@ -48,7 +48,8 @@ def _frame(fold: int, y: np.ndarray, scores: np.ndarray, part: np.ndarray, stay0
 
 def make_run(out, method: str, *, fold: int = 0, seed: int = 0, signal: float = 2.0,
              rate: float = 0.0, at=("train", "test"), n_test: int = 40, n_val: int = 20,
-             config_extra: dict | None = None, permuted: bool = True) -> pathlib.Path:
+             cohort: str = "full", config_extra: dict | None = None,
+             permuted: bool = True) -> pathlib.Path:
     """Write one complete run folder under ``out``; return it."""
     n = n_val + n_test
     y = _labels(fold, n)
@@ -56,7 +57,7 @@ def make_run(out, method: str, *, fold: int = 0, seed: int = 0, signal: float = 
     logits = signal * (y - 0.5) + rng.normal(0.0, 1.0, n) - rate * signal * (y - 0.5)
     scores = 1.0 / (1.0 + np.exp(-logits))
     part = np.array(["val"] * n_val + ["test"] * n_test)
-    run_id = hashlib.sha256(json.dumps([method, fold, seed, rate, list(at), signal,
+    run_id = hashlib.sha256(json.dumps([method, fold, seed, rate, list(at), signal, cohort,
                                         config_extra]).encode()).hexdigest()[:12]
     folder = pathlib.Path(out) / run_id
     folder.mkdir(parents=True)
@@ -77,7 +78,7 @@ def make_run(out, method: str, *, fold: int = 0, seed: int = 0, signal: float = 
               "method": method, "hyperparameters": {"n_estimators": 10, "num_leaves": 4},
               "task": "mortality", "fold": fold, "seed": seed, "features": "cached",
               "embeddings": {m: {"encoder_id": f"{m}-test"} for m in MODALITIES[method]},
-              "cohort": "full", "cxr_missing_rate": rate, "missing_at": list(at) if rate else [],
+              "cohort": cohort, "cxr_missing_rate": rate, "missing_at": list(at) if rate else [],
               "mask_seed": seed if rate else None, "predicted_parts": ["val", "test"],
               "n_boot": 50, **(config_extra or {})}
     write_json(config, folder / "config.json")
@@ -90,7 +91,8 @@ def make_run(out, method: str, *, fold: int = 0, seed: int = 0, signal: float = 
 
 
 def make_grid(out, *, folds=(0, 1), seeds=(0, 1), rates=(0.5, 1.0)) -> list[pathlib.Path]:
-    """Runs of three methods over folds x seeds, and masked runs of lgbm-early."""
+    """Runs of three methods over folds x seeds, masked runs of lgbm-early, and two methods on
+    the matched cohort (fold 0, seed 0)."""
     signals = {"lgbm-ehr": 1.5, "lgbm-cxr": 0.5, "lgbm-early": 2.5}
     folders = []
     for method, signal in signals.items():
@@ -102,4 +104,6 @@ def make_grid(out, *, folds=(0, 1), seeds=(0, 1), rates=(0.5, 1.0)) -> list[path
             for seed in seeds:
                 folders.append(make_run(out, "lgbm-early", fold=fold, seed=seed, signal=2.5,
                                         rate=rate))
+    for method in ("lgbm-ehr", "lgbm-early"):
+        folders.append(make_run(out, method, signal=signals[method], cohort="matched"))
     return folders
