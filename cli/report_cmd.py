@@ -1,4 +1,4 @@
-"""``cbstore report``: tables, tests and figures of finished runs (wrapper over ``fusion.reporting``)."""
+"""``cbstore report``: tables, tests and figures of finished runs (over ``fusion.reporting``)."""
 
 from __future__ import annotations
 

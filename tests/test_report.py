@@ -182,7 +182,7 @@ def test_default_baseline_is_best_unimodal(grid):
     assert "baseline **lgbm-ehr** (the best unimodal method by mean auroc)" in text
 
 
-# ----- statistics against hand and brute-force computations ----------------------------------------
+# ----- statistics against hand and brute-force computations -------------------------------------
 def test_critical_difference_hand_example():
     # Demsar (2006) section 3.2.2: k = 4 methods, N = 14 data sets, q_0.05 = 2.569:
     # CD = 2.569 * sqrt(4 * 5 / (6 * 14)) = 2.569 * 0.48795 = 1.2536

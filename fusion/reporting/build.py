@@ -349,7 +349,8 @@ def _tests_of(ctx, task, cohort, label, baseline, metric, pairs) -> list:
                     "p": res["p_value"], "runs": f"{a.run_id} vs {b.run_id}"})
     if len(pairs) > 1:
         res = stratified_permutation_test(strata, metric, n_perm=opts.n_perm, seed=opts.seed)
-        keys = (ctx.provenance.key([a for a, _ in pairs]), ctx.provenance.key([b for _, b in pairs]))
+        keys = (ctx.provenance.key([a for a, _ in pairs]),
+                ctx.provenance.key([b for _, b in pairs]))
         out.append({**base, "stratum": f"combined, {len(pairs)} (fold, seed) pairs",
                     "n": str(res["n_triples"]), "a": res["value_a"], "b": res["value_b"],
                     "diff": res["difference"], "p": res["p_value"],

@@ -129,7 +129,8 @@ def find_run_folders(paths) -> tuple[list[pathlib.Path], list[str]]:
         if (path / _COMPLETE).is_file():
             candidates = [path]
         else:
-            children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            children = sorted(p for p in path.iterdir()
+                              if p.is_dir() and not p.name.startswith("."))
             candidates = [p for p in children if (p / _COMPLETE).is_file()]
             incomplete = [p.name for p in children if (p / "config.json").is_file()
                           and not (p / _COMPLETE).is_file()]
