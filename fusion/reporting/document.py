@@ -129,6 +129,14 @@ def _html_figure(figure: Figure) -> str:
             f'src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>')
 
 
+def _html_paragraph(text: str) -> str:
+    """A paragraph, or a bullet list when every line starts with ``- ``."""
+    lines = text.splitlines()
+    if lines and all(line.startswith("- ") for line in lines):
+        return "<ul>" + "".join(f"<li>{_inline(line[2:])}</li>" for line in lines) + "</ul>"
+    return f"<p>{_inline(text)}</p>"
+
+
 def render_html(blocks, title: str) -> str:
     """The blocks as one self-contained HTML page (figures embedded as PNG data URIs)."""
     body = []
@@ -137,7 +145,7 @@ def render_html(blocks, title: str) -> str:
             level = min(max(block.level, 1), 6)
             body.append(f"<h{level}>{_inline(block.text)}</h{level}>")
         elif isinstance(block, Paragraph):
-            body.append(f"<p>{_inline(block.text)}</p>")
+            body.append(_html_paragraph(block.text))
         elif isinstance(block, Table):
             body.append(_html_table(block) if block.rows else "<p>(no rows)</p>")
         elif isinstance(block, Figure):
