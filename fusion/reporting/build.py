@@ -358,37 +358,44 @@ def _tests_of(ctx, task, cohort, label, baseline, metric, pairs) -> list:
     return out
 
 
-def rank_blocks(ctx) -> tuple[list, list, np.ndarray, list]:
+def _rank_blocks(ctx) -> tuple[list, list, np.ndarray, list, list]:
     """Blocks (task, cohort, fold, seed) x methods of each task's first primary metric.
+
+    The methods kept are those run in at least half of the blocks; the blocks kept are those
+    where every kept method has a defined score (a rank comparison needs complete blocks).
 
     Returns
     -------
-    (list of str, list of tuple, numpy.ndarray, list of RunRecord)
-        Method labels present in every block, the blocks, the scores ``[n_blocks, k]`` (blocks
-        with an undefined score left out) and the runs used.
+    (list of str, list of tuple, numpy.ndarray, list of RunRecord, list of str)
+        Method labels, blocks, scores ``[n_blocks, k]``, the runs used and the methods left out.
     """
     cells = defaultdict(dict)
     for (task, cohort), runs in ctx.clean().items():
         first = PRIMARY_METRICS[task][0]
         for run in runs:
             cells[(task, cohort, run.fold, run.seed)][ctx.label(run)] = (_metric(run, first), run)
-    if not cells:
-        return [], [], np.zeros((0, 0)), []
-    methods = sorted(set.intersection(*(set(c) for c in cells.values())))
+    counts = defaultdict(int)
+    for cell in cells.values():
+        for label in cell:
+            counts[label] += 1
+    methods = sorted(m for m, c in counts.items() if 2 * c >= len(cells))
+    dropped = sorted(set(counts) - set(methods))
     blocks, scores, used = [], [], []
     for key, cell in sorted(cells.items()):
+        if not all(m in cell for m in methods):
+            continue
         row = [cell[m][0] for m in methods]
         if methods and np.all(np.isfinite(row)):
             blocks.append(key)
             scores.append(row)
             used += [cell[m][1] for m in methods]
-    return methods, blocks, np.asarray(scores, dtype=np.float64).reshape(len(blocks),
-                                                                           len(methods)), used
+    scores = np.asarray(scores, dtype=np.float64).reshape(len(blocks), len(methods))
+    return methods, blocks, scores, used, dropped
 
 
 def _ranks(ctx) -> list:
     alpha = ctx.options.alpha
-    methods, blocks, scores, used = rank_blocks(ctx)
+    methods, blocks, scores, used, dropped = _rank_blocks(ctx)
     out = [Heading("Ranks across tasks x folds x seeds", 3)]
     if len(methods) < 2 or not blocks:
         out.append(Paragraph("Not enough methods run on common (task, cohort, fold, seed) blocks "
@@ -406,7 +413,9 @@ def _ranks(ctx) -> list:
         text += (f"Friedman chi² = {friedman['statistic']:.3f}, p = {friedman['p_value']:.4g}. ")
     text += (f"Nemenyi critical difference at alpha {alpha:g}: CD = {cd:.3f} (studentized range, "
              "infinite degrees of freedom); methods joined by a bar are not significantly "
-             f"different. Runs: {ctx.provenance.key(used)}.")
+             f"different. Methods run in fewer than half of the blocks are left out"
+             f"{' (' + ', '.join(dropped) + ')' if dropped else ' (none)'}, and so are blocks "
+             f"missing a kept method. Runs: {ctx.provenance.key(used)}.")
     out.append(Paragraph(text))
     out.append(Table(["method", "mean rank"],
                      [[methods[i], f"{ranks[i]:.3f}"] for i in order], {(0, 0), (0, 1)}))
