@@ -237,4 +237,4 @@ def results_frame(runs: list[RunRecord]) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(rows)
     hp = sorted(c for c in frame.columns if c.startswith("hp."))
     columns = [*SETTING_COLUMNS, *hp, "metric", "value", "ci_low", "ci_high"]
-    return frame.reindex(columns=columns)
+    return frame.reindex(columns=columns).convert_dtypes()
