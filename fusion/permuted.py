@@ -9,8 +9,9 @@ part only, predictions format) so that a report computes reliance from the folde
 What moves with a modality (the stay's labels, ids and demographics never move):
 
 * ``ehr``: ``ehr_emb`` (cached), ``ehr`` and ``ehr_mask`` (raw);
-* ``cxr``: ``cxr_emb`` (cached), the X-ray image (raw) and the ``cxr_present`` / ``cxr_masked``
-  flags, so that a stay receives another stay's X-ray or its absence.
+* ``cxr``: ``cxr_emb`` (cached), the X-ray image (raw), its time (``cxr_hours``, where the part
+  has it) and the ``cxr_present`` / ``cxr_masked`` flags, so that a stay receives another stay's
+  X-ray or its absence.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = ["MODALITY_FIELDS", "PERMUTED_FILE", "permute_modality", "permutation_
 
 #: Part fields that belong to each modality.
 MODALITY_FIELDS = {"ehr": ("ehr_emb", "ehr", "ehr_mask"),
-                   "cxr": ("cxr_emb", "cxr_present", "cxr_masked")}
+                   "cxr": ("cxr_emb", "cxr_present", "cxr_masked", "cxr_hours")}
 #: File name of the permuted-input predictions in a run folder.
 PERMUTED_FILE = "predictions_permuted_{modality}.parquet"
 #: Mixed into the run seed so that the permutation draws are their own stream.
@@ -71,8 +72,9 @@ def permute_modality(part, modality: str, rng: np.random.Generator):
     if modality not in MODALITY_FIELDS:
         raise ValueError(f"unknown modality {modality!r}; valid: {', '.join(MODALITY_FIELDS)}")
     order = rng.permutation(len(part))
+    # a field the part type lacks or left empty (None) is skipped
     changes = {name: getattr(part, name)[order] for name in MODALITY_FIELDS[modality]
-               if getattr(part, name) is not None}
+               if getattr(part, name, None) is not None}
     if modality == "cxr" and part.image_loader is not None:
         changes["image_loader"] = _permuted_loader(part.image_loader, part.index, order)
     return dataclasses.replace(part, **changes), order
