@@ -23,7 +23,8 @@ from fusion.evaluation import (
     PredictionsError, benjamini_hochberg, load_predictions, stratified_permutation_test,
 )
 from fusion.permuted import permute_modality
-from fusion.reporting import ReportOptions, build_report
+from fusion.reporting import ReportOptions, build_report, load_runs
+from fusion.reporting.build import _variant, _variant_labels
 from fusion.reporting.stats import (
     cliques, critical_difference, friedman_test, mean_ranks, nemenyi_q, normalised_auc,
 )
@@ -386,3 +387,13 @@ def test_permute_modality_moves_only_that_modality():
                                   part.index[order[shown]])
     with pytest.raises(ValueError, match="unknown modality 'ecg'"):
         permute_modality(part, "ecg", np.random.default_rng(0))
+
+
+def test_runs_of_one_method_with_different_settings_get_distinct_labels(tmp_path):
+    make_run(tmp_path, "lgbm-ehr")
+    make_run(tmp_path, "lgbm-ehr", config_extra={"preset": "tuned"})
+    make_run(tmp_path, "lgbm-ehr", fold=1, config_extra={"features": "raw"})
+    runs, _ = load_runs([tmp_path])
+    labels = sorted({_variant_labels(runs)[_variant(r)] for r in runs})
+    assert len(labels) == 3 and "lgbm-ehr (raw)" in labels
+    assert any(label.endswith("(cached, preset tuned)") for label in labels), labels

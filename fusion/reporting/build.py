@@ -186,14 +186,15 @@ def _variant_labels(runs) -> dict:
         if len(variants) == 1:
             labels[variants[0]] = method
             continue
+        base = {v: tuple(str(p) for i, p in enumerate(v[1:4])
+                         if len({w[i + 1] for w in variants}) > 1) for v in variants}
         for v in variants:
-            _, features, ehr, cxr, hyper, preset = v
-            parts = [p for i, p in enumerate((features, ehr, cxr))
-                     if len({w[i + 1] for w in variants}) > 1]
-            if len({w[4] for w in variants}) > 1:
+            parts = list(base[v])
+            if sum(base[w] == base[v] for w in variants) > 1:  # same inputs: settings differ
+                hyper, preset = v[4], v[5]
                 parts.append(f"preset {preset}" if preset else
                              "hp " + hashlib.sha256(hyper.encode()).hexdigest()[:6])
-            labels[v] = f"{method} ({', '.join(str(p) for p in parts)})"
+            labels[v] = f"{method} ({', '.join(parts)})"
     return labels
 
 
