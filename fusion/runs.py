@@ -10,6 +10,9 @@ Run folder ``<out>/<run-id>/``::
 
     config.json          resolved configuration (+ run id and the options outside the hash)
     predictions.parquet  val and test predictions (fusion.evaluation.write_predictions format)
+    predictions_permuted_<modality>.parquet
+                         test predictions with that modality's inputs permuted across test
+                         stays, one file per modality the method reads (fusion.permuted)
     metrics.json         fusion.evaluation.evaluate_predictions of predictions.parquet
     fairness.csv         per-group table, when the evaluator provides one
     run.json             timings, part sizes, training history
@@ -55,6 +58,7 @@ from fusion.config import PARTS, RunConfig
 from fusion.data import load_fusion_data, resolve_encoder
 from fusion.evaluation import (
     evaluate_predictions, format_table, load_predictions, write_json, write_predictions)
+from fusion.permuted import PERMUTED_FILE, permutation_generator, permuted_data
 from fusion.registry import get_method
 
 __all__ = ["CHECKPOINT_FILE", "COMPLETE_MARKER", "DEMOGRAPHICS", "PREDICTED_PARTS", "RunResult", "predictions_frame",
@@ -241,6 +245,16 @@ def _fairness_csv(metrics: dict, path: pathlib.Path) -> bool:
     return True
 
 
+def _write_permuted(method, data, store, run_id: str, seed: int, folder: pathlib.Path) -> None:
+    """Test predictions with each modality the method reads permuted (modality reliance)."""
+    rng = permutation_generator(seed)
+    for modality in sorted(method.modalities):
+        permuted = permuted_data(data, modality, rng)
+        df, meta = predictions_frame(method, permuted, store, run_id=run_id, parts=("test",))
+        meta["permuted_modality"] = modality
+        write_predictions(df, meta, folder / PERMUTED_FILE.format(modality=modality))
+
+
 def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib.Path,
              echo: Callable[[str], None]) -> dict:
     started = time.perf_counter()
@@ -261,6 +275,7 @@ def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib
     method.save(folder / "weights")
     df, meta = predictions_frame(method, data, store, run_id=run_id)
     write_predictions(df, meta, folder / "predictions.parquet")
+    _write_permuted(method, data, store, run_id, cfg.seed, folder)
     predicted = time.perf_counter()
     df, meta = load_predictions(folder / "predictions.parquet")  # score exactly what was written
     metrics = evaluate_predictions(df, meta, n_boot=cfg.n_boot, seed=cfg.seed)
