@@ -131,7 +131,7 @@ class MedFuse(StartsFromPretrained, TorchMethod):
     modalities = frozenset({"ehr", "cxr"})
     handles_missing_cxr = True
     absent_cxr_policy = "shorter_sequence"
-    hyperparameters = {**TORCH_HYPERPARAMETERS, "dropout": 0.3, "num_layers": 2,
+    hyperparameters = {**TORCH_HYPERPARAMETERS, "weight_decay": 0.0, "dropout": 0.3, "num_layers": 2,
                        "bidirectional": False, "fusion_hidden": 512, "schedule": "staged",
                        "backbone": "resnet50", "cxr_weights": "imagenet"}
     hyperparameter_choices = {"schedule": ("staged", "end_to_end"),
