@@ -207,6 +207,7 @@ class M3CareNet(nn.Module):
 
     def on_fit_end(self, ctx) -> None:
         self.refresh_bank(ctx.device)  # the bank of the final (best) weights
+        self._source = None            # the fitted module keeps no reference to the data
 
     def get_extra_state(self) -> dict:
         return {"ehr": self.bank_ehr, "cxr": self.bank_cxr, "aggregate": self.bank_aggregate,

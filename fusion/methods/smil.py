@@ -132,12 +132,14 @@ class SMILNet(nn.Module):
         self.compute_priors(train, ctx.device)
 
     def on_train_epoch_start(self, ctx) -> None:
-        # Fresh centres at each stage start and while the X-ray branch trains.
+        # Fresh centres at each stage start and while the X-ray branch trains (a parameter
+        # under cxr_encoder trains in this stage).
         if ctx.epoch == 1 or ctx.stage.trains("cxr_encoder.x"):
             self.compute_priors(self._source, ctx.device)
 
     def on_fit_end(self, ctx) -> None:
         self.compute_priors(self._source, ctx.device)  # the centres of the final weights
+        self._source = None                            # no reference to the data once fitted
 
     def get_extra_state(self) -> dict:
         return {"priors": self.priors}
