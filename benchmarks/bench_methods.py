@@ -10,10 +10,10 @@ For each method named on the command line, on mortality, fold 0:
 
 Stores come from :func:`cbstore.testing.random_content` with random embeddings that carry a weak
 signal of the label (timing only; their scores mean nothing) and are written once under
-``--work-dir``. An epoch's time is the difference of two fits (``1`` and ``1 + --extra`` epochs per
-stage, no early stopping, after a first fit that warms up) divided by the difference of their epoch
-counts, so one-off costs (imports, model set-up, banks and priors built at fit start) cancel; methods trained in stages run
-each stage for that many epochs. The report prints, per method and mode, the seconds per epoch at
+``--work-dir``. An epoch's time is the difference of two fits (``1`` and ``1 + --extra`` epochs
+per stage, no early stopping, after a first fit that warms up) divided by the difference of their
+epoch counts, so one-off costs (imports, model set-up, banks and priors built at fit start)
+cancel; methods trained in stages run each stage for that many epochs. The report prints, per method and mode, the seconds per epoch at
 each size and how they grow (ratio of the times over ratio of the sizes), and the raw / cached
 ratio at the smaller sizes. Every figure is one measurement with the 1-minute load average, since
 the machine may be shared::

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
+from fusion.methods.base import OWN_HEAD_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import CXR_WEIGHTS, EmbeddingInput, build_encoder, run_on_present
 from fusion.registry import HyperparameterError, register
@@ -284,7 +284,7 @@ class DrFuse(StartsFromPretrained, TorchMethod):
     modalities = frozenset({"ehr", "cxr"})
     handles_missing_cxr = True
     absent_cxr_policy = "masked_attention"
-    hyperparameters = {**TORCH_HYPERPARAMETERS, "weight_decay": 0.0, "dropout": 0.3, "n_heads": 4,
+    hyperparameters = {**OWN_HEAD_HYPERPARAMETERS, "weight_decay": 0.0, "dropout": 0.3, "n_heads": 4,
                        "ff_dim": 2048, **{name: 1.0 for name in LAMBDAS},
                        "backbone": "resnet50", "cxr_weights": "imagenet"}
     hyperparameter_choices = {"backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
+from fusion.methods.base import OWN_HEAD_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import CXR_WEIGHTS, build_encoder, run_on_present
 from fusion.registry import HyperparameterError, register
@@ -303,7 +303,7 @@ class M3Care(StartsFromPretrained, TorchMethod):
     modalities = frozenset({"ehr", "cxr"})
     handles_missing_cxr = True
     absent_cxr_policy = "neighbour_imputation"
-    hyperparameters = {**TORCH_HYPERPARAMETERS, "ehr_model": "transformer", "n_heads": 4,
+    hyperparameters = {**OWN_HEAD_HYPERPARAMETERS, "ehr_model": "transformer", "n_heads": 4,
                        "num_layers": 1, "bidirectional": True, "kernel": "additive",
                        "epsilon_init": -0.3, "theta_init": 0.0, "top_k": 31, "bank_size": 2000,
                        "lambda_stability": 1e-3, "backbone": "resnet50", "cxr_weights": "imagenet"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
+from fusion.methods.base import OWN_HEAD_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import CXR_WEIGHTS, build_encoder, run_on_present
 from fusion.registry import HyperparameterError, register
@@ -131,7 +131,7 @@ class MedFuse(StartsFromPretrained, TorchMethod):
     modalities = frozenset({"ehr", "cxr"})
     handles_missing_cxr = True
     absent_cxr_policy = "shorter_sequence"
-    hyperparameters = {**TORCH_HYPERPARAMETERS, "weight_decay": 0.0, "dropout": 0.3, "num_layers": 2,
+    hyperparameters = {**OWN_HEAD_HYPERPARAMETERS, "weight_decay": 0.0, "dropout": 0.3, "num_layers": 2,
                        "bidirectional": False, "fusion_hidden": 512, "schedule": "staged",
                        "backbone": "resnet50", "cxr_weights": "imagenet"}
     hyperparameter_choices = {"schedule": ("staged", "end_to_end"),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
+from fusion.methods.base import OWN_HEAD_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import CXR_WEIGHTS, build_encoder, run_on_present
 from fusion.registry import HyperparameterError, MethodStateError, register
@@ -336,7 +336,7 @@ class SMIL(StartsFromPretrained, TorchMethod):
     modalities = frozenset({"ehr", "cxr"})
     handles_missing_cxr = True
     absent_cxr_policy = "prior_reconstruction"
-    hyperparameters = {**TORCH_HYPERPARAMETERS, "dropout": 0.5, "ehr_model": "transformer",
+    hyperparameters = {**OWN_HEAD_HYPERPARAMETERS, "dropout": 0.5, "ehr_model": "transformer",
                        "n_heads": 4, "num_layers": 1, "bidirectional": True, "n_clusters": 10,
                        "head_hidden": 64, "inner_steps": 1, "lr_inner": 1e-3, "alpha": 0.01,
                        "beta": 0.01, "clean_loss_weight": 0.0, "backbone": "resnet50",
