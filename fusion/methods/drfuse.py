@@ -271,6 +271,9 @@ class DrFuse(StartsFromPretrained, TorchMethod):
     present films are encoded); lambdas selected on the test set (the ``carebench`` preset ships
     them flagged ``tuned_on_test``).
 
+    Each raw X-ray encoder is the project's image encoder (backbone, then ``Linear -> ReLU ->
+    Dropout`` to ``hidden``), where the card has a plain ``Linear(2048 -> 256)``.
+
     Cached path: keeps every head, loss, the pooling, the attention and the ranking; the
     shared/distinct split lives only in the two maps of each embedding; no image fine-tuning.
 

@@ -111,7 +111,8 @@ class MedFuse(StartsFromPretrained, TorchMethod):
     ``schedule="end_to_end"`` trains everything from the start (the reference's "MedFuse-RI").
     The X-ray stage on radiology labels is not run (the store holds no radiology labels): the
     raw-mode X-ray branch starts from ImageNet weights (``cxr_weights``); a ResNet-50 replaces
-    the paper's ResNet-34.
+    the paper's ResNet-34, and the project's LSTM encoder (an input projection before the
+    stacked LSTM, a ``Linear -> ReLU`` after it) the paper's plain stacked LSTM.
 
     What the reference (CareBench) got wrong and how this differs: it skipped stage 1, used a
     1-layer EHR LSTM and fusion hidden 256, took the output size from a setting instead of the
