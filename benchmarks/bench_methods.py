@@ -18,7 +18,7 @@ each size and how they grow (ratio of the times over ratio of the sizes), and th
 ratio at the smaller sizes. Every figure is one measurement with the 1-minute load average, since
 the machine may be shared::
 
-    python benchmarks/bench_methods.py medfuse drfuse m3care smil latefusion
+    python benchmarks/bench_methods.py                   # latefusion medfuse drfuse m3care smil
     python benchmarks/bench_methods.py latefusion --cached-sizes 1000 3000 --raw-sizes 300 600
 """
 
@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 EHR_ID, CXR_ID = "bench-ehr", "bench-cxr"
+#: Methods timed when none is named (``run_all.py`` runs the script without arguments).
+DEFAULT_METHODS = ("latefusion", "medfuse", "drfuse", "m3care", "smil")
 
 
 def make_store(path: Path, n_stays: int, *, window: int, n_features: int, image_size: int,
@@ -130,7 +132,8 @@ def report(rows: list, methods: list) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("methods", nargs="+", help="registered method names")
+    parser.add_argument("methods", nargs="*", default=list(DEFAULT_METHODS),
+                        help=f"registered method names (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--cached-sizes", type=int, nargs="+", default=[1000, 3000])
     parser.add_argument("--raw-sizes", type=int, nargs="+", default=[300, 600])
     parser.add_argument("--window", type=int, default=48)
