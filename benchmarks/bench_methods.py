@@ -14,9 +14,10 @@ signal of the label (timing only; their scores mean nothing) and are written onc
 per stage, no early stopping, after a first fit that warms up) divided by the difference of their
 epoch counts, so one-off costs (imports, model set-up, banks and priors built at fit start)
 cancel; methods trained in stages run each stage for that many epochs. The report prints, per method and mode, the seconds per epoch at
-each size and how they grow (ratio of the times over ratio of the sizes), and the raw / cached
-ratio at the smaller sizes. Every figure is one measurement with the 1-minute load average, since
-the machine may be shared::
+each size (wall and CPU seconds: one torch thread, so CPU seconds are the compute and vary far less
+under load), how the CPU time grows (ratio of the times over ratio of the sizes), and the raw /
+cached ratio at the smaller sizes. Every figure is one measurement with the 1-minute load
+average, since the machine may be shared::
 
     python benchmarks/bench_methods.py                   # latefusion medfuse drfuse m3care smil
     python benchmarks/bench_methods.py latefusion --cached-sizes 1000 3000 --raw-sizes 300 600
@@ -78,11 +79,14 @@ def epoch_seconds(name: str, data, extra: int) -> dict:
     timings = []
     for epochs in (1, 1, 1 + extra):  # the first fit warms up (lazy imports, allocator)
         method = cls(seed=0, features=data.features, max_epochs=epochs, patience=epochs, **settings)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         method.fit(data, device="cpu")
-        timings.append((time.perf_counter() - start, len(method.history_["epochs"])))
-    (short, n_short), (long, n_long) = timings[1:]
-    return {"s_per_epoch": (long - short) / max(n_long - n_short, 1), "epochs": [n_short, n_long]}
+        timings.append((time.perf_counter() - start, time.process_time() - cpu,
+                        len(method.history_["epochs"])))
+    (short, cpu_short, n_short), (long, cpu_long, n_long) = timings[1:]
+    extra_epochs = max(n_long - n_short, 1)
+    return {"s_per_epoch": (long - short) / extra_epochs,
+            "cpu_s_per_epoch": (cpu_long - cpu_short) / extra_epochs, "epochs": [n_short, n_long]}
 
 
 def measure(args) -> list:
@@ -106,8 +110,9 @@ def measure(args) -> list:
 
 
 def report(rows: list, methods: list) -> None:
-    print("\n| method | features | stays | s / epoch | growth (time ratio / size ratio) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| method | features | stays | s / epoch | CPU s / epoch | growth (CPU time ratio / "
+          "size ratio) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name in methods:
         for mode in ("cached", "raw"):
             mine = sorted((r for r in rows if r["method"] == name and r["features"] == mode),
@@ -116,16 +121,17 @@ def report(rows: list, methods: list) -> None:
                 growth = ""
                 if i:
                     first = mine[0]
-                    growth = (f"{r['s_per_epoch'] / first['s_per_epoch']:.2f} / "
+                    growth = (f"{r['cpu_s_per_epoch'] / first['cpu_s_per_epoch']:.2f} / "
                               f"{r['stays'] / first['stays']:.2f}")
-                print(f"| {name} | {mode} | {r['stays']} | {r['s_per_epoch']:.3f} | {growth} |")
-    print("\n| method | raw / cached s per epoch (smallest stores) |")
+                print(f"| {name} | {mode} | {r['stays']} | {r['s_per_epoch']:.3f} | "
+                      f"{r['cpu_s_per_epoch']:.3f} | {growth} |")
+    print("\n| method | raw / cached CPU s per epoch (smallest stores) |")
     print("| --- | --- |")
     for name in methods:
         by_mode = {}
         for r in sorted(rows, key=lambda r: r["stays"]):
             if r["method"] == name:
-                by_mode.setdefault(r["features"], r["s_per_epoch"])
+                by_mode.setdefault(r["features"], r["cpu_s_per_epoch"])
         if {"raw", "cached"} <= set(by_mode):
             print(f"| {name} | {by_mode['raw'] / by_mode['cached']:.1f} |")
 
