@@ -103,9 +103,14 @@ class FusionMethod:
     absent_cxr_policy : str
         What the method does for a stay without X-ray: ``"not_used"`` (EHR only method),
         ``"train_prevalence"`` (CXR-only method: predicts the training label prevalence),
-        ``"ehr_only"`` (fusion falls back to the EHR prediction), ``"native"``, or
-        ``"mean_cxr_contribution"`` (the X-ray feature of the stay is the training mean of the
-        X-ray features, so the X-ray adds its mean contribution: InfoReg).
+        ``"ehr_only"`` (fusion falls back to the EHR prediction), ``"native"``, or a missing-modality
+        mechanism of the method's own: ``"mean_cxr_contribution"`` (InfoReg: the X-ray feature of
+        the stay is the training mean of the X-ray features), ``"shorter_sequence"`` (MedFuse: the
+        fusion sequence ends after the EHR step), ``"masked_attention"`` (DrFuse: EHR-only shared
+        representation and the X-ray token masked out of the attention), ``"neighbour_imputation"``
+        (M3Care: the X-ray representation imputed from similar training stays) or
+        ``"prior_reconstruction"`` (SMIL: the X-ray feature reconstructed from k-means priors of
+        training X-ray features).
     hyperparameters : dict
         Hyperparameter name -> default value. The default's type is the accepted type.
     cached_hyperparameters : dict

@@ -171,7 +171,7 @@ def test_unknown_experiment_name_and_missing_store(store_path, tmp_path):
 
 
 def test_shipped_experiments_are_valid():
-    assert shipped_experiments() == ["carebench", "demo"]
+    assert shipped_experiments() == ["carebench", "demo", "missing_part1"]
     care, _ = load_experiment("carebench")
     assert care.all_methods() and care.tasks == ["mortality", "phenotype", "los"]
     assert care.cohorts == ["full", "matched"] and care.folds == [0, 1, 2, 3, 4]
@@ -181,6 +181,10 @@ def test_shipped_experiments_are_valid():
         pytest.approx(r / 10) for r in range(1, 10)]
     demo, _ = load_experiment("demo")
     assert [m.name for m in demo.methods] == ["lgbm-early", "latefusion"]
+    part1, _ = load_experiment("missing_part1")
+    assert [m.name for m in part1.methods] == ["lgbm-early", "latefusion", "medfuse", "drfuse",
+                                               "m3care", "smil"]
+    assert part1.missing[0].rates == [0.0, 0.5, 0.9] and part1.missing[0].at == ["train", "test"]
 
 
 # ----- running: Dask vs serial, resume, failures --------------------------------------------------------

@@ -20,6 +20,7 @@ METHOD_MODULES = {
     "lgbm-ehr": "lgbm", "lgbm-cxr": "lgbm", "lgbm-early": "lgbm", "lgbm-late": "lgbm",
     "lstm": "unimodal", "transformer": "unimodal", "resnet": "unimodal", "ehr-mlp": "unimodal",
     "cxr-mlp": "unimodal",
+    "medfuse": "medfuse", "drfuse": "drfuse", "m3care": "m3care", "smil": "smil",
 }
 
 
