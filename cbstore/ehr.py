@@ -18,7 +18,13 @@ Semantics (also in the header of ``cbstore/resources/variables.yaml``):
 * derived variables (``derived: {sum: [...]}``) are the hourly sum of their parts, where every
   part is observed, then range-checked.
 
-Values are stored raw: no imputation, NaN = not observed.
+Values are stored raw: no imputation, NaN = not observed. Non-finite numeric values (``NaN`` or
+``inf`` in a CSV) are not measurements and are ignored.
+
+The build works in three steps, so that memory does not grow with the event tables:
+:func:`write_events` reads each event table once into Parquet (the cohort's events only),
+:func:`stays_with_ehr` finds the stays with a value, and :func:`hourly_values` aggregates the
+events of one contiguous range of stays at a time.
 """
 
 from __future__ import annotations
