@@ -376,7 +376,9 @@ async def _write_arrays(partial: Path, root_attrs: dict, arrays: dict[str, np.nd
         await root.update_attributes(root_attrs)
         made = await asyncio.gather(*[root.getitem(g) for g in GROUPS])
     groups = dict(zip(GROUPS, made))
-    created = await asyncio.gather(*[groups[group].create_array(name, **options) for group, name, options in plan])
+    # not fresh: a finish that was interrupted may have created some of the arrays already
+    created = await asyncio.gather(*[groups[group].create_array(name, **options, overwrite=not fresh)
+                                     for group, name, options in plan])
     await asyncio.gather(*[zarr_arr.setitem(Ellipsis, arrays[key])
                            for zarr_arr, key in zip(created, shapes) if key in arrays])
 

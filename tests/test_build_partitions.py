@@ -12,13 +12,16 @@ import re
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from test_build import _assert_same_build
 
 import cbstore.build as build_module
+import cbstore.store_write as store_write
 from cbstore.build import build_store, partition_rows
 from cbstore.config import BuildConfig, ConfigError
 from cbstore.store import open_store
 from cbstore.synth import write_synthetic_source
+from cli.build_cmd import build as build_command
 
 CONFIG = BuildConfig(image_size=16, n_folds=2, val_fraction=0.0, workers=0, threads=1)
 CHUNK = 4
@@ -141,3 +144,34 @@ def test_partitions_setting_is_validated():
     with pytest.raises(ConfigError, match="'partitions' = 0"):
         BuildConfig(partitions=0)
     assert BuildConfig().partitions is None and "partitions" in BuildConfig().runtime_dict()
+
+
+def test_build_interrupted_while_finishing_resumes(source, tmp_path, small_chunks, monkeypatch):
+    summary, reference = source
+    out = tmp_path / "f.zarr"
+    config = CONFIG.replace(partitions=2)
+
+    def fail(*args):
+        raise RuntimeError("killed while finishing")
+
+    monkeypatch.setattr(store_write, "_write_manifest", fail)  # after the other arrays were written
+    with pytest.raises(RuntimeError, match="killed while finishing"):
+        build_store(summary.mimic_iv, summary.mimic_cxr, out, config, progress=False)
+    assert not out.exists() and (tmp_path / "f.zarr.build" / "partial.zarr" / "stays").is_dir()
+    monkeypatch.undo()
+    monkeypatch.setattr(build_module, "CHUNK_STAYS", CHUNK)
+    again = _recording(monkeypatch)
+    path = build_store(summary.mimic_iv, summary.mimic_cxr, out, config, progress=False)
+    assert again == []  # every partition was finished
+    _assert_same_build(reference, path)
+
+
+def test_cli_partitions_option(source, tmp_path):
+    summary, _ = source
+    args = ["--mimic-iv", str(summary.mimic_iv), "--mimic-cxr", str(summary.mimic_cxr), "--out",
+            str(tmp_path / "cli.zarr"), "--image-size", "16", "--workers", "0", "--quiet"]
+    result = CliRunner().invoke(build_command, [*args, "--partitions", "0"])
+    assert result.exit_code == 1 and "'partitions' = 0" in result.output
+    result = CliRunner().invoke(build_command, [*args, "--partitions", "2"])
+    assert result.exit_code == 0, result.output
+    assert open_store(tmp_path / "cli.zarr").attrs["runtime"]["partitions"] == 2
