@@ -274,7 +274,8 @@ def run_series(args: argparse.Namespace) -> int:
         points.append(point)
         print(f"{stays:>7,} stays: {rows:>12,} event rows, build {point['build_seconds']:7.1f} s "
               f"({point['s_per_million_rows']:.2f} s/M rows), peak RSS {point['tree_rss_mb']:6.0f} MB, parse "
-              f"{point['parse_seconds']:6.1f} s, build/parse {point['ratio_to_parse']:.2f}, load {point['load_average']}",
+              f"{point['parse_seconds']:6.1f} s, build/parse {point['ratio_to_parse']:.2f}, "
+              f"load {point['load_average']}",
               flush=True)
 
     rss = [p["tree_rss_mb"] for p in points]
@@ -296,7 +297,8 @@ def run_series(args: argparse.Namespace) -> int:
               f"{p['tree_rss_mb']:>12.0f} {p['parse_seconds']:>8.1f} {p['ratio_to_parse']:>11.2f}")
     print(f"  peak RSS flat (largest <= {MAX_GROWTH} x smallest): {max(rss):.0f} / {min(rss):.0f} MB: "
           f"{verdict(checks['rss_flat'])}")
-    print(f"  peak RSS within the bound (memory_limit + 1 GiB = {bound_mb:.0f} MB): {verdict(checks['rss_within_bound'])}")
+    print(f"  peak RSS within the bound (memory_limit + 1 GiB = {bound_mb:.0f} MB): "
+          f"{verdict(checks['rss_within_bound'])}")
     print(f"  s/M rows at {points[-1]['stays']:,} within {MAX_GROWTH} x that at {points[0]['stays']:,}: "
           f"{speed[-1]:.2f} / {speed[0]:.2f}: {verdict(checks['s_per_million_rows_flat'])}")
     print(f"  build within {MAX_RATIO:g} x the parse of every event table it reads, at every size: "

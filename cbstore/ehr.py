@@ -401,8 +401,8 @@ def stays_with_ehr(extractor: Extractor, folder: Path) -> np.ndarray:
     if not files:
         return np.zeros(0, dtype=np.int64)
     extractor.con.execute("DROP TABLE IF EXISTS ehr_events")
-    extractor.con.execute(f"CREATE OR REPLACE TEMP VIEW ehr_events AS "
-                          f"SELECT stay_idx, hour, charttime, itemid, num, text FROM read_parquet({_parquet_list(files)})")
+    extractor.con.execute(f"CREATE OR REPLACE TEMP VIEW ehr_events AS SELECT stay_idx, hour, charttime, itemid, "
+                          f"num, text FROM read_parquet({_parquet_list(files)})")
     try:
         extractor.run("ehr_numeric_valid")  # (re)created over what ehr_events is now
         result = extractor.fetch_arrays("ehr_stays_with_data")
