@@ -19,6 +19,7 @@ import cbstore.build as build_module
 import cbstore.store_write as store_write
 from cbstore.build import build_store, partition_rows
 from cbstore.config import BuildConfig, ConfigError
+from cbstore.resume import why_different
 from cbstore.store import open_store
 from cbstore.synth import write_synthetic_source
 from cli.build_cmd import build as build_command
@@ -175,3 +176,16 @@ def test_cli_partitions_option(source, tmp_path):
     result = CliRunner().invoke(build_command, [*args, "--partitions", "2"])
     assert result.exit_code == 0, result.output
     assert open_store(tmp_path / "cli.zarr").attrs["runtime"]["partitions"] == 2
+
+
+def test_resume_key_differences_are_named():
+    files = {"mimic-iv/icu/chartevents": {"path": "/m/icu/chartevents.csv.gz", "size": 10, "mtime_ns": 1}}
+    key = {"cbstore_version": "1", "config_sha256": "a", "variables_sha256": "v", "phenotypes_sha256": "p",
+           "partitions": 3, "chunk_stays": 256, "sources": files}
+    assert why_different(key, dict(key)) is None
+    assert why_different(key, {**key, "partitions": 7}) == "the partition count changed (3 -> 7)"
+    assert "build settings (config hash)" in why_different(key, {**key, "config_sha256": "b"})
+    grown = {"mimic-iv/icu/chartevents": {**files["mimic-iv/icu/chartevents"], "size": 11}}
+    assert why_different(key, {**key, "sources": grown}) == \
+        "the source file /m/icu/chartevents.csv.gz changed (size or modification time)"
+    assert "disappeared" in why_different(key, {**key, "sources": {}})
