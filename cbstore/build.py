@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 #: Stays per EHR chunk and per image shard of the written store.
 CHUNK_STAYS = 256
 #: Cohort stays per partition when ``partitions`` is not set (before cohort step 5).
-PARTITION_STAYS = 4000
+PARTITION_STAYS = 2000
 
 
 def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, config: BuildConfig | None = None,
