@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 SOURCES = ("chartevents", "labevents", "outputevents")
 _SOURCE_TABLE = {"chartevents": "icu/chartevents", "labevents": "hosp/labevents", "outputevents": "icu/outputevents"}
 AGGS = ("mean", "last", "sum", "max")
+#: Event rows DuckDB may buffer over all buckets before writing them to Parquet (write_events).
+_FLUSH_ROWS = 1 << 19
 KINDS = ("continuous", "binary")
 
 
@@ -376,11 +378,17 @@ def write_events(extractor: Extractor, variables: Variables, folder: Path, bucke
     # event, which grows with the source (2.2 GB at 20,000 stays; out of memory at 40,000). With
     # them off, the joins run as written: the event table streams through as the probe side
     # and the small cohort and item tables are the build sides.
+    # DuckDB buffers up to partitioned_write_flush_threshold rows per bucket (and thread) before
+    # writing them (default 524,288): with many buckets that grew with the source (1.4 GB at
+    # 40,000 stays). A budget of _FLUSH_ROWS rows over all buckets keeps it flat (0.65 GB).
+    n_buckets = -(-int(extractor.con.execute("SELECT count(*) FROM ehr_cohort").fetchone()[0]) // int(bucket_stays))
     extractor.con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+    extractor.con.execute(f"SET partitioned_write_flush_threshold = {max(16_384, _FLUSH_ROWS // max(1, n_buckets))}")
     try:
         extractor.execute("ehr_events", sql, reads=tuple(_SOURCE_TABLE[s] for s in used))
     finally:
         extractor.con.execute("RESET disabled_optimizers")
+        extractor.con.execute("RESET partitioned_write_flush_threshold")
 
 
 def _sql_path(path: Path) -> str:
