@@ -33,6 +33,8 @@ from fusion.registry import FEATURE_MODES, TASKS
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=str),
               help="YAML or TOML file with run options and a 'hyperparameters' mapping; "
                    "command-line options override it.")
+@click.option("--preset", help="Named hyperparameter preset of the method (fusion/presets/<method>.yaml, "
+                                "e.g. carebench); --config and --set override its values.")
 @click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
               help="Override a hyperparameter (or a run option), e.g. --set lr=3e-4; repeatable.")
 @click.option("--weights-dir", type=click.Path(file_okay=False, path_type=str),
@@ -47,8 +49,8 @@ from fusion.registry import FEATURE_MODES, TASKS
 @click.option("--progress/--no-progress", default=None, help="Progress bar per epoch [on].")
 @reports_errors
 def fuse(store, method, task, fold, seed, features, ehr_encoder, cxr_encoder, cohort,
-         cxr_missing_rate, missing_at, mask_seed, config_file, set_pairs, weights_dir, device, out,
-         n_boot, overwrite, progress):
+         cxr_missing_rate, missing_at, mask_seed, config_file, preset, set_pairs, weights_dir, device,
+         out, n_boot, overwrite, progress):
     """Train and evaluate one fusion METHOD on STORE; write runs/<run-id>/.
 
     The run id is a hash of the resolved configuration: an identical complete run is reused
@@ -59,7 +61,7 @@ def fuse(store, method, task, fold, seed, features, ehr_encoder, cxr_encoder, co
     options = {"store": store, "method": method, "task": task, "fold": fold, "seed": seed,
                "features": features, "ehr_encoder": ehr_encoder, "cxr_encoder": cxr_encoder,
                "cohort": cohort, "cxr_missing_rate": cxr_missing_rate,
-               "missing_at": list(missing_at) or None, "mask_seed": mask_seed,
+               "missing_at": list(missing_at) or None, "mask_seed": mask_seed, "preset": preset,
                "weights_dir": weights_dir, "device": device,
                "out": out, "n_boot": n_boot, "overwrite": overwrite or None, "progress": progress}
     cfg = make_config(config_file=config_file, options=options, set_pairs=set_pairs)

@@ -3,7 +3,8 @@
 A run is identified by the first 12 hex digits of the SHA-256 of its resolved configuration
 (canonical JSON): store path and ``config_sha256``, the embeddings used (id and creation time),
 method and every hyperparameter (defaults included), task, fold, seed, feature mode, cohort,
-missing-modality mask, number of bootstrap resamples and the cbstore version. The output folder,
+missing-modality mask, number of bootstrap resamples, the cbstore version and, when one is used,
+the hyperparameter preset (name and ``tuned_on_test``). The output folder,
 ``--overwrite``, the device and the progress bar do not enter the id.
 
 Run folder ``<out>/<run-id>/``::
@@ -132,7 +133,14 @@ def resolve(cfg: RunConfig, store) -> dict:
     cls = get_method(cfg.method)
     cls.check_task(cfg.task)
     inputs = cls.inputs_for(cfg.features)
-    hyper = cls.resolve_hyperparameters(cfg.hyperparameters, features=cfg.features)
+    preset_values, preset = {}, None
+    if cfg.preset is not None:
+        from fusion.presets import preset_hyperparameters
+
+        preset_values, preset = preset_hyperparameters(cls.name, cfg.preset, cfg.task, cfg.cohort)
+    # defaults < cached-mode defaults < preset < config file < --set
+    hyper = cls.resolve_hyperparameters({**preset_values, **cfg.hyperparameters},
+                                        features=cfg.features)
     embeddings = {}
     for modality, given in (("ehr", cfg.ehr_encoder), ("cxr", cfg.cxr_encoder)):
         # the spatial-map kind decides the X-ray embedding when a method reads maps
@@ -143,7 +151,7 @@ def resolve(cfg: RunConfig, store) -> dict:
             if needed:
                 embeddings[modality] = _embedding_record(entry)
     masked = cfg.cxr_missing_rate > 0
-    return {
+    resolved = {
         "cbstore_version": _package_version(),
         "store": {"path": str(pathlib.Path(store.path).resolve()),
                   "config_sha256": store.attrs.get("config_sha256"),
@@ -163,6 +171,9 @@ def resolve(cfg: RunConfig, store) -> dict:
         "predicted_parts": list(PREDICTED_PARTS),
         "n_boot": cfg.n_boot,
     }
+    if preset is not None:  # only when given, so that the ids of runs without one do not change
+        resolved["preset"] = {"name": preset["name"], "tuned_on_test": preset["tuned_on_test"]}
+    return resolved
 
 
 def predictions_frame(method, data, store, *, run_id: str,
