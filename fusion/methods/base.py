@@ -139,7 +139,7 @@ class TorchMethod(FusionMethod):
         ``checkpoint``: epoch checkpoint file (see :meth:`fusion.trainer.Trainer.fit`); a fit
         interrupted after some epochs resumes from it when called again with the same settings.
         """
-        from fusion.modules import EmbeddingInput
+        from fusion.modules import EmbeddingInput, seed_augmentations
         from fusion.trainer import PartBatches, fit_process_state
 
         inputs = self._check_data(data)
@@ -158,6 +158,7 @@ class TorchMethod(FusionMethod):
         trainer = self._trainer(data.task)
         with fit_process_state(self.seed, trainer.device, self.params["num_threads"]):
             module = self.build_module(spec)
+            seed_augmentations(module, self.seed)  # the fit's own augmentation stream
             train_rows = np.arange(len(train)) if rows is None else rows
             for layer in module.modules():
                 if isinstance(layer, EmbeddingInput):  # standardise with training statistics only
