@@ -8,7 +8,9 @@ the inputs differ with the feature mode:
 
 * ``cached``: ``ehr_emb`` ``[n, d]`` and ``cxr_emb`` ``[n, d]`` (NaN rows where the X-ray is absent),
   read from ``embeddings/<modality>/<encoder-id>`` (per-fold encoders: this fold), and for the
-  methods that ask for it ``cxr_map`` ``[n, C, h, w]``, a stored spatial map (NaN where absent).
+  methods that ask for it ``cxr_map`` ``[n, C, h, w]``, a stored spatial map (NaN where absent),
+  and ``ehr``/``ehr_mask`` (input ``ehr_ts``, as in raw mode) for the methods that fuse along the
+  hours: no film is decoded or run through a frozen network in cached mode.
 * ``raw``: ``ehr`` ``[n, T, F]`` imputed and normalised with this fold's training statistics,
   ``ehr_mask`` ``[n, T, F]`` (1 = observed), and X-ray images read batch by batch as float
   ``[k, 1, H, W]`` in the torchxrayvision range ``[-1024, 1024]`` (zeros where absent).
@@ -39,7 +41,10 @@ __all__ = ["FusionData", "FusionDataError", "FusionPart", "available_encoders", 
            "load_fusion_data", "resolve_encoder"]
 
 #: Inputs loaded per feature mode when the caller does not say which.
-DEFAULT_INPUTS = {"cached": frozenset({"ehr_emb", "cxr_emb"}), "raw": frozenset({"ehr_ts", "cxr_img"})}
+#: Cached mode also offers the hourly EHR tensor (small, no image is read), which cached-mode
+#: methods that fuse along time (``mmtm``, ``utde``) read.
+DEFAULT_INPUTS = {"cached": frozenset({"ehr_emb", "cxr_emb", "ehr_ts"}),
+                  "raw": frozenset({"ehr_ts", "cxr_img"})}
 
 
 class FusionDataError(FusionError, InputsError):
@@ -154,8 +159,9 @@ def load_fusion_data(store, task: str, fold: int, *, cohort: str = "full",
     features : str
         ``cached`` or ``raw``.
     inputs : iterable of str, optional
-        Input kinds to load (a method's ``inputs_for(features)``); default: both modalities of
-        the mode, and in cached mode also ``cxr_map`` when the store holds a spatial-map
+        Input kinds to load (a method's ``inputs_for(features)``); default: what the mode offers
+        (cached: ``ehr_emb``, ``cxr_emb``, ``ehr_ts``; raw: ``ehr_ts``, ``cxr_img``), and in cached
+        mode also ``cxr_map`` when the store holds a spatial-map
         embedding (and ``cxr_encoder`` is None or one of them).
     ehr_encoder, cxr_encoder : str, optional
         Embedding ids (cached mode); None picks the only one the store holds.
