@@ -18,7 +18,7 @@ METHOD_MODULES = {
     "lgbm-ehr": "lgbm", "lgbm-cxr": "lgbm", "lgbm-early": "lgbm", "lgbm-late": "lgbm",
     "lstm": "unimodal", "transformer": "unimodal", "resnet": "unimodal", "ehr-mlp": "unimodal",
     "cxr-mlp": "unimodal",
-    "mmtm": "mmtm", "daft": "daft",
+    "mmtm": "mmtm", "daft": "daft", "utde": "utde",
 }
 
 
