@@ -1,5 +1,6 @@
 # cbstore: the two commands a new user runs, plus the benchmark.
-#   make demo   create .venv, install, then synth -> build -> encode -> fuse -> comparison table
+#   make demo   create .venv, install, then synth -> build -> encode -> fuse -> bench grid ->
+#               comparison table
 #   make test   create .venv, install, run the test suite
 #   make bench  performance benchmarks (by hand; not part of make test)
 # Every step is idempotent: a second `make demo` reuses the source, the store, the embeddings
@@ -51,4 +52,5 @@ demo: $(STAMP) $(DEMO)/store.zarr/cbstore_manifest.json
 	    $(CB) fuse $(DEMO)/store.zarr --method $$method --task $$task --fold 0 --seed 0 \
 	        --out $(DEMO)/runs --no-progress || exit 1; \
 	done; done
+	$(CB) bench demo --store $(DEMO)/store.zarr --out $(DEMO)/runs --workers 2
 	$(CB) report $(DEMO)/runs --per-label auroc --out $(DEMO)/report.md

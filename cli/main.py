@@ -8,6 +8,7 @@ root of every error the packages raise on purpose) is printed as one line, with 
 
 import click
 
+from cli.bench_cmd import bench
 from cli.build_cmd import build
 from cli.encode_cmd import encode
 from cli.evaluate_cmd import evaluate
@@ -26,7 +27,7 @@ def cbstore():
     """
 
 
-for _command in (synth, build, info, validate, encode, fuse, evaluate, report):
+for _command in (synth, build, info, validate, encode, fuse, evaluate, report, bench):
     cbstore.add_command(_command)
 
 
