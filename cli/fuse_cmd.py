@@ -21,6 +21,8 @@ from fusion.registry import FEATURE_MODES, TASKS
                    "tensors [cached].")
 @click.option("--ehr-encoder", help="EHR embedding id (cached features); default: the only one.")
 @click.option("--cxr-encoder", help="X-ray embedding id (cached features); default: the only one.")
+@click.option("--cxr-map-encoder", help="X-ray spatial-map embedding id (cached features of methods "
+                                         "that read maps: mmtm, daft); default: the only one.")
 @click.option("--cohort", type=click.Choice(COHORTS),
               help="full, matched (stays with an X-ray), or train/val on one and test on the "
                    "other [full].")
@@ -48,7 +50,7 @@ from fusion.registry import FEATURE_MODES, TASKS
 @click.option("--overwrite", is_flag=True, help="Recompute a complete run instead of reusing it.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar per epoch [on].")
 @reports_errors
-def fuse(store, method, task, fold, seed, features, ehr_encoder, cxr_encoder, cohort,
+def fuse(store, method, task, fold, seed, features, ehr_encoder, cxr_encoder, cxr_map_encoder, cohort,
          cxr_missing_rate, missing_at, mask_seed, config_file, preset, set_pairs, weights_dir, device,
          out, n_boot, overwrite, progress):
     """Train and evaluate one fusion METHOD on STORE; write runs/<run-id>/.
@@ -60,6 +62,7 @@ def fuse(store, method, task, fold, seed, features, ehr_encoder, cxr_encoder, co
 
     options = {"store": store, "method": method, "task": task, "fold": fold, "seed": seed,
                "features": features, "ehr_encoder": ehr_encoder, "cxr_encoder": cxr_encoder,
+               "cxr_map_encoder": cxr_map_encoder,
                "cohort": cohort, "cxr_missing_rate": cxr_missing_rate,
                "missing_at": list(missing_at) or None, "mask_seed": mask_seed, "preset": preset,
                "weights_dir": weights_dir, "device": device,

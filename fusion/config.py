@@ -58,6 +58,9 @@ class RunConfig:
         ``cached`` (heads on stored embeddings) or ``raw`` (end-to-end from the raw tensors).
     ehr_encoder, cxr_encoder : str or None
         Embedding ids used in cached mode; None picks the only one the store holds.
+    cxr_map_encoder : str or None
+        Spatial-map embedding id (methods that read ``cxr_map``, e.g. ``mmtm``, ``daft``); None
+        picks the only one the store holds.
     cohort : str
         One of :data:`COHORTS`.
     cxr_missing_rate : float
@@ -94,6 +97,7 @@ class RunConfig:
     features: str = "cached"
     ehr_encoder: str | None = None
     cxr_encoder: str | None = None
+    cxr_map_encoder: str | None = None
     cohort: str = "full"
     cxr_missing_rate: float = 0.0
     missing_at: tuple = PARTS
@@ -137,7 +141,8 @@ class RunConfig:
             raise ConfigError(f"cxr_missing_rate: must be in [0, 1], got {self.cxr_missing_rate!r}")
         self.cxr_missing_rate = rate
         self.missing_at = parse_missing_at(self.missing_at)
-        for name in ("ehr_encoder", "cxr_encoder", "weights_dir", "device", "preset"):
+        for name in ("ehr_encoder", "cxr_encoder", "cxr_map_encoder", "weights_dir", "device",
+                     "preset"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{name}: must be a non-empty string, got {value!r}")

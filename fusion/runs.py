@@ -142,14 +142,14 @@ def resolve(cfg: RunConfig, store) -> dict:
     hyper = cls.resolve_hyperparameters({**preset_values, **cfg.hyperparameters},
                                         features=cfg.features)
     embeddings = {}
-    for modality, given in (("ehr", cfg.ehr_encoder), ("cxr", cfg.cxr_encoder)):
-        # the spatial-map kind decides the X-ray embedding when a method reads maps
-        kind = "cxr_map" if modality == "cxr" and "cxr_map" in inputs else f"{modality}_emb"
+    for key, modality, given in (("ehr", "ehr", cfg.ehr_encoder), ("cxr", "cxr", cfg.cxr_encoder),
+                                 ("cxr_map", "cxr", cfg.cxr_map_encoder)):
+        kind = "cxr_map" if key == "cxr_map" else f"{modality}_emb"
         needed = cfg.features == "cached" and kind in inputs
         if needed or given is not None:
-            entry = resolve_encoder(store, modality, given, kind if needed else None)
+            entry = resolve_encoder(store, modality, given, kind)
             if needed:
-                embeddings[modality] = _embedding_record(entry)
+                embeddings[key] = _embedding_record(entry)
     masked = cfg.cxr_missing_rate > 0
     resolved = {
         "cbstore_version": _package_version(),
@@ -263,6 +263,7 @@ def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib
         inputs=cls.inputs_for(cfg.features),
         ehr_encoder=resolved["embeddings"].get("ehr", {}).get("encoder_id"),
         cxr_encoder=resolved["embeddings"].get("cxr", {}).get("encoder_id"),
+        cxr_map_encoder=resolved["embeddings"].get("cxr_map", {}).get("encoder_id"),
         cxr_missing_rate=cfg.cxr_missing_rate, missing_at=cfg.missing_at,
         mask_seed=resolved["mask_seed"] or 0, parts=PARTS)
     loaded = time.perf_counter()
