@@ -106,3 +106,26 @@ def test_hiding_every_xray_at_test_changes_predictions(store, raw):
     a, b = method.predict_proba(raw, "test"), method.predict_proba(hidden, "test")
     assert not np.allclose(a[with_film], b[with_film])
     np.testing.assert_allclose(a[~with_film], b[~with_film], rtol=1e-6)
+
+
+def test_cached_run_records_the_map_embedding(store, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.fuse_cmd import fuse
+    from fusion_store import CXR_MAP_ID
+
+    args = [str(store.path), "--method", "mmtm", "--features", "cached", "--out", str(tmp_path),
+            "--n-boot", "10", "--no-progress", "--set", "max_epochs=1", "--set", "hidden=8",
+            "--set", "cached_tail=conv"]
+    result = CliRunner().invoke(fuse, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["embeddings"]["cxr_map"]["encoder_id"] == CXR_MAP_ID
+    assert "cxr" not in config["embeddings"] and "ehr" not in config["embeddings"]
+    result = CliRunner().invoke(fuse, [*args, "--cxr-map-encoder", "cxr-test"])
+    assert result.exit_code == 1 and "stores no spatial map" in result.output
+    result = CliRunner().invoke(fuse, [*args[:-2], "--set", "cached_tail=backbone", "--overwrite"])
+    assert result.exit_code == 1 and "use --set cached_tail=conv" in result.output

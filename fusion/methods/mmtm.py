@@ -119,7 +119,6 @@ class MMTMNet(nn.Module):
         n = present.shape[0]
         x = self.image_input(batch, rows) if rows.numel() else None
         h = self.ehr_proj(torch.cat([batch["ehr"], batch["ehr_mask"]], dim=-1))
-        self.gated_ = []  # (image gate, EHR gate) of each unit, for inspection
         for s, stage in enumerate(self.stages):
             if x is not None:
                 x = stage(x)
@@ -135,7 +134,6 @@ class MMTMNet(nn.Module):
             if x is not None:
                 x = x * g_img[rows][:, :, None, None]
             h = h * g_ehr.unsqueeze(1)
-            self.gated_.append((g_img, g_ehr))
         logits_ehr = self.ehr_head(self.dropout(h[:, -1]))
         used = torch.zeros(n, dtype=torch.bool, device=present.device)
         logits_cxr = torch.zeros_like(logits_ehr)
@@ -146,7 +144,7 @@ class MMTMNet(nn.Module):
         both = (logits_ehr + logits_cxr) / 2
         logits = torch.where(used.unsqueeze(1), both, logits_ehr)
         return {"logits": logits, "logits_ehr": logits_ehr, "logits_cxr": logits_cxr,
-                "cxr_used": used, "cxr_map_out": x}
+                "cxr_used": used}
 
     def loss(self, out: dict, batch: dict, ctx) -> torch.Tensor:
         """``L_ehr_head + L_cxr_head`` (the X-ray head's over the stays whose X-ray was used)."""
