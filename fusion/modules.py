@@ -56,7 +56,8 @@ from torch import nn
 from fusion.registry import HyperparameterError
 from fusion.tasks import logit_of_mean_probability
 
-__all__ = ["AUGMENT_HYPERPARAMETERS", "CACHED_TAILS", "RandomAffine", "map_tail", "present_rows",
+__all__ = ["AUGMENT_HYPERPARAMETERS", "CACHED_TAILS", "MapInput", "RandomAffine", "RawImageInput",
+           "image_stream", "map_tail", "present_rows",
            "seed_augmentations", "CXREncoder", "EHRLSTMEncoder", "EHRTransformerEncoder", "EmbeddingEncoder",
            "EmbeddingInput", "EncoderOutput", "IMAGENET_WEIGHTS", "MLPHead", "PresentOnly",
            "ResNet50Backbone", "SmallCNN", "build_backbone", "build_encoder", "check_backbone",
@@ -760,3 +761,56 @@ def present_rows(present: torch.Tensor, training: bool) -> torch.Tensor:
     if training and rows.numel() < 2:
         return rows[:0]
     return rows
+
+
+# ------------------------------------------------------- X-ray stream of stage-wise fusion methods
+
+class RawImageInput(nn.Module):
+    """Raw films of the given rows: augmentation (training), the backbone's scaling, its stem."""
+
+    def __init__(self, backbone: nn.Module, augment: nn.Module | None):
+        super().__init__()
+        self.stem = backbone.stem
+        self.augment = augment
+        self._prepare = backbone.prepare  # a bound method: reads backbone.imagenet_input
+
+    def forward(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+        x = batch["cxr"][rows]
+        if self.augment is not None:
+            x = self.augment(x)
+        return self.stem(self._prepare(x))
+
+
+class MapInput(nn.Module):
+    """Stored spatial maps of the given rows (input kind ``cxr_map``)."""
+
+    def forward(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+        return batch["cxr_map"][rows]
+
+
+def image_stream(spec: dict, params: dict, *, pretrained: bool, weights_dir) -> tuple:
+    """The X-ray stream of a method that fuses between CNN stages, in the run's feature mode.
+
+    Returns
+    -------
+    image_input : nn.Module
+        ``(batch, rows) -> [k, C, h, w]``: raw films through augmentation, scaling and the
+        backbone's stem (:class:`RawImageInput`), or the stored maps (:class:`MapInput`).
+    stages : list of nn.Module
+        Raw: the backbone's stages; cached: the live tail (:func:`map_tail`).
+    channels : list of int
+        Raw: the channels after each stage; cached: the stored map's, then the tail's.
+    cached : bool
+    """
+    if spec["features"] == "cached":
+        tail = map_tail(spec, params, pretrained=pretrained, weights_dir=weights_dir)
+        return MapInput(), [tail], [int(spec["cxr_map_shape"][0]), tail.out_channels], True
+    check_backbone(params["backbone"], params["cxr_weights"])
+    backbone = build_backbone(params["backbone"],
+                              weights=params["cxr_weights"] if pretrained else "random",
+                              weights_dir=weights_dir)
+    if params["cxr_weights"] == "imagenet" and isinstance(backbone, ResNet50Backbone):
+        backbone.imagenet_input = True
+    augment = RandomAffine.from_params(params)
+    return (RawImageInput(backbone, augment), list(backbone.stages), list(backbone.stage_channels),
+            False)

@@ -10,10 +10,10 @@ from torchvision.models.resnet import Bottleneck
 from fusion.methods.base import (
     TORCH_CACHED_HYPERPARAMETERS, TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod,
 )
-from fusion.methods.mmtm import image_stream
 from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import (
-    AUGMENT_HYPERPARAMETERS, CACHED_TAILS, CXR_WEIGHTS, EmbeddingInput, build_encoder, present_rows,
+    AUGMENT_HYPERPARAMETERS, CACHED_TAILS, CXR_WEIGHTS, EmbeddingInput, build_encoder, image_stream,
+    present_rows,
 )
 from fusion.registry import HyperparameterError, register
 

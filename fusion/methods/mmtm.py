@@ -10,8 +10,7 @@ from fusion.methods.base import (
 )
 from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import (
-    AUGMENT_HYPERPARAMETERS, CACHED_TAILS, CXR_WEIGHTS, RandomAffine, ResNet50Backbone,
-    build_backbone, check_backbone, map_tail, present_rows,
+    AUGMENT_HYPERPARAMETERS, CACHED_TAILS, CXR_WEIGHTS, image_stream, present_rows,
 )
 from fusion.registry import HyperparameterError, register
 from fusion.tasks import task_loss
@@ -195,46 +194,6 @@ class MMTMNet(nn.Module):
             total = total + loss.detach()
         loss = torch.as_tensor(total, dtype=torch.float32)
         return {"loss": loss, "out": out}
-
-
-class RawImageInput(nn.Module):
-    """Raw films of the given rows: augmentation (training), the backbone's scaling, its stem."""
-
-    def __init__(self, backbone: nn.Module, augment: nn.Module | None):
-        super().__init__()
-        self.stem = backbone.stem
-        self.augment = augment
-        self.imagenet_input = bool(getattr(backbone, "imagenet_input", False))
-        self._prepare = backbone.prepare  # a bound method: reads backbone.imagenet_input
-
-    def forward(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
-        x = batch["cxr"][rows]
-        if self.augment is not None:
-            x = self.augment(x)
-        return self.stem(self._prepare(x))
-
-
-class MapInput(nn.Module):
-    """Stored spatial maps of the given rows (input kind ``cxr_map``)."""
-
-    def forward(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
-        return batch["cxr_map"][rows]
-
-
-def image_stream(spec: dict, params: dict, *, pretrained: bool, weights_dir) -> tuple:
-    """(input module, stages, stage channels) of the X-ray stream in the run's feature mode."""
-    if spec["features"] == "cached":
-        tail = map_tail(spec, params, pretrained=pretrained, weights_dir=weights_dir)
-        return MapInput(), [tail], [int(spec["cxr_map_shape"][0]), tail.out_channels], True
-    check_backbone(params["backbone"], params["cxr_weights"])
-    backbone = build_backbone(params["backbone"],
-                              weights=params["cxr_weights"] if pretrained else "random",
-                              weights_dir=weights_dir)
-    if params["cxr_weights"] == "imagenet" and isinstance(backbone, ResNet50Backbone):
-        backbone.imagenet_input = True
-    augment = RandomAffine.from_params(params)
-    return (RawImageInput(backbone, augment), list(backbone.stages), list(backbone.stage_channels),
-            False)
 
 
 @register("mmtm")
