@@ -21,8 +21,9 @@ The stores (under ``--work-dir``, reused while present): ``cbstore synth`` (64 p
 ``densenet121-res224-all-block3``, both with random weights at a 64 px input (timing only: no
 diagnostic content). The build keeps about 61 % of the synthetic stays.
 
-``--score`` fits each method once more on the larger cached store (mortality) with default
-epochs and early stopping, and prints test AUROC / AUPRC (the synthetic labels depend on the
+``--score`` (or ``--score-only``) fits each method once more on the larger cached store
+(mortality) with early stopping (patience 5, at most ``--score-epochs``), and prints test AUROC /
+AUPRC (the synthetic labels depend on the
 films for some phenotypes, not for mortality; see ``cbstore synth``).
 """
 
@@ -85,7 +86,8 @@ def _fit(method, features, data, epochs, **extra):
 
     cls = get_method(method)
     settings = dict(RAW_SETTINGS) if features == "raw" else {}
-    settings.update(max_epochs=epochs, patience=epochs + 1, **extra)
+    settings.update(max_epochs=epochs, patience=epochs + 1)
+    settings.update(extra)
     settings = {k: v for k, v in settings.items() if k in cls.hyperparameters}
     model = cls(seed=0, features=features, **settings)
     started = time.perf_counter()
@@ -100,15 +102,15 @@ def seconds_per_epoch(store, method, features, extra: int) -> tuple[float, int]:
     return (more - one) / extra, len(data.part("train"))
 
 
-def score(store, method) -> dict:
+def score(store, method, epochs: int) -> dict:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     data = _data(store, method, "cached")
-    seconds, model = _fit(method, "cached", data, 50)
+    seconds, model = _fit(method, "cached", data, epochs, patience=5)
     prob = model.predict_proba(data, "test")[:, 0]
     y = data.part("test").y[:, 0]
     return {"auroc": roc_auc_score(y, prob), "auprc": average_precision_score(y, prob),
-            "fit_s": seconds, "best_epoch": model.history_.get("best_epoch")}
+            "fit_s": seconds, "best_epoch": (getattr(model, "history_", None) or {}).get("best_epoch")}
 
 
 def main(argv=None) -> int:
@@ -119,6 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", type=int, default=1, help="epochs beyond the first [1]")
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench-out" / "methods")
     parser.add_argument("--score", action="store_true", help="test AUROC/AUPRC on the larger cached store")
+    parser.add_argument("--score-only", action="store_true", help="--score without the epoch timings")
+    parser.add_argument("--score-epochs", type=int, default=20,
+                        help="epoch limit of the scored fits (early stopping, patience 5) [20]")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     sizes = {"cached": args.cached_stays, "raw": args.raw_stays}
     stores = {n: open_store(ensure_store(args.work_dir, n)) for n in sorted({*args.cached_stays, *args.raw_stays})}
     rows = []
-    for method in args.methods:
+    for method in [] if args.score_only else args.methods:
         cls = get_method(method)
         for features in ("cached", "raw"):
             if not cls.supports(features):
@@ -147,11 +152,11 @@ def main(argv=None) -> int:
                   f"({n2}); ratio {rows[-1]['ratio']} for {rows[-1]['stays_ratio']}x the stays; "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
     scores = {}
-    if args.score:
+    if args.score or args.score_only:
         big = stores[max(args.cached_stays)]
         for method in args.methods:
             if get_method(method).supports("cached"):
-                scores[method] = score(big, method)
+                scores[method] = score(big, method, args.score_epochs)
                 s = scores[method]
                 print(f"{method:>10} cached mortality: test AUROC {s['auroc']:.3f} AUPRC {s['auprc']:.3f} "
                       f"(best epoch {s['best_epoch']}, fit {s['fit_s']:.0f} s)", flush=True)
