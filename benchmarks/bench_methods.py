@@ -1,30 +1,27 @@
-"""Seconds per training epoch of fusion methods, cached and raw, at two store sizes each.
+"""Seconds per training epoch of fusion methods, cached and raw, at two store sizes.
 
-For every method named on the command line (default: ``mmtm daft utde latefusion``) and each
-feature mode it supports, an epoch is timed on two synthetic stores of different sizes, so that
-the growth of the cost with the number of stays shows (``ratio`` = time at the larger size /
-time at the smaller one, next to the ratio of training stays)::
+For each method named on the command line, each feature mode and each of two store sizes, the
+time of one training epoch (training plus the validation pass) is the difference of two fits in
+one child process (1 epoch and 1 + ``--extra-epochs`` epochs, early stopping off, after a warm-up
+fit of one epoch) divided by the extra epochs, so that one-off costs (imports, model set-up,
+embedding statistics) cancel. The table
+gives both sizes, how the time grows (ratio of the two) against how the training part grows, and
+the cached / raw ratio at the smaller size.
 
-    python benchmarks/bench_methods.py                       # default methods and sizes
-    python benchmarks/bench_methods.py mmtm --cached-stays 1000 3000 --raw-stays 300 600
-    python benchmarks/bench_methods.py mmtm daft --score     # also test AUROC / AUPRC
+Stores are made as the Makefile's demo target does (``cbstore synth`` -> ``build`` -> ``encode
+ehr-stats`` -> ``encode densenet121-res224-all --weights random --input-size 64``), plus the
+spatial maps ``densenet121-res224-all-block3`` (same weights and input) that the cached mode of
+``mmtm`` and ``daft`` reads (DenseNet ``denseblock4`` runs live on them), once per size, and
+reused under ``--work-dir``. Raw fits use the small CNN (``backbone=small``, random weights) on
+the stored films. Only small sizes are meant for a shared 2-core machine::
 
-An epoch's time is the difference of two fits in one process (1 epoch and 1 + ``--extra``
-epochs, no early stop) divided by ``--extra``, so model set-up and lazy imports cancel; it
-includes the validation pass. Settings: cached mode with each method's cached defaults (the
-spatial-map methods run the DenseNet ``denseblock4`` live on ``densenet121-res224-all-block3``
-maps); raw mode with ``backbone=small`` (a 3-stage CNN) and random weights on the stored 64 px
-films, hidden 64.
+    python benchmarks/bench_methods.py aug inforeg latefusion
+    python benchmarks/bench_methods.py aug --raw-stays 500 1000 --json out.json
 
-The stores (under ``--work-dir``, reused while present): ``cbstore synth`` (64 px films) ->
-``cbstore build`` -> ``cbstore encode`` with ``ehr-stats``, ``densenet121-res224-all`` and
-``densenet121-res224-all-block3``, both with random weights at a 64 px input (timing only: no
-diagnostic content). The build keeps about 61 % of the synthetic stays.
-
-``--score`` (or ``--score-only``) fits each method once more on the larger cached store
-(mortality) with early stopping (patience 5, at most ``--score-epochs``), and prints test AUROC /
-AUPRC (the synthetic labels depend on the
-films for some phenotypes, not for mortality; see ``cbstore synth``).
+Sizes are *synthetic* ICU stays; the build keeps about 61 % of them (adults with at least 48 h in
+the ICU), so the defaults give stores of about 1,000 and 3,000 stays (cached) and 300 and 600
+stays (raw). Each figure is printed with the load average (1 min) and the CPU seconds used: on a
+shared machine wall times are inflated, CPU seconds much less so.
 """
 
 from __future__ import annotations
@@ -37,133 +34,156 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_SIZE = 64
+CXR_ENCODER = "densenet121-res224-all"
+#: Spatial maps for the methods that fuse between CNN stages (``cxr_map``).
+MAP_ENCODER = "densenet121-res224-all-block3"
 
-KEEP = 0.61
-ENCODERS = (("ehr-stats", ()), ("densenet121-res224-all", ("--weights", "random", "--input-size", "64")),
-            ("densenet121-res224-all-block3", ("--weights", "random", "--input-size", "64")))
-RAW_SETTINGS = {"backbone": "small", "cxr_weights": "random", "hidden": 64}
+# Child process: fits of one method in one mode, as JSON lines (see the module docstring).
+_EPOCH_CHILD = """
+import json, os, sys, time
+from cbstore.store import open_store
+from fusion.data import load_fusion_data
+from fusion.registry import get_method
+store, method, task, features, device, plan = sys.argv[1:6] + [json.loads(sys.argv[6])]
+cls = get_method(method)
+data = load_fusion_data(open_store(store), task, 0, features=features,
+                        inputs=cls.inputs_for(features))
+settings = {}
+if features == "raw":
+    settings = {k: v for k, v in {"backbone": "small", "cxr_weights": "random"}.items()
+                if k in cls.hyperparameters}
+def fit(epochs):
+    model = cls(seed=0, features=features, max_epochs=epochs, patience=epochs, **settings)
+    load = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.fit(data, device=device)
+    return {"epochs": len(model.history_["epochs"]), "fit_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0, "load1": round(load, 2),
+            "n_train": len(data.part("train"))}
+fit(1)  # warm-up: lazy imports and first-call kernel set-up
+for epochs in plan:
+    print(json.dumps(fit(epochs)), flush=True)
+"""
 
 
-def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL)
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli.main", *args]
 
 
-def ensure_store(work: Path, stays: int) -> Path:
-    """A store of about ``stays`` ICU stays with the three embeddings (built once)."""
-    folder = work / f"store-{stays}"
-    store = folder / "store.zarr"
-    done = folder / "ready"
+def _run(cmd: list[str], log: Path) -> str:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); see {log}")
+    return proc.stdout
+
+
+def ensure_store(work: Path, synth_stays: int) -> Path:
+    """A demo-like store made from ``synth_stays`` synthetic stays (reused when complete)."""
+    folder = work / f"stays-{synth_stays}"
+    store, done = folder / "store.zarr", folder / "READY"
     if done.is_file():
+        _ensure_maps(store, folder)
         return store
-    synth = max(int(stays / KEEP), 50)
-    print(f"building a store of ~{stays} stays ({synth} synthetic) in {folder} ...", flush=True)
-    _cli("synth", str(folder / "source"), "--stays", str(synth), "--image-size", "64",
-         "--chartevents-per-stay", "250", "--overwrite")
-    _cli("build", "--mimic-iv", str(folder / "source" / "mimic-iv"), "--mimic-cxr",
-         str(folder / "source" / "mimic-cxr-jpg"), "--out", str(store), "--image-size", "64",
-         "--overwrite", "--quiet")
-    for name, extra in ENCODERS:
-        _cli("encode", str(store), "--encoder", name, *extra, "--quiet", "--threads", "1")
-    done.write_text("ok\n")
+    source, logs = folder / "source", folder / "logs"
+    print(f"store of {synth_stays} synthetic stays: synth, build, encode ...", flush=True)
+    _run(_cli("synth", str(source), "--stays", str(synth_stays), "--seed", "0", "--image-size",
+              str(IMAGE_SIZE), "--overwrite"), logs / "synth.log")
+    _run(_cli("build", "--mimic-iv", str(source / "mimic-iv"), "--mimic-cxr",
+              str(source / "mimic-cxr-jpg"), "--out", str(store), "--image-size", str(IMAGE_SIZE),
+              "--overwrite"), logs / "build.log")
+    _run(_cli("encode", str(store), "--encoder", "ehr-stats"), logs / "encode_ehr.log")
+    _run(_cli("encode", str(store), "--encoder", CXR_ENCODER, "--weights", "random",
+              "--input-size", str(IMAGE_SIZE)), logs / "encode_cxr.log")
+    done.write_text("ready\n")
+    _ensure_maps(store, folder)
     return store
 
 
-def _data(store, method, features, task="mortality"):
-    from fusion.data import load_fusion_data
-    from fusion.registry import get_method
-
-    cls = get_method(method)
-    return load_fusion_data(store, task, 0, features=features, inputs=cls.inputs_for(features),
-                            ehr_encoder="ehr-stats", cxr_encoder="densenet121-res224-all-random",
-                            cxr_map_encoder="densenet121-res224-all-block3-random")
-
-
-def _fit(method, features, data, epochs, **extra):
-    from fusion.registry import get_method
-
-    cls = get_method(method)
-    settings = dict(RAW_SETTINGS) if features == "raw" else {}
-    settings.update(max_epochs=epochs, patience=epochs + 1)
-    settings.update(extra)
-    settings = {k: v for k, v in settings.items() if k in cls.hyperparameters}
-    model = cls(seed=0, features=features, **settings)
-    started = time.perf_counter()
-    model.fit(data, device="cpu")
-    return time.perf_counter() - started, model
+def _ensure_maps(store: Path, folder: Path) -> None:
+    """Add the spatial maps to a store made before they were part of the recipe."""
+    done = folder / "MAPS"
+    if not done.is_file():
+        _run(_cli("encode", str(store), "--encoder", MAP_ENCODER, "--weights", "random",
+                  "--input-size", str(IMAGE_SIZE)), folder / "logs" / "encode_map.log")
+        done.write_text("ready\n")
 
 
-def seconds_per_epoch(store, method, features, extra: int) -> tuple[float, int]:
-    data = _data(store, method, features)
-    one, _ = _fit(method, features, data, 1)
-    more, _ = _fit(method, features, data, 1 + extra)
-    return (more - one) / extra, len(data.part("train"))
+def time_epoch(store: Path, method: str, features: str, task: str, device: str, extra: int,
+               logs: Path) -> dict:
+    """Seconds (wall and CPU) of one epoch of ``method`` in ``features`` mode on ``store``."""
+    cmd = [sys.executable, "-c", _EPOCH_CHILD, str(store), method, task, features, device,
+           json.dumps([1, 1 + extra])]
+    text = _run(cmd, logs / f"{method}-{features}-{store.parent.name}.log")
+    short, long = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    if long["epochs"] - short["epochs"] != extra:
+        raise SystemExit(f"{method} {features}: fits ran {short['epochs']} and {long['epochs']} "
+                         f"epochs, expected a difference of {extra}")
+    result = {"per_epoch_s": (long["fit_s"] - short["fit_s"]) / extra,
+              "per_epoch_cpu_s": (long["cpu_s"] - short["cpu_s"]) / extra,
+              "n_train": short["n_train"], "load1": [short["load1"], long["load1"]]}
+    print(f"  {method:12s} {features:6s} {short['n_train']:5d} training stays: "
+          f"{result['per_epoch_s']:.3f} s per epoch ({result['per_epoch_cpu_s']:.3f} CPU s); "
+          f"load avg {short['load1']} -> {long['load1']}", flush=True)
+    return result
 
 
-def score(store, method, epochs: int) -> dict:
-    from sklearn.metrics import average_precision_score, roc_auc_score
+def print_table(results: dict) -> None:
+    print("\n| method | features | train stays | s / epoch | CPU s / epoch "
+          "| growth (time / stays) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for method, modes in results.items():
+        for features, sizes in modes.items():
+            small, large = sizes
+            growth = (f"{large['per_epoch_s'] / small['per_epoch_s']:.2f}x / "
+                      f"{large['n_train'] / small['n_train']:.2f}x")
+            print(f"| {method} | {features} | {small['n_train']} -> {large['n_train']} | "
+                  f"{small['per_epoch_s']:.3f} -> {large['per_epoch_s']:.3f} | "
+                  f"{small['per_epoch_cpu_s']:.3f} -> {large['per_epoch_cpu_s']:.3f} | {growth} |")
+    for method, modes in results.items():
+        if {"cached", "raw"} <= set(modes):
+            ratio = modes["cached"][0]["per_epoch_s"] / modes["raw"][0]["per_epoch_s"]
+            print(f"{method}: cached / raw seconds per epoch at the smaller sizes: {ratio:.4f}")
 
-    data = _data(store, method, "cached")
-    seconds, model = _fit(method, "cached", data, epochs, patience=5)
-    prob = model.predict_proba(data, "test")[:, 0]
-    y = data.part("test").y[:, 0]
-    return {"auroc": roc_auc_score(y, prob), "auprc": average_precision_score(y, prob),
-            "fit_s": seconds, "best_epoch": (getattr(model, "history_", None) or {}).get("best_epoch")}
 
-
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("methods", nargs="*", default=["mmtm", "daft", "utde", "latefusion"])
-    parser.add_argument("--cached-stays", type=int, nargs=2, default=[1000, 3000])
-    parser.add_argument("--raw-stays", type=int, nargs=2, default=[300, 600])
-    parser.add_argument("--extra", type=int, default=1, help="epochs beyond the first [1]")
-    parser.add_argument("--work-dir", type=Path, default=REPO / "bench-out" / "methods")
-    parser.add_argument("--score", action="store_true", help="test AUROC/AUPRC on the larger cached store")
-    parser.add_argument("--score-only", action="store_true", help="--score without the epoch timings")
-    parser.add_argument("--score-epochs", type=int, default=20,
-                        help="epoch limit of the scored fits (early stopping, patience 5) [20]")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("methods", nargs="+", help="registered method names")
+    parser.add_argument("--features", nargs="+", default=["cached", "raw"],
+                        choices=["cached", "raw"])
+    parser.add_argument("--cached-stays", nargs=2, type=int, default=[1640, 4920],
+                        help="synthetic stays of the two cached-mode stores")
+    parser.add_argument("--raw-stays", nargs=2, type=int, default=[500, 1000],
+                        help="synthetic stays of the two raw-mode stores")
+    parser.add_argument("--task", default="mortality")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cached-extra-epochs", type=int, default=5)
+    parser.add_argument("--raw-extra-epochs", type=int, default=1)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/cbstore-bench-methods"))
+    parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from cbstore.store import open_store
-    from fusion.registry import get_method
-
-    torch.set_num_threads(1)
-    print(f"load average {os.getloadavg()[0]:.1f}; torch threads 1", flush=True)
+    logs = args.work_dir / "logs"
     sizes = {"cached": args.cached_stays, "raw": args.raw_stays}
-    stores = {n: open_store(ensure_store(args.work_dir, n)) for n in sorted({*args.cached_stays, *args.raw_stays})}
-    rows = []
-    for method in [] if args.score_only else args.methods:
-        cls = get_method(method)
-        for features in ("cached", "raw"):
-            if not cls.supports(features):
-                continue
-            (t1, n1), (t2, n2) = (seconds_per_epoch(stores[n], method, features, args.extra)
-                                  for n in sizes[features])
-            rows.append({"method": method, "features": features, "train_stays": [n1, n2],
-                         "s_per_epoch": [round(t1, 2), round(t2, 2)],
-                         "ratio": round(t2 / t1, 2) if t1 > 0 else None,
-                         "stays_ratio": round(n2 / n1, 2)})
-            print(f"{method:>10} {features:>6}: {t1:6.2f} s/epoch ({n1} train stays), {t2:6.2f} s/epoch "
-                  f"({n2}); ratio {rows[-1]['ratio']} for {rows[-1]['stays_ratio']}x the stays; "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
-    scores = {}
-    if args.score or args.score_only:
-        big = stores[max(args.cached_stays)]
+    extra = {"cached": args.cached_extra_epochs, "raw": args.raw_extra_epochs}
+    started = time.perf_counter()
+    results: dict = {}
+    for features in args.features:
+        stores = [ensure_store(args.work_dir, n) for n in sizes[features]]
         for method in args.methods:
-            if get_method(method).supports("cached"):
-                scores[method] = score(big, method, args.score_epochs)
-                s = scores[method]
-                print(f"{method:>10} cached mortality: test AUROC {s['auroc']:.3f} AUPRC {s['auprc']:.3f} "
-                      f"(best epoch {s['best_epoch']}, fit {s['fit_s']:.0f} s)", flush=True)
+            results.setdefault(method, {})[features] = [
+                time_epoch(store, method, features, args.task, args.device, extra[features], logs)
+                for store in stores]
+    print_table(results)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"epochs": rows, "scores": scores}, indent=1) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -103,9 +103,11 @@ class FusionMethod:
     absent_cxr_policy : str
         What the method does for a stay without X-ray: ``"not_used"`` (EHR only method),
         ``"train_prevalence"`` (CXR-only method: predicts the training label prevalence),
-        ``"ehr_only"`` (fusion falls back to the EHR prediction), ``"absent_token"`` (the X-ray
-        stream of a stay without a film is a learned absent token, map or key: ``mmtm``,
-        ``daft``, ``utde``; no image is encoded) or ``"native"``.
+        ``"ehr_only"`` (fusion falls back to the EHR prediction), ``"native"``,
+        ``"mean_cxr_contribution"`` (the X-ray feature of the stay is the training mean of the
+        X-ray features, so the X-ray adds its mean contribution: InfoReg), or ``"absent_token"``
+        (the X-ray stream of a stay without a film is a learned absent token, map or key:
+        ``mmtm``, ``daft``, ``utde``; no image is encoded).
     hyperparameters : dict
         Hyperparameter name -> default value. The default's type is the accepted type.
     cached_hyperparameters : dict

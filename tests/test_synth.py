@@ -18,6 +18,9 @@ from PIL import Image
 
 from cbstore.phenotypes import load_phenotypes
 from cbstore.synth import SynthError, write_synthetic_source
+from cbstore.synth._chunks import default_chunk_stays, patient_chunks
+from cbstore.synth._draws import STREAMS, UnitDraws
+from cbstore.synth._io import GzipCsvWriter
 from cbstore.synth.ehr import variable_itemids
 from cbstore.synth.images import render_films
 from cli.synth_cmd import synth
@@ -405,12 +408,12 @@ def test_chartevents_per_stay_option(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_rendered_findings_change_the_film():
-    rng = np.random.default_rng(0)
     n = 64
 
     def films(c, o, e, ap=False):
         factors = np.tile(np.array([[c, o, e]], np.float32), (n, 1))
-        return render_films(factors, np.ones(n, bool), np.full(n, ap), (48, 48), rng).astype(float)
+        draws = UnitDraws(0, STREAMS["images"], range(n))   # the same noise for every finding
+        return render_films(factors, np.ones(n, bool), np.full(n, ap), (48, 48), draws).astype(float)
 
     base = films(0, -2, -2)
     big_heart = films(2.5, -2, -2)
@@ -422,8 +425,94 @@ def test_rendered_findings_change_the_film():
     assert big_heart[heart_band].mean() > base[heart_band].mean() + 8
     assert opaque[lungs].mean() > base[lungs].mean() + 5
     assert effusion[bases].mean() > base[bases].mean() + 8
-    lateral = render_films(np.zeros((2, 3), np.float32), np.zeros(2, bool), np.zeros(2, bool), (32, 40), rng)
+    lateral = render_films(np.zeros((2, 3), np.float32), np.zeros(2, bool), np.zeros(2, bool), (32, 40),
+                           UnitDraws(0, STREAMS["images"], range(2)))
     assert lateral.shape == (2, 32, 40) and lateral.dtype == np.uint8
+
+
+def test_a_film_does_not_depend_on_the_films_rendered_with_it():
+    rng = np.random.default_rng(1)
+    factors = rng.normal(size=(70, 3)).astype(np.float32)
+    frontal, ap = rng.random(70) < 0.7, rng.random(70) < 0.5
+    together = render_films(factors, frontal, ap, (24, 20), UnitDraws(3, STREAMS["images"], range(70)))
+    for i in (0, 41, 69):                          # alone, with its own generator (unit i)
+        alone = render_films(factors[i:i + 1], frontal[i:i + 1], ap[i:i + 1], (24, 20),
+                             UnitDraws(3, STREAMS["images"], [i]))
+        np.testing.assert_array_equal(alone[0], together[i])
+
+
+# ------------------------------------------------------------------------------------------------
+# chunks: draws per unit, bytes independent of the chunk size
+# ------------------------------------------------------------------------------------------------
+
+def test_unit_draws_depend_only_on_seed_stream_and_unit():
+    chunk = UnitDraws(5, STREAMS["chartevents"], [10, 11, 12])
+    rows = np.array([2, 0, 2, 1, 2, 0])                 # rows of units 12, 10, 12, 11, 12, 10
+    mixed = chunk.normal(rows=rows)
+    alone = UnitDraws(5, STREAMS["chartevents"], [12]).normal(rows=np.zeros(3, np.int64))
+    np.testing.assert_array_equal(mixed[rows == 2], alone)
+    assert not np.array_equal(UnitDraws(6, STREAMS["chartevents"], [12]).normal(rows=np.zeros(3, np.int64)), alone)
+    assert not np.array_equal(UnitDraws(5, STREAMS["labevents"], [12]).normal(rows=np.zeros(3, np.int64)), alone)
+    # a unit's later draws follow on from its earlier ones, whoever shares the chunk
+    again = UnitDraws(5, STREAMS["chartevents"], [11, 12])
+    again.normal(rows=np.array([1, 0, 1, 1]))
+    later = chunk.random(), again.random()
+    assert later[0][2] == later[1][1]
+    u = UnitDraws(0, 1, range(500))
+    assert set(np.unique(u.integers(2, 5))) == {2, 3, 4}
+    assert set(np.unique(u.choice([0.5, 0.0, 0.5]))) == {0, 2}
+    assert u.poisson(np.r_[np.zeros(250), np.full(250, 3.0)])[:250].sum() == 0
+
+
+def test_patient_chunks_keep_patients_whole():
+    stays = np.array([1, 3, 1, 1, 2, 1, 4, 1])
+    for size in (1, 2, 3, 5, 100):
+        chunks = patient_chunks(stays, size)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(stays)
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))       # contiguous, nothing skipped
+        # a chunk holds the patients starting in its window of `size` stays: at most size + (largest - 1)
+        assert all(0 < stays[first:end].sum() <= size + stays.max() - 1 for first, end in chunks)
+    assert patient_chunks(stays, 1) == [(i, i + 1) for i in range(len(stays))]
+    assert patient_chunks(stays, 100) == [(0, len(stays))]
+    assert patient_chunks(stays, 4) == [(0, 2), (2, 5), (5, 7), (7, 8)]
+    assert patient_chunks([], 3) == []
+    assert default_chunk_stays(None) == 1538 and default_chunk_stays(1100) == 909 and default_chunk_stays(5e6) == 1
+
+
+def test_gzip_bytes_do_not_depend_on_how_rows_are_written(tmp_path):
+    import pyarrow as pa
+    table = pa.table({"a": np.arange(3000), "b": [f"text {i % 17}" for i in range(3000)]})
+    with GzipCsvWriter(tmp_path / "one.csv.gz", ["a", "b"]) as w:
+        w.write(table)
+    with GzipCsvWriter(tmp_path / "many.csv.gz", ["a", "b"]) as w:
+        for start in (0, 1, 2, 700, 701, 2999):
+            w.write(table.slice(start, {0: 1, 1: 1, 2: 698, 700: 1, 701: 2298, 2999: 1}[start]))
+        assert w.n_rows == 3000
+    assert (tmp_path / "one.csv.gz").read_bytes() == (tmp_path / "many.csv.gz").read_bytes()
+    with pytest.raises(ValueError, match="columns"):
+        with GzipCsvWriter(tmp_path / "bad.csv.gz", ["a", "c"]) as w:
+            w.write(table)
+
+
+@pytest.mark.parametrize("chunk_stays", [1, 3, 61])
+def test_files_do_not_depend_on_the_chunk_size(small, tmp_path, chunk_stays):
+    out, summary = small                          # written with the default chunk (all 60 stays at once)
+    write_synthetic_source(tmp_path, n_stays=60, seed=7, image_size=32, chunk_stays=chunk_stays)
+    reference, chunked = file_digests(out), file_digests(tmp_path)
+    assert sum(rel.endswith(".jpg") for rel in chunked) == summary.n_images > 0
+    assert chunked == reference
+
+
+def test_labevent_and_specimen_ids_stay_unique_across_chunks(tmp_path):
+    write_synthetic_source(tmp_path, n_stays=40, seed=9, images=False, chunk_stays=4)
+    lab = read(tmp_path, "mimic-iv/hosp/labevents.csv.gz")
+    ids = lab["labevent_id"].astype(int).to_numpy()
+    assert (np.diff(ids) >= 0).all() and ids[0] == 1
+    assert np.array_equal(np.unique(ids), np.arange(1, ids.max() + 1))   # consecutive over distinct rows
+    assert (lab.drop_duplicates()["labevent_id"].value_counts() == 1).all()  # a repeated id is a repeated row
+    panels = lab.groupby("specimen_id")[["subject_id", "charttime"]].nunique()
+    assert (panels == 1).all().all()                 # one specimen, one patient and one time
+    assert lab["subject_id"].astype(int).is_monotonic_increasing
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,6 +525,8 @@ def test_rendered_findings_change_the_film():
     ({"image_size": 4}, "image_size must be an int >= 8"),
     ({"image_size": (32, 32, 3)}, "image_size must be"),
     ({"eligible_share": 1.5}, "eligible_share must be in"),
+    ({"chunk_stays": 0}, "chunk_stays must be a positive integer, got 0"),
+    ({"chunk_stays": 2.5}, "chunk_stays must be a positive integer"),
 ])
 def test_invalid_arguments(tmp_path, kwargs, message):
     args = {"n_stays": 5, "seed": 0, "image_size": 16} | kwargs
@@ -461,7 +552,8 @@ def test_overwrite_rules(tmp_path):
 def test_cli_writes_summary_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "cli"
     runner = CliRunner()
-    result = runner.invoke(synth, [str(out), "--stays", "12", "--seed", "4", "--image-size", "16"])
+    result = runner.invoke(synth, [str(out), "--stays", "12", "--seed", "4", "--image-size", "16",
+                                   "--chunk-stays", "5"])
     assert result.exit_code == 0, result.output
     assert "12 stays" in result.output and "chartevents rows" in result.output and "eligible film" in result.output
     assert json.loads((out / "truth.json").read_text())["n_stays"] == 12
@@ -473,3 +565,5 @@ def test_cli_writes_summary_and_refuses_to_overwrite(tmp_path):
     assert json.loads((out / "truth.json").read_text())["n_stays"] == 10
     bad = runner.invoke(synth, [str(tmp_path / "x"), "--stays", "0"])
     assert bad.exit_code != 0
+    bad_chunk = runner.invoke(synth, [str(tmp_path / "y"), "--stays", "5", "--chunk-stays", "0"])
+    assert bad_chunk.exit_code != 0 and "--chunk-stays" in bad_chunk.output

@@ -6,6 +6,16 @@
 ``OUT/truth.json`` (the planted ground truth; never inside the source folders). Each source root
 holds ``SYNTHETIC.txt`` and ``cbstore_synthetic.json`` markers. Same seed, same bytes.
 
+Memory
+------
+The latent world (patients, admissions, stays, diagnoses, the film plan: about 1 KB of data per
+stay) is simulated at once; the rows that grow with the source are generated and written chunk by
+chunk (``chunk_stays``): chartevents and outputevents by stays in ``stay_id`` order, labevents and
+the JPEG films by whole patients in ``subject_id`` order, the stays of ``truth.json`` last. Each
+stay, patient and film draws from its own generator, seeded from ``(seed, table, its position)``
+(:mod:`cbstore.synth._draws`), and the gzip streams are written without flushes, so every file is
+byte-identical whatever the chunk size. The default chunk holds about one million chartevents rows.
+
 Generative model
 ----------------
 Patients, admissions, stays
@@ -86,7 +96,8 @@ from cbstore.phenotypes import load_phenotypes
 from cbstore.synth import cxr as _cxr
 from cbstore.synth import ehr as _ehr
 from cbstore.synth.model import simulate_cohort
-from cbstore.synth.truth import build_truth, dumps_truth
+from cbstore.synth._chunks import default_chunk_stays, patient_chunks, patients_by_subject
+from cbstore.synth.truth import write_truth
 
 __all__ = ["write_synthetic_source", "SynthSummary", "SynthError", "MIMIC_IV_DIR", "MIMIC_CXR_DIR", "TRUTH_FILE"]
 
@@ -172,9 +183,16 @@ def _write_markers(root: Path, version: str, seed: int, n_stays: int) -> None:
          "n_stays": n_stays}, indent=2) + "\n", encoding="utf-8")
 
 
+def _subject_chunks(cohort, chunk_stays: int) -> list[tuple[int, int]]:
+    """First and last ``subject_id`` of each chunk of whole patients (about ``chunk_stays`` stays)."""
+    subjects, stays = patients_by_subject(cohort)
+    return [(int(subjects[first]), int(subjects[end - 1])) for first, end in patient_chunks(stays, chunk_stays)]
+
+
 def write_synthetic_source(out_dir, n_stays: int, seed: int, image_size=64, *, images: bool = True,
                            chartevents_per_stay: float | None = None, eligible_share: float = 0.27,
-                           overwrite: bool = False, phenotypes_path=None, variables_path=None) -> SynthSummary:
+                           overwrite: bool = False, phenotypes_path=None, variables_path=None,
+                           chunk_stays: int | None = None) -> SynthSummary:
     """Write a synthetic MIMIC-IV + MIMIC-CXR-JPG source with planted ground truth.
 
     Parameters
@@ -199,6 +217,11 @@ def write_synthetic_source(out_dir, n_stays: int, seed: int, image_size=64, *, i
         Replace an existing synthetic source in ``out_dir``; without it a non-empty folder is refused.
     phenotypes_path, variables_path : path-like, optional
         Definition files (default: the packaged ones).
+    chunk_stays : int, optional
+        Stays generated and held in memory at once (the event tables, the films and the stays of
+        ``truth.json`` are written chunk by chunk); default: about one million chartevents rows
+        (:func:`cbstore.synth._chunks.default_chunk_stays`). Every stay, patient and film draws from
+        its own generator, so the written bytes do not depend on it; only peak memory does.
 
     Returns
     -------
@@ -230,14 +253,20 @@ def write_synthetic_source(out_dir, n_stays: int, seed: int, image_size=64, *, i
         raise SynthError(f"eligible_share must be in (0, 1), got {eligible_share!r}")
     if chartevents_per_stay is not None and not chartevents_per_stay > 0:
         raise SynthError(f"chartevents_per_stay must be positive, got {chartevents_per_stay!r}")
-    n_stays, seed = int(n_stays), int(seed)
+    if chunk_stays is None:
+        chunk_stays = default_chunk_stays(chartevents_per_stay)
+    if not isinstance(chunk_stays, (int, np.integer)) or isinstance(chunk_stays, bool) or chunk_stays < 1:
+        raise SynthError(f"chunk_stays must be a positive integer, got {chunk_stays!r}")
+    n_stays, seed, chunk_stays = int(n_stays), int(seed), int(chunk_stays)
 
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
     ph = load_phenotypes(phenotypes_path)
     items = _ehr.variable_itemids(variables_path)
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
-    r_cohort, r_adm, r_dx, r_lab, r_chart, r_out, r_cxr, r_img = streams
+    # cohort-level draws (patients, admissions, diagnoses, film plan): children 0, 1, 2 and 6 of the
+    # seed; the event tables and the films draw per stay, patient or film (cbstore.synth._draws)
+    children = np.random.SeedSequence(seed).spawn(8)
+    r_cohort, r_adm, r_dx, r_cxr = (np.random.default_rng(children[i]) for i in (0, 1, 2, 6))
 
     cohort = simulate_cohort(n_stays, r_cohort, ph)
     mimic = out / MIMIC_IV_DIR
@@ -250,24 +279,26 @@ def write_synthetic_source(out_dir, n_stays: int, seed: int, image_size=64, *, i
     dx = _ehr.diagnoses_rows(cohort, ph, r_dx)
     rows["hosp/diagnoses_icd"] = _ehr.write_diagnoses(mimic / "hosp/diagnoses_icd.csv.gz", dx)
     rows["hosp/d_labitems"] = _ehr.write_d_labitems(mimic / "hosp/d_labitems.csv.gz", items["labevents"])
-    rows["hosp/labevents"] = _ehr.write_labevents(mimic / "hosp/labevents.csv.gz", cohort, r_lab,
-                                                  items["labevents"])
+    rows["hosp/labevents"] = _ehr.write_labevents(mimic / "hosp/labevents.csv.gz", cohort, seed,
+                                                  items["labevents"], chunk_stays)
     rows["icu/icustays"] = _ehr.write_icustays(mimic / "icu/icustays.csv.gz", cohort)
     rows["icu/d_items"] = _ehr.write_d_items(mimic / "icu/d_items.csv.gz", items["chartevents"],
                                              items["outputevents"])
-    rows["icu/chartevents"] = _ehr.write_chartevents(mimic / "icu/chartevents.csv.gz", cohort, r_chart,
-                                                     items["chartevents"], chartevents_per_stay)
-    rows["icu/outputevents"] = _ehr.write_outputevents(mimic / "icu/outputevents.csv.gz", cohort, r_out,
-                                                       items["outputevents"])
+    rows["icu/chartevents"] = _ehr.write_chartevents(mimic / "icu/chartevents.csv.gz", cohort, seed,
+                                                     items["chartevents"], chartevents_per_stay, chunk_stays)
+    rows["icu/outputevents"] = _ehr.write_outputevents(mimic / "icu/outputevents.csv.gz", cohort, seed,
+                                                       items["outputevents"], chunk_stays)
     films = _cxr.plan_films(cohort, r_cxr, eligible_share=eligible_share,
                             image_size=shape if len(shape) == 2 else shape[0])
     rows.update(_cxr.write_metadata_tables(cxr_root, films, cohort, r_cxr))
     (cxr_root / "files").mkdir(exist_ok=True)
-    n_written = _cxr.write_images(cxr_root, films, r_img) if images else 0
+    n_written = 0
+    if images:
+        chunks = _cxr.film_chunks(films, _subject_chunks(cohort, chunk_stays))
+        n_written = _cxr.write_images(cxr_root, films, seed, chunks)
 
-    truth = build_truth(cohort, ph, dx, films, rows=rows, seed=seed, image_size=image_size,
-                        images_written=images)
-    (out / TRUTH_FILE).write_text(dumps_truth(truth), encoding="utf-8")
+    truth = write_truth(out / TRUTH_FILE, cohort, ph, dx, films, rows=rows, seed=seed, image_size=image_size,
+                        images_written=images, chunk_stays=chunk_stays)
     s = truth["summary"]
     return SynthSummary(
         out_dir=str(out), mimic_iv=str(mimic), mimic_cxr=str(cxr_root), truth=str(out / TRUTH_FILE),

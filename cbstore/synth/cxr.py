@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image
 
+from cbstore.synth._draws import STREAMS, UnitDraws
 from cbstore.synth._io import write_table
 from cbstore.synth.images import render_films
 from cbstore.synth.model import HOUR, Cohort, sigmoid
@@ -259,8 +260,30 @@ def image_relpath(subject_id, study_id, dicom_id) -> str:
     return f"files/p{sid[:2]}/p{sid}/s{int(study_id)}/{dicom_id}.jpg"
 
 
-def write_images(cxr_root: Path, films: pd.DataFrame, rng, quality: int = 90) -> int:
-    """Render and save every film as a grayscale JPEG; returns the number written."""
+def film_chunks(films: pd.DataFrame, subject_chunks) -> list[tuple[int, int]]:
+    """(first, end) film positions of each group of patients (``films`` sorted by ``subject_id``).
+
+    ``subject_chunks`` lists, per chunk, the first and the last ``subject_id`` of its patients.
+    """
+    subjects = films["subject_id"].to_numpy()
+    return [(int(np.searchsorted(subjects, lo, "left")), int(np.searchsorted(subjects, hi, "right")))
+            for lo, hi in subject_chunks]
+
+
+def write_images(cxr_root: Path, films: pd.DataFrame, seed: int, chunks, quality: int = 90) -> int:
+    """Render and save every film as a grayscale JPEG, chunk by chunk; returns the number written.
+
+    ``chunks`` are (first, end) positions in ``films``. Film ``i`` draws from its own generator
+    (seeded from ``seed`` and ``i``), so the files do not depend on the chunks.
+    """
+    written = 0
+    for first, end in chunks:
+        written += _write_image_chunk(cxr_root, films.iloc[first:end],
+                                      UnitDraws(seed, STREAMS["images"], range(first, end)), quality)
+    return written
+
+
+def _write_image_chunk(cxr_root: Path, films: pd.DataFrame, draws: UnitDraws, quality: int) -> int:
     factors = films[["cardiomegaly", "opacity", "effusion"]].to_numpy(np.float32)
     frontal = films["frontal"].to_numpy(bool)
     ap = (films["view"] == "AP").to_numpy() | ((films["view"] == "").to_numpy() & frontal)
@@ -272,7 +295,7 @@ def write_images(cxr_root: Path, films: pd.DataFrame, rng, quality: int = 90) ->
     written = 0
     for shape in sorted(set(shapes)):
         idx = np.flatnonzero([sh == shape for sh in shapes])
-        pixels = render_films(factors[idx], frontal[idx], ap[idx], shape, rng)
+        pixels = render_films(factors[idx], frontal[idx], ap[idx], shape, draws.take(idx))
         for j, i in enumerate(idx):
             Image.fromarray(pixels[j]).save(paths[i], format="JPEG", quality=quality)
             written += 1

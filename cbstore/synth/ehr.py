@@ -2,6 +2,9 @@
 
 Rows are generated vectorised from a :class:`~cbstore.synth.model.Cohort`: per-stay physiology
 means come from the latent factors, each charted or measured value adds a time drift and noise.
+The event tables are generated and written chunk by chunk; each stay (chartevents, outputevents)
+or patient (labevents) draws from its own generator (:mod:`cbstore.synth._draws`), so the files
+do not depend on the chunk size.
 Which itemids exist comes from ``cbstore/resources/variables.yaml`` (read with yaml, so the two stay
 in sync) plus a few unrelated items, as in the real dictionaries.
 """
@@ -14,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 #: libyaml's safe loader when available (much faster), else the pure-Python one.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 from cbstore.phenotypes import Phenotypes
+from cbstore.synth._chunks import patient_chunks, patients_by_subject, stay_chunks
+from cbstore.synth._draws import STREAMS, UnitDraws, unit_generator
 from cbstore.synth._io import GzipCsvWriter, datetime_strings, float_strings, take_strings, write_table
 from cbstore.synth.model import DISPARITY_SPO2_SHIFT, HOUR, Cohort, sigmoid
 
@@ -258,16 +264,20 @@ def _factors(frame: pd.DataFrame) -> dict:
     return {c: frame[c].to_numpy() for c in cols if c in frame}
 
 
-def _schedule(dur_h, interval, offset, mask, rng, jitter=0.25):
-    """Events every ``interval`` hours from ``offset`` until ``dur_h`` for stays where ``mask``.
+def _schedule(dur_h, interval, offset, mask, draws, jitter=0.25, owner=None):
+    """Events every ``interval`` hours from ``offset`` until ``dur_h`` for the entities where ``mask``.
 
-    Returns (stay index, hours since intime) with each time jittered by up to ``jitter*interval``.
+    Returns (entity index, hours since the entity's start), rows grouped by entity, each time
+    jittered by up to ``jitter * interval``. ``offset`` is a scalar or one value per entity. The
+    jitter is drawn from ``draws`` for unit ``owner[entity]`` (default: the entity itself).
     """
     dur_h = np.asarray(dur_h, float)
+    offset = np.broadcast_to(np.asarray(offset, float), dur_h.shape)
     n = np.where(mask & (dur_h >= offset), np.floor((dur_h - offset) / interval).astype(np.int64) + 1, 0)
     stay = np.repeat(np.arange(len(dur_h)), n)
     k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-    t = offset + k * interval + rng.uniform(-jitter, jitter, len(k)) * interval
+    units = stay if owner is None else np.asarray(owner)[stay]
+    t = offset[stay] + k * interval + draws.uniform(-jitter, jitter, rows=units) * interval
     return stay, np.clip(t, 0.0, dur_h[stay])
 
 
@@ -393,31 +403,83 @@ def write_d_labitems(path, lab_itemids) -> int:
     return write_table(path, table)
 
 
-def write_labevents(path, cohort: Cohort, rng, lab_itemids) -> int:
-    """Lab panels every ~24 h of each admission and ~12 h of each ICU stay, plus outpatient panels.
+#: ``specimen_id`` = 1,000,000 + (panel number x multiplier + shift) mod a prime: unique per panel
+#: (an affine map is a bijection modulo a prime) without holding every id drawn so far.
+_SPECIMEN_PRIME = 89_999_999
+_SPECIMEN_MULTIPLIER = 48_271
+_SPECIMEN_SHIFT = 7_654_321
 
-    Returns the number of rows written.
+
+def _specimen_ids(panel_numbers: np.ndarray) -> np.ndarray:
+    if len(panel_numbers) and panel_numbers.max() >= _SPECIMEN_PRIME:
+        raise ValueError(f"more than {_SPECIMEN_PRIME:,} lab panels: specimen_id would repeat")
+    return 1_000_000 + (panel_numbers * _SPECIMEN_MULTIPLIER + _SPECIMEN_SHIFT) % _SPECIMEN_PRIME
+
+
+class _LabLayout:
+    """Admissions and stays grouped by patient in ``subject_id`` order: the unit order of labevents.
+
+    Within a patient, admissions and stays keep the cohort's order. ``chunks(n)`` gives
+    consecutive groups of whole patients holding about ``n`` stays each.
     """
-    a = cohort.admissions.reset_index(drop=True)
-    s = cohort.stays.reset_index(drop=True)
-    # panel times: admission grid (24 h), ICU grid (12 h), outpatient (no hadm_id)
-    adm_dur = (a["dischtime"] - a["admittime"]).to_numpy() / HOUR
-    pa_idx, pa_t = _schedule(adm_dur, 24.0, rng.uniform(0.5, 6.0), np.ones(len(a), bool), rng, 0.3)
-    st_dur = (s["outtime"] - s["intime"]).to_numpy() / HOUR
-    ps_idx, ps_t = _schedule(st_dur, 12.0, 1.0, np.ones(len(s), bool), rng, 0.35)
-    adm_of_hadm = pd.Series(np.arange(len(a)), index=a["hadm_id"].to_numpy())
-    s_adm = adm_of_hadm.loc[s["hadm_id"].to_numpy()].to_numpy()
-    first_adm = a.reset_index().groupby("subject_id")["index"].min()
-    n_out = rng.poisson(1.2, len(first_adm))
-    po_adm = np.repeat(first_adm.to_numpy(), n_out)
-    days_before = np.round(rng.uniform(2, 400, len(po_adm)) * 24 * HOUR).astype(np.int64)
-    po_time = a["admittime"].to_numpy()[po_adm] - days_before
 
-    times = np.concatenate([_minutes(a["admittime"].to_numpy()[pa_idx], pa_t),
-                            _minutes(s["intime"].to_numpy()[ps_idx], ps_t), po_time // 60 * 60])
-    adm = np.concatenate([pa_idx, s_adm[ps_idx], po_adm])
-    kind = np.concatenate([np.zeros(len(pa_idx), int), np.ones(len(ps_idx), int), np.full(len(po_adm), 2)])
-    stay = np.concatenate([np.full(len(pa_idx), -1), ps_idx, np.full(len(po_adm), -1)])
+    def __init__(self, cohort: Cohort):
+        subjects, self.stays_per_patient = patients_by_subject(cohort)
+        a = cohort.admissions.reset_index(drop=True)
+        a_unit = np.searchsorted(subjects, a["subject_id"].to_numpy())
+        order = np.argsort(a_unit, kind="stable")
+        self.adm, self.adm_unit = a.iloc[order].reset_index(drop=True), a_unit[order]
+        s = cohort.stays.reset_index(drop=True)
+        s_unit = np.searchsorted(subjects, s["subject_id"].to_numpy())
+        order = np.argsort(s_unit, kind="stable")
+        self.stays, self.stay_unit = s.iloc[order].reset_index(drop=True), s_unit[order]
+
+    def chunks(self, chunk_stays: int) -> list[tuple[int, int]]:
+        """(first, end) patient positions of each chunk."""
+        return patient_chunks(self.stays_per_patient, chunk_stays)
+
+    def part(self, first: int, end: int):
+        """Admissions, stays and their chunk-local unit (patient) positions for patients [first, end)."""
+        a0, a1 = np.searchsorted(self.adm_unit, [first, end])
+        s0, s1 = np.searchsorted(self.stay_unit, [first, end])
+        return (self.adm.iloc[a0:a1].reset_index(drop=True), self.adm_unit[a0:a1] - first,
+                self.stays.iloc[s0:s1].reset_index(drop=True), self.stay_unit[s0:s1] - first)
+
+
+def _lab_panels(a, a_unit, s, s_unit, draws: UnitDraws) -> dict:
+    """Panel times of a chunk of patients: a 24 h grid over each admission (from a per-patient
+    offset), a 12 h grid over each ICU stay and outpatient panels (no ``hadm_id``) before the
+    patient's first admission. Panels are grouped by kind, then by admission/stay, then time."""
+    n_units = len(draws)
+    adm_dur = (a["dischtime"] - a["admittime"]).to_numpy() / HOUR
+    offset = draws.uniform(0.5, 6.0)
+    pa_idx, pa_t = _schedule(adm_dur, 24.0, offset[a_unit], np.ones(len(a), bool), draws, 0.3, owner=a_unit)
+    st_dur = (s["outtime"] - s["intime"]).to_numpy() / HOUR
+    ps_idx, ps_t = _schedule(st_dur, 12.0, 1.0, np.ones(len(s), bool), draws, 0.35, owner=s_unit)
+    s_adm = pd.Series(np.arange(len(a)), index=a["hadm_id"].to_numpy()).loc[s["hadm_id"].to_numpy()].to_numpy()
+    first_adm = np.searchsorted(a_unit, np.arange(n_units))
+    n_out = draws.poisson(1.2)
+    po_unit = np.repeat(np.arange(n_units), n_out)
+    po_adm = first_adm[po_unit]
+    days_before = np.round(draws.uniform(2, 400, rows=po_unit) * 24 * HOUR).astype(np.int64)
+    po_time = a["admittime"].to_numpy()[po_adm] - days_before
+    return {
+        "time": np.concatenate([_minutes(a["admittime"].to_numpy()[pa_idx], pa_t),
+                                _minutes(s["intime"].to_numpy()[ps_idx], ps_t), po_time // 60 * 60]),
+        "adm": np.concatenate([pa_idx, s_adm[ps_idx], po_adm]),
+        "kind": np.concatenate([np.zeros(len(pa_idx), int), np.ones(len(ps_idx), int), np.full(len(po_adm), 2)]),
+        "stay": np.concatenate([np.full(len(pa_idx), -1), ps_idx, np.full(len(po_adm), -1)]),
+    }
+
+
+def _lab_chunk(a, a_unit, s, s_unit, draws: UnitDraws, lab_itemids, providers, first_panel: int,
+               first_id: int) -> tuple[pa.Table, int, int]:
+    """The labevents rows of a chunk of patients, sorted by (subject_id, charttime, itemid), the
+    number of panels and the number of distinct rows (duplicates repeat a row, ``labevent_id``
+    included). ``first_panel`` and ``first_id`` count the panels and distinct rows written before."""
+    panels = _lab_panels(a, a_unit, s, s_unit, draws)
+    times, adm, kind, stay = panels["time"], panels["adm"], panels["kind"], panels["stay"]
+    unit = a_unit[adm]
     # factors: in the ICU the stay's, else the admission's with a milder severity
     fa = {c: a[c].to_numpy()[adm] for c in _factors(a)}
     sev_adm = np.zeros(len(adm))
@@ -428,16 +490,18 @@ def write_labevents(path, cohort: Cohort, rng, lab_itemids) -> int:
     n_panel = len(times)
     hadm = a["hadm_id"].to_numpy()[adm].astype(float)
     hadm[kind == 2] = np.nan
-    hadm[rng.random(n_panel) < 0.02] = np.nan          # some inpatient rows are not linked either
-    specimen = rng.choice(90_000_000, n_panel, replace=False) + 1_000_000
-    priority = np.where(kind == 2, 2, np.where(rng.random(n_panel) < 0.6, 0, 1))
-    provider = np.where(rng.random(n_panel) < 0.7, rng.integers(0, 400, n_panel), -1)
-    providers = _provider_ids(rng, 400)
+    hadm[draws.random(rows=unit) < 0.02] = np.nan          # some inpatient rows are not linked either
+    # panels numbered patient by patient (the file order of chunks), whatever the chunk holds
+    number = np.empty(n_panel, np.int64)
+    number[np.argsort(unit, kind="stable")] = np.arange(n_panel)
+    specimen = _specimen_ids(first_panel + number)
+    priority = np.where(kind == 2, 2, np.where(draws.random(rows=unit) < 0.6, 0, 1))
+    provider = np.where(draws.random(rows=unit) < 0.7, draws.integers(0, len(providers), rows=unit), -1)
 
     items = sorted(set(lab_itemids) | set(LAB_ITEMS))
-    cols = {k: [] for k in ("panel", "itemid", "valuenum", "text")}
+    cols = {k: [] for k in ("panel", "itemid", "valuenum")}
     for (p_out, p_in), panel_items in LAB_PANELS:
-        take = rng.random(n_panel) < np.where(in_icu, p_in, p_out)
+        take = draws.random(rows=unit) < np.where(in_icu, p_in, p_out)
         for itemid in panel_items:
             if itemid not in items:
                 continue
@@ -445,21 +509,23 @@ def write_labevents(path, cohort: Cohort, rng, lab_itemids) -> int:
             key = LAB_ITEMS[itemid][7]
             base = mu[key][idx]
             sd = LAB_NOISE[key]
-            noise = rng.normal(size=len(idx))
+            noise = draws.normal(rows=unit[idx])
             v = base * np.exp(sd * noise) if key in LOG_NOISE else base + sd * noise
             cols["panel"].append(idx)
             cols["itemid"].append(np.full(len(idx), itemid))
             cols["valuenum"].append(np.round(np.maximum(v, 0.0), LAB_ITEMS[itemid][6]))
-    panel = np.concatenate(cols["panel"])
-    itemid = np.concatenate(cols["itemid"])
-    valuenum = np.concatenate(cols["valuenum"])
     # variables-file lab items this module has no model for get plausible generic values
     for extra in sorted(set(lab_itemids) - set(LAB_ITEMS)):
-        idx = np.flatnonzero(rng.random(n_panel) < 0.3)
-        panel, itemid = np.r_[panel, idx], np.r_[itemid, np.full(len(idx), extra)]
-        valuenum = np.r_[valuenum, np.round(rng.lognormal(0, 0.3, len(idx)), 2)]
+        idx = np.flatnonzero(draws.random(rows=unit) < 0.3)
+        cols["panel"].append(idx)
+        cols["itemid"].append(np.full(len(idx), extra))
+        cols["valuenum"].append(np.round(np.exp(draws.normal(0, 0.3, rows=unit[idx])), 2))
+    panel = np.concatenate(cols["panel"])
+    itemid = np.concatenate(cols["itemid"]).astype(np.int64)
+    valuenum = np.concatenate(cols["valuenum"])
     n = len(panel)
-    u = rng.random(n)
+    row_unit = unit[panel]
+    u = draws.random(rows=row_unit)
     # mess: out-of-range values and non-numeric results (valuenum empty)
     valuenum = np.where(u < 0.002, valuenum * 60.0, valuenum)
     valuenum = np.where((u >= 0.002) & (u < 0.003), 0.0, valuenum)
@@ -475,21 +541,20 @@ def write_labevents(path, cohort: Cohort, rng, lab_itemids) -> int:
     hi = np.array([np.nan if r[5] is None else r[5] for r in info])[item_pos]
     abnormal = numeric & ((valuenum < np.nan_to_num(lo, nan=-np.inf)) | (valuenum > np.nan_to_num(hi, nan=np.inf)))
     ptime = times[panel]
-    store = ptime + np.round(rng.uniform(10, 240, n)).astype(np.int64) * 60
-    has_store = rng.random(n) > 0.01
-    comments = np.where(rng.random(n) < 0.01, 1, 0)
-    frame = pd.DataFrame({"subject": a["subject_id"].to_numpy()[adm[panel]], "time": ptime, "itemid": itemid,
-                          "row": np.arange(n)})
-    # exact duplicate rows (same labevent_id too), as loaded twice
-    dup = rng.random(n) < 0.003
-    order = frame.sort_values(["subject", "time", "itemid", "row"], kind="stable")["row"].to_numpy()
+    store = ptime + np.round(draws.uniform(10, 240, rows=row_unit)).astype(np.int64) * 60
+    has_store = draws.random(rows=row_unit) > 0.01
+    comments = np.where(draws.random(rows=row_unit) < 0.01, 1, 0)
+    dup = draws.random(rows=row_unit) < 0.003
+    subject = a["subject_id"].to_numpy()[adm[panel]]
+    order = np.lexsort((np.arange(n), itemid, ptime, subject))
     labevent_id = np.empty(n, np.int64)
-    labevent_id[order] = np.arange(1, n + 1)
+    labevent_id[order] = np.arange(first_id + 1, first_id + n + 1)
+    # exact duplicate rows (same labevent_id too), as loaded twice
     order = np.repeat(order, 1 + dup[order])
     sub = lambda arr: arr[order]  # noqa: E731
     table = pa.table({
         "labevent_id": sub(labevent_id),
-        "subject_id": sub(a["subject_id"].to_numpy()[adm[panel]]),
+        "subject_id": sub(subject),
         "hadm_id": pa.array(sub(hadm[panel]), mask=np.isnan(sub(hadm[panel]))).cast(pa.int64()),
         "specimen_id": sub(specimen[panel]),
         "itemid": sub(itemid),
@@ -506,7 +571,28 @@ def write_labevents(path, cohort: Cohort, rng, lab_itemids) -> int:
         "priority": take_strings(["STAT", "ROUTINE", None], sub(priority[panel])),
         "comments": take_strings([None, "___"], sub(comments)),
     })
-    return write_table(path, table)
+    return table, n_panel, n
+
+
+def write_labevents(path, cohort: Cohort, seed: int, lab_itemids, chunk_stays: int = 2000) -> int:
+    """Lab panels every ~24 h of each admission and ~12 h of each ICU stay, plus outpatient panels.
+
+    Written chunk by chunk of whole patients (about ``chunk_stays`` stays each) in ``subject_id``
+    order; each patient's values come from its own generator, so the file does not depend on
+    ``chunk_stays``. Returns the number of rows written.
+    """
+    layout = _LabLayout(cohort)
+    providers = _provider_ids(unit_generator(seed, STREAMS["lab_providers"], 0), 400)
+    n_panels = n_distinct = 0
+    with GzipCsvWriter(path, HEADERS["hosp/labevents"]) as writer:
+        for first, end in layout.chunks(chunk_stays):
+            a, a_unit, s, s_unit = layout.part(first, end)
+            draws = UnitDraws(seed, STREAMS["labevents"], range(first, end))
+            table, panels, distinct = _lab_chunk(a, a_unit, s, s_unit, draws, lab_itemids, providers,
+                                                 n_panels, n_distinct)
+            n_panels, n_distinct = n_panels + panels, n_distinct + distinct
+            writer.write(table)
+        return writer.n_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,8 +656,8 @@ class _Rows:
         return tuple(np.concatenate([p[i] for p in self.parts]) for i in range(6))
 
 
-def _chart_batch(s: pd.DataFrame, rng, rounds_per_hour: float, chart_ids: set) -> _Rows:
-    """Chartevents of a batch of stays (``s`` indexed 0..n-1)."""
+def _chart_batch(s: pd.DataFrame, draws: UnitDraws, rounds_per_hour: float, chart_ids: set) -> _Rows:
+    """Chartevents of a chunk of stays (``s`` indexed 0..n-1, one unit of ``draws`` per stay)."""
     n = len(s)
     dur = (s["outtime"] - s["intime"]).to_numpy() / HOUR
     f = _factors(s)
@@ -581,47 +667,48 @@ def _chart_batch(s: pd.DataFrame, rng, rounds_per_hour: float, chart_ids: set) -
     # MIMIC) and leaves no room for the image findings that also drive death.
     drift_raw = 0.4 * s["severity"].to_numpy() + 0.5 * s["icu_death"].to_numpy() - 0.3
     rows = _Rows()
+    ones = np.ones(n, bool)
 
     def drift(stay, t):
         return drift_raw[stay] * np.minimum(t, 96.0) / 48.0
 
-    per_stay = lambda sd: rng.normal(0, sd, n)  # noqa: E731
-    hr_off, bp_off, rr_off, spo2_off = per_stay(6), per_stay(8), per_stay(2), per_stay(1.0)
-    arterial = rng.random(n) < 0.35
-    vented = rng.random(n) < sigmoid(-0.9 + 1.0 * s["severity"].to_numpy() + 0.9 * s["hypoxemia"].to_numpy())
+    hr_off, bp_off = draws.normal(0, 6), draws.normal(0, 8)
+    rr_off, spo2_off = draws.normal(0, 2), draws.normal(0, 1.0)
+    arterial = draws.random() < 0.35
+    vented = draws.random() < sigmoid(-0.9 + 1.0 * s["severity"].to_numpy() + 0.9 * s["hypoxemia"].to_numpy())
     # ---- vital rounds (HR, BP triple, RR, SpO2 share one charttime)
-    early = rng.random(n) < 0.1      # first round charted before intime (ED hand-over)
-    stay, t = _schedule(dur, 1.0 / rounds_per_hour, 0.05, np.ones(n, bool), rng, 0.3)
+    early = draws.random() < 0.1      # first round charted before intime (ED hand-over)
+    stay, t = _schedule(dur, 1.0 / rounds_per_hour, 0.05, ones, draws, 0.3)
     first = np.r_[True, stay[1:] != stay[:-1]] if len(stay) else np.zeros(0, bool)
-    t = np.where(first & early[stay], -rng.uniform(0.1, 1.0, len(t)), t)
+    t = np.where(first & early[stay], -draws.uniform(0.1, 1.0, rows=stay), t)
     d = drift(stay, np.maximum(t, 0))
-    hr = mu["heart_rate"][stay] + hr_off[stay] + 8 * d + rng.normal(0, 5, len(t))
-    sbp = mu["sbp"][stay] + bp_off[stay] - 7 * d + rng.normal(0, 9, len(t))
-    dbp = mu["dbp"][stay] + 0.5 * bp_off[stay] - 4 * d + rng.normal(0, 6, len(t))
-    mbp = (sbp + 2 * dbp) / 3 + rng.normal(0, 3, len(t))
-    rr = mu["rr"][stay] + rr_off[stay] + 1.5 * d + rng.normal(0, 2.5, len(t))
-    spo2 = np.minimum(mu["spo2_recorded"][stay] + spo2_off[stay] - 0.8 * d + rng.normal(0, 1.2, len(t)), 100)
-    u = rng.random(len(t))
+    hr = mu["heart_rate"][stay] + hr_off[stay] + 8 * d + draws.normal(0, 5, rows=stay)
+    sbp = mu["sbp"][stay] + bp_off[stay] - 7 * d + draws.normal(0, 9, rows=stay)
+    dbp = mu["dbp"][stay] + 0.5 * bp_off[stay] - 4 * d + draws.normal(0, 6, rows=stay)
+    mbp = (sbp + 2 * dbp) / 3 + draws.normal(0, 3, rows=stay)
+    rr = mu["rr"][stay] + rr_off[stay] + 1.5 * d + draws.normal(0, 2.5, rows=stay)
+    spo2 = np.minimum(mu["spo2_recorded"][stay] + spo2_off[stay] - 0.8 * d + draws.normal(0, 1.2, rows=stay), 100)
+    u = draws.random(rows=stay)
     hr = np.where(u < 0.0015, 0.0, np.where(u > 0.9985, 999.0, hr))       # charting errors
     art = arterial[stay]
     rows.add(stay, t, 220045, np.round(hr))
     rows.add(stay, t, np.where(art, 220050, 220179), np.round(sbp))
     rows.add(stay, t, np.where(art, 220051, 220180), np.round(dbp))
-    art_mean = np.where(art & (rng.random(len(t)) < 0.2), 225312, 220052)
+    art_mean = np.where(art & (draws.random(rows=stay) < 0.2), 225312, 220052)
     rows.add(stay, t, np.where(art, art_mean, 220181), np.round(mbp))
     rows.add(stay, t, np.where(vented[stay], 224690, 220210), np.round(np.maximum(rr, 4)))
     rows.add(stay, t, 220277, np.round(np.maximum(spo2, 60)))
     # ---- temperature every 4 h: Fahrenheit for most stays; some Celsius stays get a F value typed in
-    fahrenheit = rng.random(n) < 0.8
-    stay, t = _schedule(dur, 4.0, 0.5, np.ones(n, bool), rng)
-    temp = mu["temp_c"][stay] + 0.25 * rng.normal(size=len(t))
+    fahrenheit = draws.random() < 0.8
+    stay, t = _schedule(dur, 4.0, 0.5, ones, draws)
+    temp = mu["temp_c"][stay] + draws.normal(0, 0.25, rows=stay)
     is_f = fahrenheit[stay]
-    typo = ~is_f & (rng.random(len(t)) < 0.01)
+    typo = ~is_f & (draws.random(rows=stay) < 0.01)
     value = np.where(is_f | typo, temp * 9 / 5 + 32, temp)
     rows.add(stay, t, np.where(is_f, 223761, 223762), np.round(value, 1))
     # ---- GCS every 4 h (text value + valuenum)
-    stay, t = _schedule(dur, 4.0, 1.0, np.ones(n, bool), rng)
-    loss = mu["gcs_loss"][stay] + 0.5 * rng.normal(size=len(t))
+    stay, t = _schedule(dur, 4.0, 1.0, ones, draws)
+    loss = mu["gcs_loss"][stay] + draws.normal(0, 0.5, rows=stay)
     for itemid, top in ((220739, 4), (223900, 5), (223901, 6)):
         score = np.clip(np.round(top - loss * top / 6.0), 1, top).astype(int)
         names = GCS_TEXT[itemid]
@@ -630,82 +717,98 @@ def _chart_batch(s: pd.DataFrame, rng, rounds_per_hour: float, chart_ids: set) -
     # ---- heart rhythm every 4 h
     arr = s["arrhythmia"].to_numpy()
     cond = s["conduction"].to_numpy()
-    main = np.zeros(n, int)
-    af = rng.random(n) < sigmoid(-2.2 + 2.4 * arr)
-    main[af] = np.where(rng.random(af.sum()) < 0.85, 3, 4)
-    conduction = (rng.random(n) < sigmoid(-2.6 + 2.6 * cond)) & ~af
-    main[conduction] = rng.choice([5, 6, 7, 8, 8], conduction.sum())
-    stay, t = _schedule(dur, 4.0, 0.5, np.ones(n, bool), rng)
+    af = draws.random() < sigmoid(-2.2 + 2.4 * arr)
+    af_kind = np.where(draws.random() < 0.85, 3, 4)
+    conduction = (draws.random() < sigmoid(-2.6 + 2.6 * cond)) & ~af
+    conduction_kind = np.array([5, 6, 7, 8, 8])[draws.integers(0, 5)]
+    main = np.where(af, af_kind, np.where(conduction, conduction_kind, 0))
+    stay, t = _schedule(dur, 4.0, 0.5, ones, draws)
     hr_now = mu["heart_rate"][stay] + hr_off[stay]
     sinus = np.where(hr_now > 100, 1, np.where(hr_now < 60, 2, 0))
-    code = np.where(rng.random(len(t)) < 0.8, main[stay], sinus)
+    code = np.where(draws.random(rows=stay) < 0.8, main[stay], sinus)
     code = np.where((main[stay] == 0), sinus, code)
-    code = np.where(rng.random(len(t)) < 0.01, 9, code)
+    code = np.where(draws.random(rows=stay) < 0.01, 9, code)
     text = np.array(RHYTHMS, dtype=object)[code]
-    pad = rng.random(len(t)) < 0.05
+    pad = draws.random(rows=stay) < 0.05
     text[pad] = text[pad] + " "
     rows.add(stay, t, 220048, None, text)
     # ---- capillary refill every 8 h (right; left for half the stays)
     p_abn = sigmoid(-2.2 + 1.3 * s["severity"].to_numpy())
-    for itemid, mask in ((223951, np.ones(n, bool)), (224308, rng.random(n) < 0.5)):
-        stay, t = _schedule(dur, 8.0, 2.0, mask, rng)
-        text = np.array(CAP_REFILL, dtype=object)[(rng.random(len(t)) < p_abn[stay]).astype(int)]
-        pad = rng.random(len(t)) < 0.05
+    for itemid, mask in ((223951, ones), (224308, draws.random() < 0.5)):
+        stay, t = _schedule(dur, 8.0, 2.0, mask, draws)
+        text = np.array(CAP_REFILL, dtype=object)[(draws.random(rows=stay) < p_abn[stay]).astype(int)]
+        pad = draws.random(rows=stay) < 0.05
         text[pad] = text[pad] + " "
         rows.add(stay, t, itemid, None, text)
     # ---- ventilated stays: FiO2 every 4 h (some charted as a fraction), arterial pH every 8 h
-    fraction = rng.random(n) < 0.1
-    stay, t = _schedule(dur, 4.0, 1.5, vented, rng)
-    fio2 = np.clip(mu["fio2"][stay] + 6 * rng.normal(size=len(t)), 21, 100)
+    fraction = draws.random() < 0.1
+    stay, t = _schedule(dur, 4.0, 1.5, vented, draws)
+    fio2 = np.clip(mu["fio2"][stay] + draws.normal(0, 6, rows=stay), 21, 100)
     rows.add(stay, t, 223835, np.where(fraction[stay], np.round(fio2 / 100, 2), np.round(fio2)))
-    stay, t = _schedule(dur, 8.0, 3.0, vented, rng)
-    rows.add(stay, t, 223830, np.round(mu["ph"][stay] + 0.03 * rng.normal(size=len(t)), 2))
+    stay, t = _schedule(dur, 8.0, 3.0, vented, draws)
+    rows.add(stay, t, 223830, np.round(mu["ph"][stay] + draws.normal(0, 0.03, rows=stay), 2))
     # ---- glucose: finger sticks (more for hyperglycaemic stays), serum and whole blood
     glyc = s["glycemia"].to_numpy()
     for itemid, interval, p in ((225664, 6.0, sigmoid(-0.5 + 1.5 * glyc)), (220621, 12.0, np.full(n, 0.3)),
                                 (226537, 24.0, np.full(n, 0.1))):
-        stay, t = _schedule(dur, interval, 2.0, rng.random(n) < p, rng)
-        g = mu["glucose"][stay] * np.exp(0.12 * rng.normal(size=len(t)))
+        stay, t = _schedule(dur, interval, 2.0, draws.random() < p, draws)
+        g = mu["glucose"][stay] * np.exp(draws.normal(0, 0.12, rows=stay))
         rows.add(stay, t, itemid, np.round(g))
     # ---- weight (admission, daily) and height (cm or inches) once
-    weight = np.clip(80 + 18 * rng.normal(size=n), 35, 250)
-    height_cm = np.clip(np.where(s["gender"].to_numpy() == "M", 176, 163) + 8 * rng.normal(size=n), 130, 210)
-    stay, t = _schedule(dur, 1e9, 0.3, rng.random(n) < 0.9, rng, 0.0)
+    weight = np.clip(draws.normal(80, 18), 35, 250)
+    height_cm = np.clip(np.where(s["gender"].to_numpy() == "M", 176, 163) + draws.normal(0, 8), 130, 210)
+    stay, t = _schedule(dur, 1e9, 0.3, draws.random() < 0.9, draws, 0.0)
     rows.add(stay, t, 226512, np.round(weight[stay], 1))
-    stay, t = _schedule(dur, 24.0, 6.0, rng.random(n) < 0.5, rng, 0.1)
-    rows.add(stay, t, 224639, np.round(weight[stay] + rng.normal(0, 1.0, len(t)), 1))
-    which = rng.random(n)
-    stay, t = _schedule(dur, 1e9, 0.4, which < 0.6, rng, 0.0)
+    stay, t = _schedule(dur, 24.0, 6.0, draws.random() < 0.5, draws, 0.1)
+    rows.add(stay, t, 224639, np.round(weight[stay] + draws.normal(0, 1.0, rows=stay), 1))
+    which = draws.random()
+    stay, t = _schedule(dur, 1e9, 0.4, which < 0.6, draws, 0.0)
     rows.add(stay, t, 226730, np.round(height_cm[stay]))
-    stay, t = _schedule(dur, 1e9, 0.4, which > 0.75, rng, 0.0)
+    stay, t = _schedule(dur, 1e9, 0.4, which > 0.75, draws, 0.0)
     inches = np.round(height_cm[stay] / 2.54)
-    inches = np.where(rng.random(len(t)) < 0.02, 0.0, inches)
+    inches = np.where(draws.random(rows=stay) < 0.02, 0.0, inches)
     rows.add(stay, t, 226707, inches)
     # ---- unrelated items: O2 device every 4 h (text, trailing spaces), HR alarm limits every 12 h
-    stay, t = _schedule(dur, 4.0, 0.7, np.ones(n, bool), rng)
-    dev = np.where(vented[stay], 4, rng.choice(4, len(t), p=[0.4, 0.4, 0.1, 0.1]))
-    dev = np.where(rng.random(len(t)) < 0.01, 5, dev)
+    stay, t = _schedule(dur, 4.0, 0.7, ones, draws)
+    dev = np.where(vented[stay], 4, draws.choice([0.4, 0.4, 0.1, 0.1], rows=stay))
+    dev = np.where(draws.random(rows=stay) < 0.01, 5, dev)
     text = np.array(O2_DEVICES, dtype=object)[dev]
-    pad = rng.random(len(t)) < 0.08
+    pad = draws.random(rows=stay) < 0.08
     text[pad] = text[pad] + " "
     rows.add(stay, t, 226732, None, text)
-    stay, t = _schedule(dur, 12.0, 0.2, np.ones(n, bool), rng)
+    stay, t = _schedule(dur, 12.0, 0.2, ones, draws)
     rows.add(stay, t, 220046, np.full(len(t), 120.0))
     rows.add(stay, t, 220047, np.full(len(t), 50.0))
     # variables-file chart items without a model here: a generic numeric value every 12 h
     for extra in sorted(chart_ids - set(CHART_ITEMS)):
-        stay, t = _schedule(dur, 12.0, 1.0, np.ones(n, bool), rng)
-        rows.add(stay, t, extra, np.round(rng.lognormal(0, 0.3, len(t)), 2))
+        stay, t = _schedule(dur, 12.0, 1.0, ones, draws)
+        rows.add(stay, t, extra, np.round(np.exp(draws.normal(0, 0.3, rows=stay)), 2))
     return rows
 
 
-def write_chartevents(path, cohort: Cohort, rng, chart_ids, chartevents_per_stay=None, batch=2000) -> int:
-    """Write ``icu/chartevents`` batch by batch; returns the number of rows.
+def _stays_by_id(cohort: Cohort) -> pd.DataFrame:
+    """The stays in file order (by ``stay_id``), indexed 0..n-1: the unit order of the ICU tables."""
+    return cohort.stays.sort_values("stay_id", kind="stable").reset_index(drop=True)
+
+
+def _event_order(draws: UnitDraws, stay, *keys) -> np.ndarray:
+    """Row order of a chunk's events: by stay, then ``keys`` (first key most significant); about
+    0.3 % of rows are repeated right after themselves (exact duplicate rows, as loaded twice)."""
+    dup = draws.random(rows=stay) < 0.003
+    order = np.lexsort(tuple(reversed(keys)) + (stay,))
+    return np.repeat(order, 1 + dup[order])
+
+
+def write_chartevents(path, cohort: Cohort, seed: int, chart_ids, chartevents_per_stay=None,
+                      chunk_stays: int = 2000) -> int:
+    """Write ``icu/chartevents`` chunk by chunk of ``chunk_stays`` stays; returns the number of rows.
 
     ``chartevents_per_stay`` sets the mean rows per stay by changing how often the vital-sign round
-    (6 items) is charted; ``None`` charts it hourly (about 8 rows per ICU hour).
+    (6 items) is charted; ``None`` charts it hourly (about 8 rows per ICU hour). Each stay's values
+    come from its own generator (:mod:`cbstore.synth._draws`), so the file does not depend on
+    ``chunk_stays``.
     """
-    s_all = cohort.stays.sort_values("stay_id", kind="stable").reset_index(drop=True)
+    s_all = _stays_by_id(cohort)
     mean_h = float(((s_all["outtime"] - s_all["intime"]) / HOUR).mean())
     if chartevents_per_stay is None:
         rate = 1.0
@@ -716,29 +819,30 @@ def write_chartevents(path, cohort: Cohort, rng, chart_ids, chartevents_per_stay
     item_list = sorted(units)
     uom_list = [units[i] for i in item_list]
     with GzipCsvWriter(path, HEADERS["icu/chartevents"]) as writer:
-        for start in range(0, len(s_all), batch):
-            s = s_all.iloc[start:start + batch].reset_index(drop=True)
-            stay, t, itemid, valuenum, text, is_text = _chart_batch(s, rng, rate, set(chart_ids)).frame()
+        for start, end in stay_chunks(len(s_all), chunk_stays):
+            s = s_all.iloc[start:end].reset_index(drop=True)
+            draws = UnitDraws(seed, STREAMS["chartevents"], range(start, end))
+            stay, t, itemid, valuenum, text, is_text = _chart_batch(s, draws, rate, set(chart_ids)).frame()
             charttime = _minutes(s["intime"].to_numpy()[stay], t)
-            m = len(stay)
-            storetime = charttime + rng.integers(0, 45, m) * 60
-            caregiver = rng.integers(10000, 100000, m)
-            no_caregiver = rng.random(m) < 0.01
-            order = np.lexsort((itemid, charttime, stay))
-            order = np.repeat(order, 1 + (rng.random(m) < 0.003))   # exact duplicate rows
+            storetime = charttime + draws.integers(0, 45, rows=stay) * 60
+            caregiver = draws.integers(10000, 100000, rows=stay)
+            no_caregiver = draws.random(rows=stay) < 0.01
+            order = _event_order(draws, stay, charttime, itemid)
             stay, charttime, itemid, valuenum, text, is_text, storetime, caregiver, no_caregiver = (
                 x[order] for x in (stay, charttime, itemid, valuenum, text, is_text, storetime, caregiver,
                                    no_caregiver))
             n = len(stay)
-            value = text.copy()
+            # numeric rows show their number, text rows (GCS too) their text; built in arrow, not
+            # as one Python string per row
             num = ~is_text & ~np.isnan(valuenum)
-            value[num] = float_strings(valuenum[num]).to_numpy(zero_copy_only=False)
+            value = pc.if_else(pa.array(num), float_strings(valuenum), pa.array(text, pa.string()))
+            del text
             table = pa.table({
                 "subject_id": s["subject_id"].to_numpy()[stay], "hadm_id": s["hadm_id"].to_numpy()[stay],
                 "stay_id": s["stay_id"].to_numpy()[stay],
                 "caregiver_id": pa.array(caregiver, mask=no_caregiver),
                 "charttime": datetime_strings(charttime), "storetime": datetime_strings(storetime),
-                "itemid": itemid, "value": pa.array(value, pa.string()),
+                "itemid": itemid, "value": value,
                 "valuenum": pa.array(valuenum, mask=np.isnan(valuenum)),
                 "valueuom": take_strings(uom_list, np.searchsorted(item_list, itemid)),
                 "warning": pa.array(np.zeros(n, np.int64), mask=np.isnan(valuenum)),
@@ -747,42 +851,49 @@ def write_chartevents(path, cohort: Cohort, rng, chart_ids, chartevents_per_stay
         return writer.n_rows
 
 
-def write_outputevents(path, cohort: Cohort, rng, output_ids) -> int:
-    s = cohort.stays.sort_values("stay_id", kind="stable").reset_index(drop=True)
+def _output_batch(s: pd.DataFrame, draws: UnitDraws, output_ids) -> tuple:
+    """Outputevents of a chunk of stays: (stay, hours since intime, itemid, value)."""
     n = len(s)
     dur = (s["outtime"] - s["intime"]).to_numpy() / HOUR
     mu = physiology(_factors(s), n)
     urine_items = [i for i in sorted(output_ids) if i in OUTPUT_ITEMS and i != 226588]
-    main = np.where(rng.random(n) < 0.75, 226559,
-                    np.array(urine_items, np.int64)[rng.integers(0, len(urine_items), n)]) if urine_items \
-        else np.full(n, 226559)
+    other = np.array(urine_items or [226559], np.int64)[draws.integers(0, max(len(urine_items), 1))]
+    main = np.where(draws.random() < 0.75, 226559, other)
     interval = np.where(main == 226559, 1.0, 3.0)
     parts = []
     for iv in (1.0, 3.0):
-        stay, t = _schedule(dur, iv, 0.5, interval == iv, rng, 0.2)
-        vol = mu["urine_ml_h"][stay] * iv * np.exp(0.35 * rng.normal(size=len(t)))
-        vol = np.where(rng.random(len(t)) < 0.02, 0.0, vol)
-        vol = np.where(rng.random(len(t)) < 0.001, 9999.0, vol)
+        stay, t = _schedule(dur, iv, 0.5, interval == iv, draws, 0.2)
+        vol = mu["urine_ml_h"][stay] * iv * np.exp(draws.normal(0, 0.35, rows=stay))
+        vol = np.where(draws.random(rows=stay) < 0.02, 0.0, vol)
+        vol = np.where(draws.random(rows=stay) < 0.001, 9999.0, vol)
         parts.append((stay, t, main[stay], np.round(vol)))
-    stay, t = _schedule(dur, 8.0, 2.0, rng.random(n) < 0.1, rng)
-    parts.append((stay, t, np.full(len(t), 226588), np.round(rng.uniform(0, 150, len(t)))))
-    stay = np.concatenate([p[0] for p in parts])
-    t = np.concatenate([p[1] for p in parts])
-    itemid = np.concatenate([p[2] for p in parts]).astype(np.int64)
-    value = np.concatenate([p[3] for p in parts])
-    charttime = _minutes(s["intime"].to_numpy()[stay], t)
-    storetime = charttime + rng.integers(0, 60, len(stay)) * 60
-    caregiver = rng.integers(10000, 100000, len(stay))
-    order = np.lexsort((itemid, charttime, stay))
-    order = np.repeat(order, 1 + (rng.random(len(order)) < 0.003))   # exact duplicate rows
-    stay, charttime, itemid, value, storetime, caregiver = (
-        x[order] for x in (stay, charttime, itemid, value, storetime, caregiver))
-    m = len(stay)
-    table = pa.table({
-        "subject_id": s["subject_id"].to_numpy()[stay], "hadm_id": s["hadm_id"].to_numpy()[stay],
-        "stay_id": s["stay_id"].to_numpy()[stay], "caregiver_id": caregiver,
-        "charttime": datetime_strings(charttime),
-        "storetime": datetime_strings(storetime),
-        "itemid": itemid, "value": value, "valueuom": pa.array(np.full(m, "ml", dtype=object)),
-    })
-    return write_table(path, table)
+    stay, t = _schedule(dur, 8.0, 2.0, draws.random() < 0.1, draws)
+    parts.append((stay, t, np.full(len(t), 226588), np.round(draws.uniform(0, 150, rows=stay))))
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+
+
+def write_outputevents(path, cohort: Cohort, seed: int, output_ids, chunk_stays: int = 2000) -> int:
+    """Write ``icu/outputevents`` (urine output, chest tube drainage) chunk by chunk; returns the rows.
+
+    Each stay's values come from its own generator, so the file does not depend on ``chunk_stays``.
+    """
+    s_all = _stays_by_id(cohort)
+    with GzipCsvWriter(path, HEADERS["icu/outputevents"]) as writer:
+        for start, end in stay_chunks(len(s_all), chunk_stays):
+            s = s_all.iloc[start:end].reset_index(drop=True)
+            draws = UnitDraws(seed, STREAMS["outputevents"], range(start, end))
+            stay, t, itemid, value = _output_batch(s, draws, output_ids)
+            itemid = itemid.astype(np.int64)
+            charttime = _minutes(s["intime"].to_numpy()[stay], t)
+            storetime = charttime + draws.integers(0, 60, rows=stay) * 60
+            caregiver = draws.integers(10000, 100000, rows=stay)
+            order = _event_order(draws, stay, charttime, itemid)
+            stay, charttime, itemid, value, storetime, caregiver = (
+                x[order] for x in (stay, charttime, itemid, value, storetime, caregiver))
+            writer.write(pa.table({
+                "subject_id": s["subject_id"].to_numpy()[stay], "hadm_id": s["hadm_id"].to_numpy()[stay],
+                "stay_id": s["stay_id"].to_numpy()[stay], "caregiver_id": caregiver,
+                "charttime": datetime_strings(charttime), "storetime": datetime_strings(storetime),
+                "itemid": itemid, "value": value, "valueuom": pa.array(np.full(len(stay), "ml", dtype=object)),
+            }))
+        return writer.n_rows

@@ -5,14 +5,19 @@ silhouette whose width follows the ``cardiomegaly`` factor (cardiothoracic ratio
 magnified 12 % on AP films, as real AP projections are). ``opacity`` adds bright Gaussian patches
 inside the lungs, ``effusion`` a bright basal layer with a meniscus rising towards the lateral
 wall. Lateral films show a side view whose findings are faint. Every film gets a small random
-shift, scale, gain and pixel noise. Images are rendered in batches of one shape.
+shift, scale, gain and pixel noise, drawn from the film's own generator
+(:class:`cbstore.synth._draws.UnitDraws`), so a film's pixels do not depend on the other films
+rendered with it. Images are rendered in batches of one shape.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-_BATCH = 256
+from cbstore.synth._draws import UnitDraws
+
+#: Films rendered at once (bounds the float32 scratch arrays, about 10 per batch).
+_BATCH = 64
 
 
 def _soft_ellipse(Y, X, cy, cx, ry, rx, edge=0.08):
@@ -20,11 +25,11 @@ def _soft_ellipse(Y, X, cy, cx, ry, rx, edge=0.08):
     return 0.5 + 0.5 * np.tanh(d / (2 * edge))
 
 
-def _frontal(Y, X, c, o, e, ap, rng):
+def _frontal(Y, X, c, o, e, ap, draws: UnitDraws):
     b = len(c)
     col = lambda v: np.asarray(v, np.float32).reshape(b, 1, 1)  # noqa: E731
-    dy, dx = col(rng.uniform(-0.03, 0.03, b)), col(rng.uniform(-0.03, 0.03, b))
-    sc = col(rng.uniform(0.95, 1.05, b))
+    dy, dx = col(draws.uniform(-0.03, 0.03)), col(draws.uniform(-0.03, 0.03))
+    sc = col(draws.uniform(0.95, 1.05))
     img = np.full((b,) + Y.shape, 0.08, np.float32)
     img += 0.42 * _soft_ellipse(Y, X, 0.52 + dy, 0.5 + dx, 0.55 * sc, 0.46 * sc)
     lung_cy, lung_ry, lung_rx = 0.44 + dy, 0.28 * sc, 0.135 * sc
@@ -40,16 +45,16 @@ def _frontal(Y, X, c, o, e, ap, rng):
     # patchy opacities: three blobs per film inside the lungs
     m_o = np.maximum(col(o) - 0.3, 0.0)
     for _ in range(3):
-        side = np.where(rng.random(b) < 0.5, -1, 1).reshape(b, 1, 1)
-        by = lung_cy + col(rng.uniform(-0.55, 0.6, b)) * lung_ry
-        bx = 0.5 + dx + side * 0.19 * sc + col(rng.uniform(-0.55, 0.55, b)) * lung_rx
-        sig = col(rng.uniform(0.05, 0.09, b))
+        side = np.where(draws.random() < 0.5, -1, 1).reshape(b, 1, 1)
+        by = lung_cy + col(draws.uniform(-0.55, 0.6)) * lung_ry
+        bx = 0.5 + dx + side * 0.19 * sc + col(draws.uniform(-0.55, 0.55)) * lung_rx
+        sig = col(draws.uniform(0.05, 0.09))
         blob = np.exp(-((Y - by) ** 2 + (X - bx) ** 2) / (2 * sig ** 2))
         img += 0.22 * m_o * blob * lung_mask
     # effusion: bright base with a meniscus, one side or both
     m_e = np.maximum(col(e) - 0.4, 0.0)
     both = m_e > 0.8
-    right_first = col(rng.random(b) < 0.5) > 0
+    right_first = col(draws.random() < 0.5) > 0
     level = lung_cy + lung_ry - np.minimum(0.22 * m_e, 0.35)
     for k, (lung_cx, mask) in enumerate(lungs):
         on = both | (right_first if k == 0 else ~right_first)
@@ -60,10 +65,10 @@ def _frontal(Y, X, c, o, e, ap, rng):
     return img
 
 
-def _lateral(Y, X, c, o, e, rng):
+def _lateral(Y, X, c, o, e, draws: UnitDraws):
     b = len(c)
     col = lambda v: np.asarray(v, np.float32).reshape(b, 1, 1)  # noqa: E731
-    dy, dx = col(rng.uniform(-0.03, 0.03, b)), col(rng.uniform(-0.03, 0.03, b))
+    dy, dx = col(draws.uniform(-0.03, 0.03)), col(draws.uniform(-0.03, 0.03))
     img = np.full((b,) + Y.shape, 0.08, np.float32)
     img += 0.45 * _soft_ellipse(Y, X, 0.52 + dy, 0.5 + dx, 0.55, 0.36)
     img -= 0.25 * _soft_ellipse(Y, X, 0.45 + dy, 0.5 + dx, 0.3, 0.22, 0.06)
@@ -74,7 +79,7 @@ def _lateral(Y, X, c, o, e, rng):
 
 
 def render_films(factors: np.ndarray, frontal: np.ndarray, ap: np.ndarray, shape: tuple[int, int],
-                 rng: np.random.Generator) -> np.ndarray:
+                 draws: UnitDraws) -> np.ndarray:
     """Render films of one shape.
 
     Parameters
@@ -87,7 +92,8 @@ def render_films(factors: np.ndarray, frontal: np.ndarray, ap: np.ndarray, shape
         bool [n]: AP projection (heart magnified); ignored for lateral films.
     shape : (int, int)
         Rows and columns.
-    rng : numpy.random.Generator
+    draws : UnitDraws
+        One generator per film (in the order of ``factors``).
 
     Returns
     -------
@@ -106,15 +112,16 @@ def render_films(factors: np.ndarray, frontal: np.ndarray, ap: np.ndarray, shape
     for start in range(0, len(factors), _BATCH):
         sl = slice(start, start + _BATCH)
         f = factors[sl]
+        batch = draws.take(np.arange(len(factors))[sl])
         img = np.empty((len(f), rows, cols), np.float32)
         fr = frontal[sl]
         if fr.any():
-            img[fr] = _frontal(Y, X, f[fr, 0], f[fr, 1], f[fr, 2], ap[sl][fr], rng)
+            img[fr] = _frontal(Y, X, f[fr, 0], f[fr, 1], f[fr, 2], ap[sl][fr], batch.take(np.flatnonzero(fr)))
         if (~fr).any():
-            img[~fr] = _lateral(Y, X, f[~fr, 0], f[~fr, 1], f[~fr, 2], rng)
+            img[~fr] = _lateral(Y, X, f[~fr, 0], f[~fr, 1], f[~fr, 2], batch.take(np.flatnonzero(~fr)))
         b = len(f)
-        gain = rng.uniform(0.85, 1.15, b).astype(np.float32).reshape(b, 1, 1)
-        bias = rng.uniform(-0.04, 0.04, b).astype(np.float32).reshape(b, 1, 1)
-        img = img * gain + bias + rng.normal(0, 0.03, img.shape).astype(np.float32)
+        gain = batch.uniform(0.85, 1.15).astype(np.float32).reshape(b, 1, 1)
+        bias = batch.uniform(-0.04, 0.04).astype(np.float32).reshape(b, 1, 1)
+        img = img * gain + bias + batch.normal_fields((rows, cols), 0.03).astype(np.float32)
         out[sl] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return out

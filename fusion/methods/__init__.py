@@ -15,6 +15,8 @@ import importlib
 #: Method name -> module of this package that registers it.
 METHOD_MODULES = {
     "latefusion": "latefusion",
+    "aug": "aug",
+    "inforeg": "inforeg",
     "lgbm-ehr": "lgbm", "lgbm-cxr": "lgbm", "lgbm-early": "lgbm", "lgbm-late": "lgbm",
     "lstm": "unimodal", "transformer": "unimodal", "resnet": "unimodal", "ehr-mlp": "unimodal",
     "cxr-mlp": "unimodal",
