@@ -9,8 +9,10 @@ gives both sizes, how the time grows (ratio of the two) against how the training
 the cached / raw ratio at the smaller size.
 
 Stores are made as the Makefile's demo target does (``cbstore synth`` -> ``build`` -> ``encode
-ehr-stats`` -> ``encode densenet121-res224-all --weights random --input-size 64``), once per size,
-and reused under ``--work-dir``. Raw fits use the small CNN (``backbone=small``, random weights) on
+ehr-stats`` -> ``encode densenet121-res224-all --weights random --input-size 64``), plus the
+spatial maps ``densenet121-res224-all-block3`` (same weights and input) that the cached mode of
+``mmtm`` and ``daft`` reads (DenseNet ``denseblock4`` runs live on them), once per size, and
+reused under ``--work-dir``. Raw fits use the small CNN (``backbone=small``, random weights) on
 the stored films. Only small sizes are meant for a shared 2-core machine::
 
     python benchmarks/bench_methods.py aug inforeg latefusion
@@ -35,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 64
 CXR_ENCODER = "densenet121-res224-all"
+#: Spatial maps for the methods that fuse between CNN stages (``cxr_map``).
+MAP_ENCODER = "densenet121-res224-all-block3"
 
 # Child process: fits of one method in one mode, as JSON lines (see the module docstring).
 _EPOCH_CHILD = """
@@ -83,6 +87,7 @@ def ensure_store(work: Path, synth_stays: int) -> Path:
     folder = work / f"stays-{synth_stays}"
     store, done = folder / "store.zarr", folder / "READY"
     if done.is_file():
+        _ensure_maps(store, folder)
         return store
     source, logs = folder / "source", folder / "logs"
     print(f"store of {synth_stays} synthetic stays: synth, build, encode ...", flush=True)
@@ -95,7 +100,17 @@ def ensure_store(work: Path, synth_stays: int) -> Path:
     _run(_cli("encode", str(store), "--encoder", CXR_ENCODER, "--weights", "random",
               "--input-size", str(IMAGE_SIZE)), logs / "encode_cxr.log")
     done.write_text("ready\n")
+    _ensure_maps(store, folder)
     return store
+
+
+def _ensure_maps(store: Path, folder: Path) -> None:
+    """Add the spatial maps to a store made before they were part of the recipe."""
+    done = folder / "MAPS"
+    if not done.is_file():
+        _run(_cli("encode", str(store), "--encoder", MAP_ENCODER, "--weights", "random",
+                  "--input-size", str(IMAGE_SIZE)), folder / "logs" / "encode_map.log")
+        done.write_text("ready\n")
 
 
 def time_epoch(store: Path, method: str, features: str, task: str, device: str, extra: int,

@@ -20,6 +20,7 @@ Keys (a batch has a leading batch dimension; a :class:`StayDataset` item has non
 ``cxr``         float32 ``[1, H, W]`` in ``[-1024, 1024]``, zeros where not available (``cxr_img``)
 ``ehr_emb``     float32 ``[d]`` cached embedding (``ehr_emb``)
 ``cxr_emb``     float32 ``[d]`` cached embedding, NaN where not available (``cxr_emb``)
+``cxr_map``     float32 ``[C, h, w]`` stored spatial map, NaN where not available (``cxr_map``)
 ==============  =====================================================================
 
 A :class:`StayDataset` item also has ``index`` (store position), ``stay_id`` and ``label``, a
@@ -55,7 +56,7 @@ def tensor_batch(inputs: StayInputs, rows, kinds) -> dict:
     rows : array-like of int
         Rows of ``inputs`` (not store positions).
     kinds : iterable of str
-        Input kinds to include (``ehr_ts``, ``cxr_img``, ``ehr_emb``, ``cxr_emb``); ``y`` (when
+        Input kinds to include (``ehr_ts``, ``cxr_img``, ``ehr_emb``, ``cxr_emb``, ``cxr_map``); ``y`` (when
         the inputs have targets), ``cxr_present`` and ``cxr_hours`` are always included.
     """
     rows = np.asarray(rows, dtype=np.int64)
@@ -70,7 +71,7 @@ def tensor_batch(inputs: StayInputs, rows, kinds) -> dict:
         batch["ehr_mask"] = torch.from_numpy(np.ascontiguousarray(inputs.ehr_mask[rows]))
     if "cxr_img" in kinds:
         batch["cxr"] = torch.from_numpy(inputs.images(rows))
-    for kind in ("ehr_emb", "cxr_emb"):  # NaN kept: fusion's EmbeddingInput handles it
+    for kind in ("ehr_emb", "cxr_emb", "cxr_map"):  # NaN kept: methods read cxr_present
         if kind in kinds:
             values = getattr(inputs, kind)[rows]
             batch[kind] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))

@@ -23,6 +23,7 @@ from cbstore.schema import (
     EMBEDDINGS_GROUP,
     GROUP_ENCODING,
     MODALITIES,
+    MAP_SPEC,
     ArraySpec,
     check_schema,
 )
@@ -45,6 +46,7 @@ def create_embedding(
     attrs: dict,
     overwrite: bool,
     region_stays: int,
+    map_shape: tuple | None = None,
 ) -> "EmbeddingWriter":
     """Create (or resume) an embedding group of ``store``; see :meth:`cbstore.store.Store.create_embedding`."""
     if modality not in MODALITIES:
@@ -55,6 +57,13 @@ def create_embedding(
         raise EmbeddingError(f"sequence_dim must be a positive integer or None, got {sequence_dim!r}")
     if region_stays < 1:
         raise EmbeddingError(f"region_stays must be >= 1, got {region_stays}")
+    if map_shape is not None:
+        map_shape = tuple(map_shape)
+        if (modality != "cxr" or per_fold or len(map_shape) != 3
+                or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in map_shape)):
+            raise EmbeddingError(f"map_shape must be three positive integers (C, h, w) of a "
+                                 f"fold-independent cxr embedding, got {map_shape!r} for "
+                                 f"{modality}/{encoder_id} (per_fold={per_fold})")
     missing = [k for k in EMBEDDING_CALLER_ATTRS if k not in attrs]
     if missing:
         raise EmbeddingError(f"attrs for {modality}/{encoder_id} lack {missing} (provenance is required)")
@@ -71,6 +80,7 @@ def create_embedding(
         "sequence_dim": None if sequence_dim is None else int(sequence_dim),
         "region_stays": int(region_stays), "created_at": now(), "complete": False,
     }
+    full["map_shape"] = None if map_shape is None else [int(v) for v in map_shape]
     full.setdefault("weights_sha256", None)
     full["library_versions"] = {**_library_versions(), **full.get("library_versions", {})}
     problems = check_schema(full, EMBEDDING_ATTRS_SCHEMA, f"embedding {modality}/{encoder_id} attrs")
@@ -87,7 +97,8 @@ def create_embedding(
                     f"embedding {modality}/{encoder_id} in {store.path} is already complete; "
                     "pass --overwrite (overwrite=True) to recompute it"
                 )
-            shape = {k: old.get(k) for k in ("dim", "per_fold", "sequence_dim", "region_stays")}
+            shape = {k: old.get(k) for k in ("dim", "per_fold", "sequence_dim", "region_stays",
+                                              "map_shape")}
             want = {k: full[k] for k in shape}
             if shape != want:
                 raise EmbeddingError(
@@ -149,6 +160,11 @@ def _create_embedding_arrays(grp: zarr.Group, store: Store, attrs: dict) -> None
         else:
             sspec = ArraySpec("float32", ("stay", "time", "seq_dim"), float("nan"))
             create_array(grp, "sequence", sspec, (n, window, seq), (rs, window, seq))
+    if attrs.get("map_shape") is not None:
+        # one chunk per stay (a method reads single stays' maps), sharded by region: a region
+        # write is whole shards, and the chunks of stays without a film are never written
+        c, h, w = attrs["map_shape"]
+        create_array(grp, "map", MAP_SPEC, (n, c, h, w), (1, c, h, w), shards=(rs, c, h, w))
 
 
 class EmbeddingWriter:
@@ -167,6 +183,8 @@ class EmbeddingWriter:
     per_fold : bool
     dim : int
     sequence_dim : int or None
+    map_shape : tuple of int or None
+        ``(C, h, w)`` of the spatial ``map`` array (spatial-map encoders), else None.
     """
 
     def __init__(self, store: Store | str | os.PathLike, modality: str, encoder_id: str) -> None:
@@ -178,6 +196,7 @@ class EmbeddingWriter:
         self.dim = int(attrs["dim"])
         self.per_fold = bool(attrs["per_fold"])
         self.sequence_dim = attrs.get("sequence_dim")
+        self.map_shape = None if attrs.get("map_shape") is None else tuple(attrs["map_shape"])
         self.region_stays = int(attrs["region_stays"])
         self.n_stays = int(grp["present"].shape[0])
         self.n_folds = int(grp["values"].shape[0]) if self.per_fold else 1
@@ -236,6 +255,7 @@ class EmbeddingWriter:
         present: np.ndarray,
         fold: int | None = None,
         sequence: np.ndarray | None = None,
+        spatial: np.ndarray | None = None,
     ) -> None:
         """Write region ``r`` (for per-fold encoders: one fold of it) and mark it done.
 
@@ -251,6 +271,9 @@ class EmbeddingWriter:
             Required for per-fold encoders, must be None otherwise.
         sequence : numpy.ndarray, optional
             float [k, T, sequence_dim], required when the group has a sequence array.
+        spatial : numpy.ndarray, optional
+            float [k, C, h, w] spatial maps, required when the group has a ``map`` array; stored
+            as float16, NaN for absent stays.
 
         Raises
         ------
@@ -288,6 +311,17 @@ class EmbeddingWriter:
             self._check_finite(sequence.reshape(k, -1), present, stay_ids, what + " sequence",
                                self.nan_allowed)
             sequence[~present] = np.nan
+        if (spatial is None) != (self.map_shape is None):
+            need = "needs" if self.map_shape is not None else "has no"
+            raise EmbeddingError(f"{what}: this embedding {need} a spatial map array")
+        if spatial is not None:
+            spatial = np.array(spatial, dtype=np.float16)
+            if spatial.shape != (k, *self.map_shape):
+                raise EmbeddingError(f"{what}: spatial map must have shape ({k}, "
+                                     f"{', '.join(map(str, self.map_shape))}), got {spatial.shape}")
+            self._check_finite(spatial.reshape(k, -1), present, stay_ids, what + " map")
+            spatial[~present] = np.nan
+            grp["map"][sl] = spatial
         if self.per_fold:
             # present is one array for all folds: folds written earlier must agree with this one
             written = np.asarray(grp["done"][:, r], dtype=bool)

@@ -17,10 +17,16 @@ encoders of ``cbstore encode``. So EHR preprocessing, X-ray flags and labels are
     (:class:`EhrPreprocessor`) and ``ehr_mask`` ``[k, T, F]`` (1 = observed);
   - ``ehr_emb`` / ``cxr_emb`` ``[k, d]``: cached embeddings (this fold's for per-fold encoders;
     ``cxr_emb`` rows NaN where the X-ray is not available);
+  - ``cxr_map`` ``[k, C, h, w]``: a frozen backbone's stored intermediate spatial map (float32,
+    from the float16 ``map`` array of a spatial-map embedding such as
+    ``densenet121-res224-all-block3``), NaN where the X-ray is not available;
   - images, read on demand by :meth:`StayInputs.images` as float32 in ``[-1024, 1024]``.
 
 Input kinds (:data:`INPUT_KINDS`): ``ehr_ts`` (``ehr``, ``ehr_mask``), ``cxr_img`` (images),
-``ehr_emb``, ``cxr_emb``. Nothing here imports torch.
+``ehr_emb``, ``cxr_emb``, ``cxr_map``. Nothing here imports torch.
+
+A missing embedding is an :class:`~cbstore.errors.InputsError` whose message holds the
+``cbstore encode STORE --encoder NAME`` command that adds it (:func:`encode_command`).
 
 Examples
 --------
@@ -43,12 +49,17 @@ from cbstore.errors import EmbeddingError, InputsError, StoreError
 from cbstore.preprocess import cxr_to_float, impute_and_normalise
 from cbstore.tasks import get_task
 
-__all__ = ["COHORTS", "INPUT_KINDS", "PARTS", "EhrPreprocessor", "FoldReader", "StayInputs",
-           "available_encoders", "cohort_of_part", "read_inputs", "resolve_encoder",
-           "select_stays"]
+__all__ = ["COHORTS", "EMBEDDING_KINDS", "INPUT_KINDS", "PARTS", "EhrPreprocessor", "FoldReader",
+           "StayInputs", "available_encoders", "cohort_of_part", "encode_command", "read_inputs",
+           "resolve_encoder", "select_stays"]
 
-#: Input kinds: raw EHR time series, raw X-ray image, cached EHR / X-ray embeddings.
-INPUT_KINDS = frozenset({"ehr_ts", "cxr_img", "ehr_emb", "cxr_emb"})
+#: Input kinds: raw EHR time series, raw X-ray image, cached EHR / X-ray embeddings, cached X-ray
+#: spatial maps.
+INPUT_KINDS = frozenset({"ehr_ts", "cxr_img", "ehr_emb", "cxr_emb", "cxr_map"})
+#: Embedding input kind -> (modality, encoder suggested when the store holds none).
+EMBEDDING_KINDS = {"ehr_emb": ("ehr", "ehr-stats"),
+                   "cxr_emb": ("cxr", "densenet121-res224-all"),
+                   "cxr_map": ("cxr", "densenet121-res224-all-block3")}
 #: Cohorts: all stays, stays with an X-ray, or train/val from one and test from the other.
 COHORTS = ("full", "matched", "matched_to_full", "full_to_matched")
 #: Parts of a fold.
@@ -125,6 +136,9 @@ class StayInputs:
         float32 ``[n, T, F]`` imputed + normalised EHR and its observation mask (``ehr_ts``).
     ehr_emb, cxr_emb : numpy.ndarray or None
         float32 ``[n, d]`` cached embeddings (``ehr_emb`` / ``cxr_emb``).
+    cxr_map : numpy.ndarray or None
+        float32 ``[n, C, h, w]`` stored spatial maps (``cxr_map``), NaN where the X-ray is not
+        available (absent, hidden by a mask, or not embedded).
     image_loader : callable or None
         ``image_loader(store_positions) -> uint8 [k, H, W]`` (``cxr_img``).
     image_size : int
@@ -140,6 +154,7 @@ class StayInputs:
     cxr_hours: np.ndarray | None = None
     ehr_emb: np.ndarray | None = None
     cxr_emb: np.ndarray | None = None
+    cxr_map: np.ndarray | None = None
     ehr: np.ndarray | None = None
     ehr_mask: np.ndarray | None = None
     image_loader: Callable | None = dataclasses.field(default=None, repr=False)
@@ -209,12 +224,25 @@ def _select(store, usable: np.ndarray, fold: int, part: str, cohort: str) -> np.
     return idx
 
 
-def available_encoders(store, modality: str) -> list[str]:
-    """Ids of the complete embeddings of ``modality`` in ``store``."""
-    return [e["encoder_id"] for e in store.embeddings() if e["modality"] == modality]
+def available_encoders(store, modality: str, kind: str | None = None) -> list[str]:
+    """Ids of the complete embeddings of ``modality`` in ``store`` (``kind="cxr_map"``: with a map)."""
+    return [e["encoder_id"] for e in store.embeddings()
+            if e["modality"] == modality and (kind != "cxr_map" or e.get("map_shape"))]
 
 
-def resolve_encoder(store, modality: str, encoder_id: str | None) -> dict:
+def encode_command(store, encoder_id: str) -> str:
+    """The ``cbstore encode`` command that writes embedding ``encoder_id`` into ``store``.
+
+    An id ending in ``-random`` is the encoder of that name with ``--weights random`` (the
+    encoder registry's naming); other non-default weights are not guessed from the id.
+    """
+    base, weights = encoder_id, ""
+    if encoder_id.endswith("-random"):
+        base, weights = encoder_id[: -len("-random")], " --weights random"
+    return f"cbstore encode {store.path} --encoder {base}{weights}"
+
+
+def resolve_encoder(store, modality: str, encoder_id: str | None, kind: str | None = None) -> dict:
     """The embedding description (a ``store.embeddings()`` entry) to read for ``modality``.
 
     Parameters
@@ -223,29 +251,50 @@ def resolve_encoder(store, modality: str, encoder_id: str | None) -> dict:
     modality : str
         ``ehr`` or ``cxr``.
     encoder_id : str or None
-        None picks the only embedding of the modality.
+        None picks the only embedding of the modality (of the kind); for ``cxr_emb`` the only
+        one without a spatial map if there is any such, else the only one.
+    kind : str, optional
+        The input kind the embedding is read for (:data:`EMBEDDING_KINDS`); ``cxr_map`` accepts
+        only spatial-map embeddings. Default: ``<modality>_emb``.
 
     Raises
     ------
     InputsError
         If the embedding is absent, or ``encoder_id`` is None and there is not exactly one; the
-        message lists the available ids and how to add one.
+        message lists the available ids and gives the ``cbstore encode`` command that adds one.
     """
-    entries = {e["encoder_id"]: e for e in store.embeddings() if e["modality"] == modality}
+    kind = kind or f"{modality}_emb"
+    if kind not in EMBEDDING_KINDS or EMBEDDING_KINDS[kind][0] != modality:
+        raise InputsError(f"input kind {kind!r} is not an embedding of modality {modality!r}; "
+                          f"valid: {sorted(k for k, v in EMBEDDING_KINDS.items() if v[0] == modality)}")
+    ids = available_encoders(store, modality, kind)
+    entries = {e["encoder_id"]: e for e in store.embeddings()
+               if e["modality"] == modality and e["encoder_id"] in ids}
+    if encoder_id is None and kind == "cxr_emb":
+        # a pooled embedding is picked before the pooled values of a spatial-map one
+        pooled = {k: e for k, e in entries.items() if not e.get("map_shape")}
+        entries = pooled or entries
     have = ", ".join(sorted(entries)) or "none"
-    option = f"--{modality}-encoder"
+    option = "--cxr-map-encoder" if kind == "cxr_map" else f"--{modality}-encoder"
+    what = "X-ray spatial-map" if kind == "cxr_map" else modality
     if encoder_id is None:
         if len(entries) == 1:
             return next(iter(entries.values()))
         if not entries:
             raise InputsError(
-                f"store {store.path} holds no complete {modality} embedding; run `cbstore encode` "
-                f"for a {modality} encoder, or use --features raw")
-        raise InputsError(f"store {store.path} holds several {modality} embeddings ({have}); "
+                f"store {store.path} holds no complete {what} embedding (input {kind!r}); add one "
+                f"with `{encode_command(store, EMBEDDING_KINDS[kind][1])}` (or another "
+                f"{modality} encoder), or use --features raw")
+        raise InputsError(f"store {store.path} holds several {what} embeddings ({have}); "
                           f"choose one with {option}")
     if encoder_id not in entries:
-        raise InputsError(f"unknown {modality} encoder {encoder_id!r} ({option}): store "
-                          f"{store.path} has {modality} embeddings: {have}")
+        other = [e for e in store.embeddings()
+                 if e["modality"] == modality and e["encoder_id"] == encoder_id]
+        reason = (f"embedding {encoder_id!r} stores no spatial map" if other else
+                  f"unknown {modality} encoder {encoder_id!r} ({option})")
+        fix = (f"choose a spatial-map encoder (ids ending in -layer3 or -block3) with {option}"
+               if other else f"add it with `{encode_command(store, encoder_id)}`")
+        raise InputsError(f"{reason}: store {store.path} has {what} embeddings: {have}; {fix}")
     return entries[encoder_id]
 
 
@@ -271,8 +320,9 @@ class FoldReader:
         Task whose targets fill ``StayInputs.y`` (None: no targets).
     inputs : iterable of str
         Input kinds to read (:data:`INPUT_KINDS`).
-    ehr_encoder, cxr_encoder : str, optional
-        Embedding ids for ``ehr_emb`` / ``cxr_emb``; None picks the only one the store holds.
+    ehr_encoder, cxr_encoder, cxr_map_encoder : str, optional
+        Embedding ids for ``ehr_emb`` / ``cxr_emb`` / ``cxr_map``; None picks the only one the
+        store holds (see :func:`resolve_encoder`).
 
     Attributes
     ----------
@@ -281,6 +331,12 @@ class FoldReader:
         Embedding ids read.
     ehr_dim, cxr_dim : int or None
         Embedding sizes.
+    cxr_map_encoder : str or None
+        Spatial-map embedding id read (``cxr_map``).
+    cxr_map_shape : tuple of int or None
+        ``(C, h, w)`` of the spatial maps (``cxr_map``).
+    cxr_map_attrs : dict or None
+        The spatial-map embedding's attrs (provenance: encoder name, weights, seed, stage).
     preprocessor : EhrPreprocessor or None
         The fold's EHR preprocessing (``ehr_ts``).
 
@@ -293,7 +349,8 @@ class FoldReader:
     """
 
     def __init__(self, store, fold: int, *, task=None, inputs: Iterable[str] = frozenset(),
-                 ehr_encoder: str | None = None, cxr_encoder: str | None = None):
+                 ehr_encoder: str | None = None, cxr_encoder: str | None = None,
+                 cxr_map_encoder: str | None = None):
         self.store = store
         self.inputs = frozenset(inputs)
         bad = self.inputs - INPUT_KINDS
@@ -312,6 +369,14 @@ class FoldReader:
         self._emb: dict = {}
         self.ehr_encoder = self.cxr_encoder = None
         self.ehr_dim = self.cxr_dim = None
+        self.cxr_map_shape = self.cxr_map_attrs = None
+        self.cxr_map_encoder = None
+        if "cxr_map" in self.inputs:
+            entry = resolve_encoder(store, "cxr", cxr_map_encoder, "cxr_map")
+            self.cxr_map_encoder = entry["encoder_id"]
+            self.cxr_map_attrs = dict(entry)
+            self.cxr_map_shape = tuple(int(v) for v in entry["map_shape"])
+            self._map_present = np.asarray(store.embedding("cxr", entry["encoder_id"])[1], dtype=bool)
         for modality, given in (("ehr", ehr_encoder), ("cxr", cxr_encoder)):
             if f"{modality}_emb" not in self.inputs:
                 continue
@@ -377,11 +442,26 @@ class FoldReader:
             cxr = values[idx].copy()
             cxr[~out.cxr_present] = np.nan
             out.cxr_emb = cxr
+        if self.cxr_map_shape is not None:
+            out.cxr_present = out.cxr_present & self._map_present[idx]
+            out.cxr_map = self._maps(idx, out.cxr_present)
         out.cxr_hours = np.where(out.cxr_present, self._hours[idx], np.float32(np.nan)).astype(np.float32)
         if self.preprocessor is not None:
             out.ehr, out.ehr_mask = self.preprocessor(store.ehr_values(idx))
         if "cxr_img" in self.inputs:
             out.image_loader = store.images
+        return out
+
+
+    def _maps(self, idx: np.ndarray, shown: np.ndarray) -> np.ndarray:
+        """float32 ``[k, C, h, w]`` maps of positions ``idx``; only the ``shown`` ones are read."""
+        out = np.full((idx.size, *self.cxr_map_shape), np.nan, dtype=np.float32)
+        if shown.any():
+            try:
+                maps = self.store.embedding_map("cxr", self.cxr_map_encoder, idx[shown])
+            except (EmbeddingError, StoreError) as exc:
+                raise InputsError(str(exc)) from exc
+            out[shown] = maps
         return out
 
 
@@ -401,7 +481,7 @@ def _targets(store, spec) -> tuple[np.ndarray, list]:
 
 def read_inputs(store, fold: int, positions, *, task=None, inputs: Iterable[str] = frozenset(),
                 cxr_hidden=None, ehr_encoder: str | None = None, cxr_encoder: str | None = None,
-                name: str = "") -> StayInputs:
+                cxr_map_encoder: str | None = None, name: str = "") -> StayInputs:
     """A method's inputs for the stays at ``positions`` of ``fold`` (see the module docstring).
 
     One call of :meth:`FoldReader.read`; build a :class:`FoldReader` to read several sets of stays
@@ -419,8 +499,8 @@ def read_inputs(store, fold: int, positions, *, task=None, inputs: Iterable[str]
         Input kinds (:data:`INPUT_KINDS`).
     cxr_hidden : array-like of bool, optional
         X-rays hidden by a simulated mask, aligned with ``positions``.
-    ehr_encoder, cxr_encoder : str, optional
-        Embedding ids; None picks the only one.
+    ehr_encoder, cxr_encoder, cxr_map_encoder : str, optional
+        Embedding ids (``ehr_emb``, ``cxr_emb``, ``cxr_map``); None picks the only one.
     name : str
         Part name recorded in the result.
 
@@ -429,5 +509,5 @@ def read_inputs(store, fold: int, positions, *, task=None, inputs: Iterable[str]
     StayInputs
     """
     reader = FoldReader(store, fold, task=task, inputs=inputs, ehr_encoder=ehr_encoder,
-                        cxr_encoder=cxr_encoder)
+                        cxr_encoder=cxr_encoder, cxr_map_encoder=cxr_map_encoder)
     return reader.read(positions, name=name, cxr_hidden=cxr_hidden)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from cbstore.content import CXR_COLUMNS, STAT_NAMES, STAY_COLUMNS
 
 #: Version of the on-disk format (semver). Readers refuse another major version.
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"
 
 #: Name of the completion manifest, written last by a builder.
 MANIFEST_NAME = "cbstore_manifest.json"
@@ -135,6 +135,10 @@ assert set(CXR_COLUMNS) == {k.split("/")[1] for k in ARRAYS if k.startswith("cxr
 #: Coordinate arrays (array name == dimension name) per dimension.
 COORDINATES = ("stay", "time", "feature", "phenotype", "fold")
 
+#: The spatial ``map`` array of a spatial-map embedding (``[stay, channel, y, x]``, float16, NaN
+#: where absent; format 1.1).
+MAP_SPEC = ArraySpec("float16", ("stay", "channel", "map_y", "map_x"), float("nan"))
+
 #: Attributes of ``embeddings/<modality>/<encoder-id>`` that the caller of ``create_embedding`` must give.
 EMBEDDING_CALLER_ATTRS = ("weights", "preprocessing")
 
@@ -223,6 +227,8 @@ EMBEDDING_ATTRS_SCHEMA: dict = {
         "preprocessing": {"type": ["object", "string"]},
         "image_size": {"type": ["integer", "null"], "minimum": 1},
         "nan_allowed": {"type": "boolean"},
+        "map_shape": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 1}},
+        "map_stage": {"type": "string"},
         "created_at": {"type": "string"},
         "complete": {"type": "boolean"},
     },

@@ -310,7 +310,9 @@ class Store:
     # -- bulk arrays ---------------------------------------------------------------------------
 
     def _take(self, key: str, index: Any) -> np.ndarray:
-        arr = self._array(key)
+        return self._take_rows(self._array(key), index)
+
+    def _take_rows(self, arr: zarr.Array, index: Any) -> np.ndarray:
         if index is None:
             return np.asarray(arr[...])
         idx = np.asarray(index)
@@ -436,6 +438,20 @@ class Store:
         seq = grp["sequence"][...] if f is None else grp["sequence"][f]
         return np.asarray(seq, dtype=np.float32)
 
+    def embedding_map(self, modality: str, encoder_id: str, index: Any = None) -> np.ndarray:
+        """Stored spatial maps float16 ``[k, C, h, w]`` of stay positions ``index`` (NaN where absent).
+
+        Raises
+        ------
+        EmbeddingError
+            The embedding is missing or stores no spatial map.
+        """
+        grp = self._embedding_group(modality, encoder_id)
+        if "map" not in grp:
+            raise EmbeddingError(f"embedding {modality}/{encoder_id} in {self.path} stores no spatial "
+                                 "map (a spatial-map encoder such as densenet121-res224-all-block3 does)")
+        return self._take_rows(grp["map"], index)
+
     def is_writable(self) -> bool:
         """Whether new embeddings can be written (write permission bits and access for this user)."""
         try:
@@ -455,6 +471,7 @@ class Store:
         attrs: dict,
         overwrite: bool = False,
         region_stays: int = 1024,
+        map_shape: tuple | None = None,
     ) -> "EmbeddingWriter":
         """Create (or resume) the embedding group ``embeddings/<modality>/<encoder_id>``.
 
@@ -476,6 +493,9 @@ class Store:
             Discard an existing group (complete or not) and start again.
         region_stays : int
             Stays per region, the resume and concurrency unit (and the chunk length of ``values``).
+        map_shape : tuple of int, optional
+            ``(C, h, w)``: the embedding also stores a float16 spatial ``map`` array
+            ``[stay, C, h, w]`` (chunk one stay, shard one region; format 1.1).
 
         Returns
         -------
@@ -492,4 +512,5 @@ class Store:
         from cbstore.embeddings import create_embedding
 
         return create_embedding(self, modality, encoder_id, dim, per_fold=per_fold, sequence_dim=sequence_dim,
-                                attrs=attrs, overwrite=overwrite, region_stays=region_stays)
+                                attrs=attrs, overwrite=overwrite, region_stays=region_stays,
+                                map_shape=map_shape)

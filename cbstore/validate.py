@@ -26,6 +26,7 @@ from cbstore.schema import (
     LOS_CLASS_EDGES,
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
+    MAP_SPEC,
     MODALITIES,
     ROOT_ATTRS_KEY,
     ROOT_ATTRS_SCHEMA,
@@ -445,6 +446,7 @@ class _Validator:
         if tuple(values.shape) != want:
             self.problem(f"{where}/values: shape {tuple(values.shape)}, expected {want}")
             return
+        self._check_map(where, attrs, grp, len(present))
         nan_allowed = bool(attrs.get("nan_allowed", False))
         data = np.asarray(values[...]).reshape(-1, len(present), values.shape[-1])
         for f, block in enumerate(data):
@@ -458,6 +460,25 @@ class _Validator:
             if bad.any():
                 ids = stay[bad] if stay is not None else np.flatnonzero(bad)
                 self.problem(f"{where}/values{fold}: values for absent stays {_ids(ids)} (must be NaN)")
+
+    def _check_map(self, where: str, attrs: dict, grp: zarr.Group, n: int) -> None:
+        """The spatial ``map`` array of a spatial-map embedding (format 1.1): shape, dtype, dims."""
+        shape = attrs.get("map_shape")
+        if shape is None:
+            if "map" in grp:
+                self.problem(f"{where}: has a map array but no attrs.map_shape")
+            return
+        if "map" not in grp:
+            self.problem(f"{where}: attrs.map_shape is {shape} but the map array is missing")
+            return
+        arr = grp["map"]
+        if tuple(arr.shape) != (n, *shape):
+            self.problem(f"{where}/map: shape {tuple(arr.shape)}, expected {(n, *shape)}")
+        if arr.dtype != np.dtype(MAP_SPEC.dtype):
+            self.problem(f"{where}/map: dtype {arr.dtype}, expected {MAP_SPEC.dtype}")
+        dims = tuple(arr.metadata.dimension_names or ())
+        if dims != MAP_SPEC.dims:
+            self.problem(f"{where}/map: dimension_names {list(dims)}, expected {list(MAP_SPEC.dims)}")
 
     def check_consolidated(self) -> None:
         try:

@@ -30,6 +30,18 @@ Encoders (output dimension):
     ``[0, 1]`` as ``(x + 1024) / 2048`` and standardised with the mean of the ImageNet channel
     means and stds, ``(x01 - 0.449) / 0.226``. Embedding = global-average-pooled ``layer4``.
 
+**Spatial-map encoders** store a frozen backbone's intermediate feature map per stay (float16
+``map`` array, see ``store_layout.md``) so that intermediate-fusion methods train the remaining
+stage(s) on it; their ``values`` are the map's global average pool:
+
+``resnet50-imagenet-layer3`` (map ``[1024, S/16, S/16]``; 1024 x 14 x 14 at 224 px)
+    The output of ``layer3`` of ``resnet50-imagenet``; ``layer4`` runs live in the method
+    (:func:`build_map_tail`).
+``densenet121-res224-<weights>-block3`` (map ``[512, S/32, S/32]``; 512 x 7 x 7 at 224 px)
+    The output of dense block 3 and its transition layer (``transition3``: BN, ReLU, 1x1 conv,
+    2x2 average pool) of ``densenet121-res224-<weights>``; ``denseblock4`` and ``norm5`` run
+    live in the method.
+
 Weights are resolved and loaded by :mod:`encoders.weights`; ``weights="random"`` gives a seeded
 random initialisation (for tests and as a no-pretraining baseline).
 """
@@ -88,16 +100,23 @@ class CxrEncoder:
     ----------
     targets : list of str
         Pathology names of the classifier head where the weights define them, else ``[]``.
+    map_stage : str or None
+        Spatial-map encoders: the stage whose output is stored (``layer3``, ``block3``).
+    map_shape : tuple of int or None
+        Spatial-map encoders: ``(C, h, w)`` of the stored map at :attr:`input_size`.
     """
 
     modality = "cxr"
 
     def __init__(self, name: str, module: nn.Module, embed_fn: Callable, dim: int, input_size: int,
                  native_resolution: int, weights: str, weights_sha256: str | None,
-                 seed: int | None, preprocessing: dict, targets: list[str] | None = None):
+                 seed: int | None, preprocessing: dict, targets: list[str] | None = None,
+                 map_fn: Callable | None = None, map_stage: str | None = None):
         self.name = name
         self.module = module.eval()
-        self._embed_fn = embed_fn
+        self._map_fn = map_fn
+        self.map_stage = map_stage
+        self._embed_fn = embed_fn if map_fn is None else _pooled_map(map_fn)
         self.dim = dim
         self.input_size = input_size
         self.native_resolution = native_resolution
@@ -108,6 +127,11 @@ class CxrEncoder:
         self.targets = list(targets or [])
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
+        self.map_shape = None
+        if map_fn is not None:
+            with torch.inference_mode():
+                probe = map_fn(self.module, torch.zeros(1, 1, input_size, input_size))
+            self.map_shape = tuple(int(v) for v in probe.shape[1:])
 
     def to(self, device: torch.device | str) -> "CxrEncoder":
         """Move the network to ``device`` (returns self)."""
@@ -135,6 +159,12 @@ class CxrEncoder:
         """Embedding of preprocessed films ``x`` (float ``[B, 1, S, S]``) -> ``[B, dim]``."""
         return self._embed_fn(self.module, x)
 
+    def embed_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Spatial map of preprocessed films ``x`` -> ``[B, C, h, w]`` (spatial-map encoders only)."""
+        if self._map_fn is None:
+            raise EncodingInputError(f"encoder {self.name} stores no spatial map")
+        return self._map_fn(self.module, x)
+
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocess uint8 films and embed them (float32 ``[B, dim]``)."""
@@ -150,7 +180,17 @@ class CxrEncoder:
             "native_resolution": self.native_resolution,
             "preprocessing": self.preprocessing,
             "targets": self.targets,
+            **({"map_stage": self.map_stage, "map_shape": list(self.map_shape)}
+               if self.map_shape is not None else {}),
         }
+
+
+def _pooled_map(map_fn: Callable) -> Callable:
+    """``embed_fn`` of a spatial-map encoder: the global average pool of its map."""
+    def embed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return map_fn(module, x).float().mean(dim=(2, 3))
+
+    return embed
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -187,9 +227,19 @@ def _densenet_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(out, (1, 1)).flatten(1)
 
 
+#: Index in ``DenseNet.features`` of the first live layer after the stored ``block3`` map.
+DENSENET_BLOCK3_END = 10
+
+
+def _densenet_block3(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # conv0 .. denseblock3, transition3: [B, 512, S/32, S/32]
+    return module.features[:DENSENET_BLOCK3_END](x)
+
+
 def build_densenet(variant: str, weights: str | None = None, *, weights_dir=None,
-                   input_size: int | None = None, seed: int = 0) -> CxrEncoder:
-    """torchxrayvision DenseNet-121 encoder (1024-d, ``features2``).
+                   input_size: int | None = None, seed: int = 0,
+                   map_stage: str | None = None) -> CxrEncoder:
+    """torchxrayvision DenseNet-121 encoder (1024-d, ``features2``), or its ``block3`` map.
 
     Parameters
     ----------
@@ -204,6 +254,9 @@ def build_densenet(variant: str, weights: str | None = None, *, weights_dir=None
         Override the 224 px input resolution (tests only).
     seed : int
         Seed of a random initialisation.
+    map_stage : {None, "block3"}
+        ``"block3"``: the spatial-map encoder ``densenet121-res224-<variant>-block3`` (512-d
+        pooled values, map after ``transition3``).
 
     Returns
     -------
@@ -211,6 +264,8 @@ def build_densenet(variant: str, weights: str | None = None, *, weights_dir=None
     """
     import torchxrayvision as xrv
 
+    if map_stage not in (None, "block3"):
+        raise WeightsError(f"DenseNet spatial maps are stored after 'block3', not {map_stage!r}")
     full = f"densenet121-res224-{variant}"
     weights = full if weights is None else weights
     native = int(xrv.models.model_urls[full]["input_resolution"])
@@ -225,8 +280,12 @@ def build_densenet(variant: str, weights: str | None = None, *, weights_dir=None
     else:
         raise WeightsError(f"encoder densenet121-res224-{variant} takes weights {full!r} or "
                            f"{RANDOM!r}, not {weights!r}")
-    return CxrEncoder(full, module, _densenet_features, 1024, size, native, weights, sha, used_seed,
-                      _preprocessing(size), targets)
+    if map_stage is None:
+        return CxrEncoder(full, module, _densenet_features, 1024, size, native, weights, sha,
+                          used_seed, _preprocessing(size), targets)
+    return CxrEncoder(f"{full}-{map_stage}", module, None, 512, size, native, weights, sha,
+                      used_seed, _preprocessing(size, "map = features[:10] (through transition3)"),
+                      targets, map_fn=_densenet_block3, map_stage=map_stage)
 
 
 # ---------------------------------------------------------------------------------- ResNet AE
@@ -274,12 +333,16 @@ class ImagenetGrayResNet(nn.Module):
         super().__init__()
         self.resnet = resnet
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def layer3(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of ``layer3`` ``[B, 1024, S/16, S/16]`` for xrv-range images."""
         r = self.resnet
         x = ((x + 1024.0) / 2048.0 - IMAGENET_GRAY_MEAN) / IMAGENET_GRAY_STD
         x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
-        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
-        return torch.flatten(r.avgpool(x), 1)
+        return r.layer3(r.layer2(r.layer1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.resnet
+        return torch.flatten(r.avgpool(r.layer4(self.layer3(x))), 1)
 
 
 def gray_conv1(state: dict) -> dict:
@@ -292,12 +355,16 @@ def gray_conv1(state: dict) -> dict:
 
 
 def build_resnet50_imagenet(weights: str | None = None, *, weights_dir=None,
-                            input_size: int | None = None, seed: int = 0) -> CxrEncoder:
-    """torchvision ResNet-50 (ImageNet) adapted to one channel (2048-d).
+                            input_size: int | None = None, seed: int = 0,
+                            map_stage: str | None = None) -> CxrEncoder:
+    """torchvision ResNet-50 (ImageNet) adapted to one channel (2048-d), or its ``layer3`` map.
 
     Parameters are those of :func:`build_densenet`; weights ``"IMAGENET1K_V1"`` (default),
-    ``"IMAGENET1K_V2"`` or ``"random"``.
+    ``"IMAGENET1K_V2"`` or ``"random"``; ``map_stage="layer3"`` gives the spatial-map encoder
+    ``resnet50-imagenet-layer3`` (1024-d pooled values).
     """
+    if map_stage not in (None, "layer3"):
+        raise WeightsError(f"ResNet-50 spatial maps are stored after 'layer3', not {map_stage!r}")
     import torchvision
 
     weights = "IMAGENET1K_V1" if weights is None else weights
@@ -325,5 +392,60 @@ def build_resnet50_imagenet(weights: str | None = None, *, weights_dir=None,
     size = int(input_size or native)
     extra = (f"x01 = (x + 1024) / 2048; z = (x01 - {IMAGENET_GRAY_MEAN:.4f}) / {IMAGENET_GRAY_STD:.4f}; "
              "conv1 = sum of the ImageNet RGB filters")
-    return CxrEncoder("resnet50-imagenet", ImagenetGrayResNet(net), lambda m, x: m(x), 2048, size,
-                      native, weights, sha, used_seed, _preprocessing(size, extra))
+    if map_stage is None:
+        return CxrEncoder("resnet50-imagenet", ImagenetGrayResNet(net), lambda m, x: m(x), 2048,
+                          size, native, weights, sha, used_seed, _preprocessing(size, extra))
+    return CxrEncoder(f"resnet50-imagenet-{map_stage}", ImagenetGrayResNet(net), None, 1024, size,
+                      native, weights, sha, used_seed,
+                      _preprocessing(size, extra + "; map = output of layer3"),
+                      map_fn=lambda m, x: m.layer3(x), map_stage=map_stage)
+
+
+def build_map_tail(attrs: dict, *, pretrained: bool = True, weights_dir=None) -> nn.Module:
+    """The live stages that follow a stored spatial map, with the weights that made the map.
+
+    Parameters
+    ----------
+    attrs : dict
+        The spatial-map embedding's attrs (``encoder_name``, ``weights``, ``seed``,
+        ``map_stage``), as :meth:`cbstore.store.Store.embeddings` lists them.
+    pretrained : bool
+        Load the weights (named weights: their file; ``random``: the recorded seed). False
+        builds the architecture only (a saved model's state replaces every weight).
+    weights_dir : path-like, optional
+        Directory searched first for the weights file.
+
+    Returns
+    -------
+    torch.nn.Module
+        Trainable module mapping the map ``[B, C, h, w]`` to ``[B, C', h', w']`` (ResNet-50:
+        ``layer4``, 2048 channels; DenseNet: ``denseblock4`` + ``norm5`` + ReLU, 1024 channels),
+        with attribute ``out_channels``.
+
+    Raises
+    ------
+    WeightsError
+        The attrs do not describe a spatial-map encoder.
+    """
+    import copy
+
+    from encoders.registry import get_encoder
+
+    name, stage = attrs.get("encoder_name"), attrs.get("map_stage")
+    if not name or not stage:
+        raise WeightsError(f"embedding {attrs.get('encoder_id')!r} stores no spatial map "
+                           "(no encoder_name/map_stage in its attrs)")
+    spec = get_encoder(name)
+    weights = attrs.get("weights") if pretrained else RANDOM
+    seed = attrs.get("seed") if weights == RANDOM and attrs.get("seed") is not None else 0
+    encoder = spec.factory(None, weights=weights, weights_dir=weights_dir, seed=int(seed))
+    module = encoder.module
+    if stage == "layer3":
+        tail = copy.deepcopy(module.resnet.layer4)
+        tail.out_channels = 2048
+    else:
+        tail = nn.Sequential(copy.deepcopy(module.features[DENSENET_BLOCK3_END:]), nn.ReLU())
+        tail.out_channels = 1024
+    for parameter in tail.parameters():
+        parameter.requires_grad_(True)
+    return tail.train()

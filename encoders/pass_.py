@@ -204,18 +204,25 @@ def encode_cxr_regions(store: Store, writer: EmbeddingWriter, encoder, regions: 
         for r, batches in plan:
             sl = writer.region(r)
             values = np.full((sl.stop - sl.start, encoder.dim), np.nan, dtype=np.float32)
+            maps = (None if encoder.map_shape is None else
+                    np.full((sl.stop - sl.start, *encoder.map_shape), np.nan, dtype=np.float16))
             for pos in batches:
                 images = next(batches_iter).to(device, non_blocking=cuda)
                 with torch.inference_mode():
                     x = encoder.preprocess(images)
                     with autocast():
-                        out = encoder.embed(x)
+                        spatial = None if maps is None else encoder.embed_map(x)
+                        out = encoder.embed(x) if maps is None else spatial.float().mean(dim=(2, 3))
                 out = out.float().cpu().numpy()
                 _check_finite(out, stay_ids[pos], f"{encoder.name} region {r}")
                 values[pos - sl.start] = out
+                if maps is not None:
+                    spatial = spatial.to(torch.float16).cpu().numpy()
+                    _check_finite(spatial, stay_ids[pos], f"{encoder.name} region {r} map")
+                    maps[pos - sl.start] = spatial
                 n_films += len(pos)
                 bar.update(len(pos))
-            writer.write(r, values, present[sl].copy())
+            writer.write(r, values, present[sl].copy(), spatial=maps)
     finally:
         bar.close()
         del batches_iter
@@ -518,9 +525,10 @@ def run_encoding_pass(
             encoder = spec.factory(store)
         attrs = _provenance(spec, encoder, store, batch_size)
         sequence_dim = encoder.dim if (spec.per_fold and store_sequence) else None
+        map_shape = getattr(encoder, "map_shape", None)
         writer = store.create_embedding(spec.modality, encoder_id, int(encoder.dim), per_fold=spec.per_fold,
                                         sequence_dim=sequence_dim, attrs=attrs, overwrite=overwrite,
-                                        region_stays=region_stays)
+                                        region_stays=region_stays, map_shape=map_shape)
         _check_resume(writer, attrs)
         done = writer.done_matrix()
         summary.update(dim=int(encoder.dim), regions_total=int(done.size), device=str(dev))

@@ -43,6 +43,8 @@ class EncoderSpec:
         Whether NaN in the output is by design (``ehr-stats``); otherwise NaN stops the pass.
     leakage_note : str
         Caveat recorded in the embedding's attrs ("" when none).
+    map_stage : str or None
+        Spatial-map encoders: the backbone stage whose output map is stored (``map`` array).
     """
 
     name: str
@@ -55,6 +57,7 @@ class EncoderSpec:
     weights_options: tuple[str, ...] = field(default_factory=tuple)
     nan_allowed: bool = False
     leakage_note: str = ""
+    map_stage: str | None = None
 
     def encoder_id(self, weights: str | None) -> str:
         """``encoder_id`` written to the store for ``weights`` (see the module docstring)."""
@@ -86,11 +89,12 @@ _MIMIC_LEAK = ("weights were trained on MIMIC-CXR images, which overlap the pati
                "evaluation splits; test-set results may be optimistic")
 
 
-def _densenet_factory(variant: str) -> Callable[..., Any]:
+def _densenet_factory(variant: str, map_stage: str | None = None) -> Callable[..., Any]:
     def factory(store=None, *, weights=None, weights_dir=None, input_size=None, seed=0):
         from encoders.cxr import build_densenet
 
-        return build_densenet(variant, weights, weights_dir=weights_dir, input_size=input_size, seed=seed)
+        return build_densenet(variant, weights, weights_dir=weights_dir, input_size=input_size,
+                              seed=seed, map_stage=map_stage)
 
     factory.__name__ = f"densenet_{variant}_factory"
     return factory
@@ -106,6 +110,13 @@ def _resnet50_factory(store=None, *, weights=None, weights_dir=None, input_size=
     from encoders.cxr import build_resnet50_imagenet
 
     return build_resnet50_imagenet(weights, weights_dir=weights_dir, input_size=input_size, seed=seed)
+
+
+def _resnet50_layer3_factory(store=None, *, weights=None, weights_dir=None, input_size=None, seed=0):
+    from encoders.cxr import build_resnet50_imagenet
+
+    return build_resnet50_imagenet(weights, weights_dir=weights_dir, input_size=input_size, seed=seed,
+                                   map_stage="layer3")
 
 
 def _ehr_stats_factory(store):
@@ -129,6 +140,12 @@ def _specs() -> dict[str, EncoderSpec]:
             f"torchxrayvision DenseNet-121 ({variant} weights), features2 -> 1024-d at 224 px",
             _densenet_factory(variant), default_weights=name, weights_options=(name,),
             leakage_note=_MIMIC_LEAK if variant in MIMIC_TRAINED else "")
+        specs[f"{name}-block3"] = EncoderSpec(
+            f"{name}-block3", "cxr", 512, False,
+            f"torchxrayvision DenseNet-121 ({variant} weights), spatial map after dense block 3 and "
+            "transition3 (float16 [512, 7, 7] at 224 px); values = its average pool (512-d)",
+            _densenet_factory(variant, "block3"), default_weights=name, weights_options=(name,),
+            leakage_note=_MIMIC_LEAK if variant in MIMIC_TRAINED else "", map_stage="block3")
     specs["resnet-ae-101-elastic"] = EncoderSpec(
         "resnet-ae-101-elastic", "cxr", 4608, False,
         "torchxrayvision ResNet-101 autoencoder (101-elastic), latent [512,3,3] flattened -> 4608-d",
@@ -139,6 +156,12 @@ def _specs() -> dict[str, EncoderSpec]:
         "torchvision ResNet-50 ImageNet weights, conv1 summed to 1 channel, pooled -> 2048-d",
         _resnet50_factory, default_weights="IMAGENET1K_V1",
         weights_options=("IMAGENET1K_V1", "IMAGENET1K_V2"))
+    specs["resnet50-imagenet-layer3"] = EncoderSpec(
+        "resnet50-imagenet-layer3", "cxr", 1024, False,
+        "torchvision ResNet-50 ImageNet weights, spatial map after layer3 (float16 [1024, 14, 14] "
+        "at 224 px); values = its average pool (1024-d)",
+        _resnet50_layer3_factory, default_weights="IMAGENET1K_V1",
+        weights_options=("IMAGENET1K_V1", "IMAGENET1K_V2"), map_stage="layer3")
     specs["ehr-stats"] = EncoderSpec(
         "ehr-stats", "ehr", None, False,
         "per-variable statistics over the window and sub-windows + missingness (NaN where unobserved)",

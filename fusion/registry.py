@@ -110,7 +110,8 @@ class FusionMethod:
         representation and the X-ray token masked out of the attention), ``"neighbour_imputation"``
         (M3Care: the X-ray representation imputed from similar training stays) or
         ``"prior_reconstruction"`` (SMIL: the X-ray feature reconstructed from k-means priors of
-        training X-ray features).
+        training X-ray features), or ``"absent_token"`` (the X-ray stream of a stay without a film
+        is a learned absent token, map or key: ``mmtm``, ``daft``, ``utde``; no image is encoded).
     hyperparameters : dict
         Hyperparameter name -> default value. The default's type is the accepted type.
     cached_hyperparameters : dict

@@ -2,7 +2,8 @@
 
 ``make_fusion_store(path)`` writes a :func:`cbstore.testing.random_content` store and adds
 embeddings ``ehr/ehr-test`` (fold-independent), ``ehr/ehr-perfold`` (per fold) and
-``cxr/cxr-test``. The embeddings carry a weak signal of the labels, so a method can learn
+``cxr/cxr-test``, and a spatial-map embedding ``cxr/cxr-map-test`` (maps ``[4, 2, 2]`` whose
+average pool is its ``values``). The embeddings carry a weak signal of the labels, so a method can learn
 something, and the X-ray embedding is NaN where the store has no film.
 """
 
@@ -13,8 +14,9 @@ import numpy as np
 from cbstore.store import open_store, write_store
 from cbstore.testing import random_content
 
-EHR_ID, EHR_PERFOLD_ID, CXR_ID = "ehr-test", "ehr-perfold", "cxr-test"
+EHR_ID, EHR_PERFOLD_ID, CXR_ID, CXR_MAP_ID = "ehr-test", "ehr-perfold", "cxr-test", "cxr-map-test"
 EHR_DIM, CXR_DIM = 6, 5
+MAP_SHAPE = (4, 2, 2)
 
 
 def _signal(store) -> np.ndarray:
@@ -57,4 +59,13 @@ def make_fusion_store(path, *, n_stays: int = 60, image_size: int = 16, n_folds:
     _write(store, "ehr", EHR_PERFOLD_ID, EHR_DIM, lambda fold: ehr + fold, np.ones(n, dtype=bool),
            per_fold=True)
     _write(store, "cxr", CXR_ID, CXR_DIM, lambda fold: cxr, present)
+    maps = (rng.normal(size=(n, *MAP_SHAPE)) + signal[:, :, None, None]).astype(np.float16)
+    maps[~present] = np.nan
+    writer = store.create_embedding("cxr", CXR_MAP_ID, MAP_SHAPE[0], map_shape=MAP_SHAPE,
+                                    attrs={"weights": None, "preprocessing": "test fixture"})
+    for r in range(writer.n_regions):
+        sl = writer.region(r)
+        pooled = maps[sl].astype(np.float32).mean(axis=(2, 3))
+        writer.write(r, pooled, present[sl], spatial=maps[sl])
+    writer.finish()
     return open_store(path)

@@ -266,7 +266,7 @@ def test_version_refusal(fresh):
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["cbstore"]["format_version"] = "2.1.0"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(StoreVersionError, match=r"format version 2\.1\.0.*reads format 1\.0\.0.*upgrade cbstore"):
+    with pytest.raises(StoreVersionError, match=r"format version 2\.1\.0.*reads format 1\.1\.0.*upgrade cbstore"):
         open_store(fresh)
     meta["attributes"]["cbstore"]["format_version"] = "1.7.2"  # minor differences are readable
     meta_path.write_text(json.dumps(meta))

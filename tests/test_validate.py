@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cbstore.content import TEST, TRAIN
 from cbstore.info import store_summary
-from cbstore.schema import MANIFEST_NAME, ROOT_ATTRS_SCHEMA, check_schema
+from cbstore.schema import FORMAT_VERSION, MANIFEST_NAME, ROOT_ATTRS_SCHEMA, check_schema
 from cbstore.store import open_store, write_store
 from cbstore.testing import random_content
 from cbstore.validate import validate_store
@@ -245,7 +245,7 @@ def test_schema_checker():
 def test_cli_validate(base, copy):
     out = CliRunner().invoke(validate, [str(base)])
     assert out.exit_code == 0
-    assert out.output.strip() == f"OK: {base} is a valid cbstore store (format 1.0.0)"
+    assert out.output.strip() == f"OK: {base} is a valid cbstore store (format {FORMAT_VERSION})"
     _bad_label(copy)
     out = CliRunner().invoke(validate, [str(copy)])
     assert out.exit_code == 1

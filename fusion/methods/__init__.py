@@ -21,6 +21,7 @@ METHOD_MODULES = {
     "lstm": "unimodal", "transformer": "unimodal", "resnet": "unimodal", "ehr-mlp": "unimodal",
     "cxr-mlp": "unimodal",
     "medfuse": "medfuse", "drfuse": "drfuse", "m3care": "m3care", "smil": "smil",
+    "mmtm": "mmtm", "daft": "daft", "utde": "utde",
 }
 
 

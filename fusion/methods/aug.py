@@ -14,7 +14,10 @@ from torch import nn
 
 from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
-from fusion.modules import CXR_WEIGHTS, EmbeddingInput, EncoderOutput, build_encoder, run_on_present
+from fusion.modules import (
+    AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, EmbeddingInput, EncoderOutput, build_encoder,
+    run_on_present,
+)
 from fusion.registry import HyperparameterError, register
 from fusion.tasks import get_task, true_class_probability
 
@@ -386,7 +389,8 @@ class AUG(StartsFromPretrained, TorchMethod):
                        "ehr_model": "lstm", "num_layers": 1, "bidirectional": True, "n_heads": 4,
                        "backbone": "resnet50", "cxr_weights": "imagenet", "alpha": 0.4, "lam": 1.0,
                        "margin": 0.01, "check_interval": 0, "residual_weight": 0.5,
-                       "aca_score": "mean", "official_frozen_learners": False, "max_learners": 0}
+                       "aca_score": "mean", "official_frozen_learners": False, "max_learners": 0,
+                       **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"ehr_model": ("lstm", "transformer"),
                               "backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS,
                               "aca_score": ("mean", "balanced")}

@@ -90,7 +90,10 @@ class TorchMethod(FusionMethod):
         return {"task": data.task, "features": data.features, "n_outputs": data.n_outputs,
                 "inputs": sorted(self.inputs_for(data.features)), "n_features": data.n_features,
                 "window_hours": data.window_hours, "image_size": data.image_size,
-                "ehr_dim": data.ehr_dim, "cxr_dim": data.cxr_dim}
+                "ehr_dim": data.ehr_dim, "cxr_dim": data.cxr_dim,
+                "cxr_map_shape": (None if getattr(data, "cxr_map_shape", None) is None
+                                  else list(data.cxr_map_shape)),
+                "cxr_map_attrs": _map_provenance(getattr(data, "cxr_map_attrs", None))}
 
     def _rows(self, part) -> np.ndarray | None:
         """Rows the model sees: all, or only those with an X-ray for X-ray-only methods."""
@@ -138,7 +141,7 @@ class TorchMethod(FusionMethod):
         ``checkpoint``: epoch checkpoint file (see :meth:`fusion.trainer.Trainer.fit`); a fit
         interrupted after some epochs resumes from it when called again with the same settings.
         """
-        from fusion.modules import EmbeddingInput
+        from fusion.modules import EmbeddingInput, seed_augmentations
         from fusion.trainer import PartBatches, fit_process_state
 
         inputs = self._check_data(data)
@@ -157,6 +160,7 @@ class TorchMethod(FusionMethod):
         trainer = self._trainer(data.task)
         with fit_process_state(self.seed, trainer.device, self.params["num_threads"]):
             module = self.build_module(spec)
+            seed_augmentations(module, self.seed)  # the fit's own augmentation stream
             train_rows = np.arange(len(train)) if rows is None else rows
             for layer in module.modules():
                 if isinstance(layer, EmbeddingInput):  # standardise with training statistics only
@@ -241,6 +245,14 @@ class TorchMethod(FusionMethod):
             module.load_state_dict(weights)  # extra state first rebuilds the saved architecture
         module.eval()
         self.module_ = module
+
+
+def _map_provenance(attrs: dict | None) -> dict | None:
+    """What a method needs to rebuild the stages after a stored spatial map (JSON-safe)."""
+    if attrs is None:
+        return None
+    return {k: attrs.get(k) for k in ("encoder_id", "encoder_name", "weights", "seed", "map_stage",
+                                      "map_shape", "input_resolution")}
 
 
 def _on_cpu(value):

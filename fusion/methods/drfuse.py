@@ -17,7 +17,7 @@ from torch import nn
 
 from fusion.methods.base import OWN_HEAD_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
-from fusion.modules import CXR_WEIGHTS, EmbeddingInput, build_encoder, run_on_present
+from fusion.modules import AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, EmbeddingInput, build_encoder, run_on_present
 from fusion.registry import HyperparameterError, register
 from fusion.tasks import get_task, task_loss
 
@@ -289,7 +289,8 @@ class DrFuse(StartsFromPretrained, TorchMethod):
     absent_cxr_policy = "masked_attention"
     hyperparameters = {**OWN_HEAD_HYPERPARAMETERS, "weight_decay": 0.0, "dropout": 0.3, "n_heads": 4,
                        "ff_dim": 2048, **{name: 1.0 for name in LAMBDAS},
-                       "backbone": "resnet50", "cxr_weights": "imagenet"}
+                       "backbone": "resnet50", "cxr_weights": "imagenet",
+                       **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}
     test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "n_heads": 2, "ff_dim": 16,
                             "backbone": "small", "cxr_weights": "random"}

@@ -17,7 +17,7 @@ from torch import nn
 
 from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
-from fusion.modules import CXR_WEIGHTS, build_encoder, run_on_present
+from fusion.modules import AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, build_encoder, run_on_present
 from fusion.registry import HyperparameterError, register
 from fusion.tasks import task_loss, true_class_probability
 
@@ -311,7 +311,8 @@ class InfoReg(StartsFromPretrained, TorchMethod):
                        "ehr_model": "lstm", "num_layers": 1, "bidirectional": True, "n_heads": 4,
                        "backbone": "resnet50", "cxr_weights": "imagenet", "k_threshold": 0.05,
                        "window_epochs": 10, "ehr_scale": 0.95, "cxr_scale": 0.10,
-                       "score_norm": "sum", "window_modality": "dominant", "optimizer": "adamw"}
+                       "score_norm": "sum", "window_modality": "dominant", "optimizer": "adamw",
+                       **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"ehr_model": ("lstm", "transformer"),
                               "backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS,
                               "score_norm": ("sum", "mean"), "window_modality": ("dominant", "ehr"),

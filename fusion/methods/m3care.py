@@ -17,7 +17,7 @@ from torch import nn
 
 from fusion.methods.base import OWN_HEAD_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
-from fusion.modules import CXR_WEIGHTS, build_encoder, run_on_present
+from fusion.modules import AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, build_encoder, run_on_present
 from fusion.registry import HyperparameterError, register
 from fusion.tasks import task_loss
 
@@ -306,7 +306,8 @@ class M3Care(StartsFromPretrained, TorchMethod):
     hyperparameters = {**OWN_HEAD_HYPERPARAMETERS, "ehr_model": "transformer", "n_heads": 4,
                        "num_layers": 1, "bidirectional": True, "kernel": "additive",
                        "epsilon_init": -0.3, "theta_init": 0.0, "top_k": 31, "bank_size": 2000,
-                       "lambda_stability": 1e-3, "backbone": "resnet50", "cxr_weights": "imagenet"}
+                       "lambda_stability": 1e-3, "backbone": "resnet50", "cxr_weights": "imagenet",
+                       **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"ehr_model": ("lstm", "transformer"),
                               "kernel": ("additive", "multiplicative"),
                               "backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}

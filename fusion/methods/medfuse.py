@@ -13,7 +13,7 @@ from torch import nn
 
 from fusion.methods.base import OWN_HEAD_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
-from fusion.modules import CXR_WEIGHTS, build_encoder, run_on_present
+from fusion.modules import AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, build_encoder, run_on_present
 from fusion.registry import HyperparameterError, register
 from fusion.tasks import task_loss
 from fusion.trainer import FitStage
@@ -134,7 +134,8 @@ class MedFuse(StartsFromPretrained, TorchMethod):
     absent_cxr_policy = "shorter_sequence"
     hyperparameters = {**OWN_HEAD_HYPERPARAMETERS, "weight_decay": 0.0, "dropout": 0.3, "num_layers": 2,
                        "bidirectional": False, "fusion_hidden": 512, "schedule": "staged",
-                       "backbone": "resnet50", "cxr_weights": "imagenet"}
+                       "backbone": "resnet50", "cxr_weights": "imagenet",
+                       **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"schedule": ("staged", "end_to_end"),
                               "backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}
     test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "fusion_hidden": 8, "backbone": "small",

@@ -19,7 +19,7 @@ from torch import nn
 
 from fusion.methods.base import OWN_HEAD_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
-from fusion.modules import CXR_WEIGHTS, build_encoder, run_on_present
+from fusion.modules import AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, build_encoder, run_on_present
 from fusion.registry import HyperparameterError, MethodStateError, register
 from fusion.tasks import task_loss
 from fusion.trainer import FitStage
@@ -340,7 +340,8 @@ class SMIL(StartsFromPretrained, TorchMethod):
                        "n_heads": 4, "num_layers": 1, "bidirectional": True, "n_clusters": 10,
                        "head_hidden": 64, "inner_steps": 1, "lr_inner": 1e-3, "alpha": 0.01,
                        "beta": 0.01, "clean_loss_weight": 0.0, "backbone": "resnet50",
-                       "cxr_weights": "imagenet"}
+                       "cxr_weights": "imagenet",
+                       **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"ehr_model": ("lstm", "transformer"),
                               "backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}
     test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "n_heads": 2, "n_clusters": 3,
