@@ -1,6 +1,6 @@
 # cbstore: the two commands a new user runs, plus the benchmark.
 #   make demo   create .venv, install, then synth -> build -> encode -> fuse -> bench grid ->
-#               comparison table
+#               report (demo/report/: report.md, report.html, figures/, results.csv)
 #   make test   create .venv, install, run the test suite
 #   make bench  performance benchmarks (by hand; not part of make test)
 # Every step is idempotent: a second `make demo` reuses the source, the store, the embeddings
@@ -53,4 +53,4 @@ demo: $(STAMP) $(DEMO)/store.zarr/cbstore_manifest.json
 	        --out $(DEMO)/runs --no-progress || exit 1; \
 	done; done
 	$(CB) bench demo --store $(DEMO)/store.zarr --out $(DEMO)/runs --workers 2
-	$(CB) report $(DEMO)/runs --per-label auroc --out $(DEMO)/report.md
+	$(CB) report $(DEMO)/runs --per-label auroc --out $(DEMO)/report

@@ -17,6 +17,19 @@ Generates (once, cached under ``--work-dir``) a synthetic MIMIC-shaped source of
 3. optionally (``--compare-tree DIR``) the same build from another checkout of the repository
    (e.g. ``git worktree add /tmp/before <commit>``), for before/after numbers on equal terms.
 
+With ``--series`` it instead measures a build scale series (one run per size, 64 px films,
+store images of ``--image-size`` px, 64 unless given): sources of ``--sizes`` stays (default
+5,000, 20,000 and 40,000) at ``--chartevents-per-stay`` (default 1,100) rows per stay, plus,
+with ``--mimic-size``, a MIMIC-sized source of 75,000 stays x 4,300 rows. For each size: wall
+time, seconds per million event rows read (chartevents + labevents + outputevents), peak RSS of
+the build's whole process tree (sampled every 20 ms from /proc), and the ratio of the build to
+the DuckDB parse of every event table it reads. Series targets: peak RSS flat (the largest
+within 1.25 x the smallest) and under the promised bound (``--memory-limit`` + 1 GiB); seconds
+per million rows at the largest size within 1.25 x that at the smallest; the build within 2 x
+that parse at every size::
+
+    python benchmarks/bench_build.py --series --sizes 5000,20000 --json bench-out/series.json
+
 Each is repeated ``--repeats`` times, interleaved; the medians are reported together with the
 load average, because the numbers are only comparable on an otherwise idle machine. CPU seconds
 (user + system) of each process are printed too: they move less than wall time when other work
@@ -38,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -68,7 +82,7 @@ with Extractor(locate_mimic_iv(mimic_iv), work, memory_limit=memory_limit, threa
         rows[table] = int(ex.con.execute(sql).fetchone()[0])
         seconds[table] = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds["chartevents"], "rows": rows["chartevents"],
-                  "all_tables_seconds": sum(seconds.values()), "table_seconds": seconds}))
+                  "all_tables_seconds": sum(seconds.values()), "table_seconds": seconds, "table_rows": rows}))
 """
 
 
@@ -84,15 +98,16 @@ def _synth_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def ensure_source(work: Path, stays: int, per_stay: float, min_rows: int, image_size: int, seed: int) -> dict:
-    """The cached synthetic source under ``work/source``, (re)generated when absent or different.
+def ensure_source(work: Path, stays: int, per_stay: float, min_rows: int, image_size: int, seed: int,
+                  name: str = "source") -> dict:
+    """The cached synthetic source under ``work/<name>``, (re)generated when absent or different.
 
     Returns the parameters file's content (parameters plus rows per table).
     """
     from cbstore.synth import write_synthetic_source
 
-    source = work / "source"
-    params_file = work / "source.json"
+    source = work / name
+    params_file = work / f"{name}.json"
     wanted = {"stays": stays, "chartevents_per_stay": per_stay, "image_size": image_size, "seed": seed,
               "generator_sha256": _synth_fingerprint()}
     if params_file.is_file() and (source / "mimic-iv").is_dir():
@@ -129,11 +144,45 @@ def run_measured(cmd: list[str], log: Path, tree: Path = REPO) -> dict:
     with open(log, "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tree, env=env)
+        sampler = _TreeRss(proc.pid)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    # ru_maxrss may include the pages the child shared with this process before exec (a source
+    # generated in this process makes it gigabytes), so the tree's peak is the sampled one.
     return {"seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024.0,
-            "exit": proc.returncode}
+            "tree_rss_mb": sampler.peak_mb, "exit": proc.returncode}
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Resident set size (kB) of ``pid`` and all its descendants, from /proc (0 where unreadable)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class _TreeRss(threading.Thread):
+    """Samples the RSS of a process tree every 20 ms; ``peak_mb`` is the largest sum seen."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak_mb, self.stop = pid, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak_mb = max(self.peak_mb, _tree_rss_kb(self.pid) / 1024.0)
+            self.stop.wait(0.02)
 
 
 def measure_floor(mimic_iv: Path, scratch: Path, memory_limit: str, threads: int) -> dict:
@@ -146,11 +195,11 @@ def measure_floor(mimic_iv: Path, scratch: Path, memory_limit: str, threads: int
     result = json.loads(log.read_text().strip().splitlines()[-1])
     return {"seconds": result["seconds"], "rows": result["rows"], "cpu_seconds": run["cpu_seconds"],
             "rss_mb": run["rss_mb"], "all_tables_seconds": result["all_tables_seconds"],
-            "table_seconds": result["table_seconds"]}
+            "table_seconds": result["table_seconds"], "table_rows": result["table_rows"]}
 
 
 def measure_build(source: Path, store: Path, scratch: Path, memory_limit: str, threads: int, workers: int,
-                  image_size: int | None, tree: Path = REPO) -> dict:
+                  image_size: int | None, tree: Path = REPO, partitions: int | None = None) -> dict:
     """One build run through the CLI of ``tree``: wall and CPU seconds and peak RSS of its process."""
     shutil.rmtree(store, ignore_errors=True)  # a fresh build, not the removal of the last one
     log = scratch / "build.log"
@@ -160,11 +209,13 @@ def measure_build(source: Path, store: Path, scratch: Path, memory_limit: str, t
            "--work-dir", str(scratch)]
     if image_size is not None:
         cmd += ["--image-size", str(image_size)]
+    if partitions is not None:
+        cmd += ["--partitions", str(partitions)]
     run = run_measured(cmd, log, tree)
     if run["exit"] != 0:
         raise SystemExit(f"cbstore build in {tree} failed (exit {run['exit']}); see {log}:\n"
                          f"{log.read_text()[-2000:]}")
-    return {k: run[k] for k in ("seconds", "cpu_seconds", "rss_mb")}
+    return {k: run[k] for k in ("seconds", "cpu_seconds", "rss_mb", "tree_rss_mb")}
 
 
 def _load() -> str:
@@ -173,6 +224,94 @@ def _load() -> str:
 
 def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
+
+
+#: The MIMIC-sized point of the series: MIMIC-IV v2.2 has about 73,000 ICU stays and 4,300
+#: chartevents rows per stay.
+MIMIC_SIZE = (75_000, 4300.0)
+#: Series targets: RSS of the largest size within this factor of the smallest, seconds per
+#: million rows likewise, and the build within MAX_RATIO x the parse of all event tables.
+MAX_GROWTH = 1.25
+
+
+def _bytes(size: str) -> float:
+    """A DuckDB size such as "2GB" or "500MiB" in bytes."""
+    units = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+             "TIB": 2**40}
+    text = size.strip().upper().replace(" ", "")
+    unit = next(u for u in sorted(units, key=len, reverse=True) if text.endswith(u))
+    return float(text[: -len(unit)]) * units[unit]
+
+
+def run_series(args: argparse.Namespace) -> int:
+    """The build scale series: one floor and one build per size; prints the table and the verdicts."""
+    work = args.work_dir.absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = [(int(x), args.chartevents_per_stay) for x in args.sizes.split(",") if x.strip()]
+    if args.mimic_size:
+        sizes.append(MIMIC_SIZE)
+    image_size = args.image_size if args.image_size is not None else 64
+    bound_mb = (_bytes(args.memory_limit) + 2**30) / 2**20
+    points = []
+    for stays, per_stay in sizes:
+        name = f"series-{stays}x{per_stay:g}"
+        cached = ensure_source(work, stays, per_stay, 0, args.synth_image_size, args.seed, name=name)
+        scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=work))
+        try:
+            load_before = _load()
+            floor = measure_floor(work / name / "mimic-iv", scratch, args.memory_limit, args.threads)
+            build = measure_build(work / name, work / f"{name}.zarr", scratch, args.memory_limit, args.threads,
+                                  args.workers, image_size, partitions=args.partitions)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(work / f"{name}.zarr", ignore_errors=True)
+        rows = sum(floor["table_rows"].values())
+        point = {"stays": stays, "chartevents_per_stay": per_stay, "event_rows": rows,
+                 "table_rows": floor["table_rows"], "n_images": cached["n_images"],
+                 "build_seconds": build["seconds"], "build_cpu_seconds": build["cpu_seconds"],
+                 "s_per_million_rows": build["seconds"] / (rows / 1e6), "tree_rss_mb": build["tree_rss_mb"],
+                 "main_rss_mb": build["rss_mb"], "parse_seconds": floor["all_tables_seconds"],
+                 "ratio_to_parse": build["seconds"] / floor["all_tables_seconds"],
+                 "load_average": [load_before, _load()]}
+        points.append(point)
+        print(f"{stays:>7,} stays: {rows:>12,} event rows, build {point['build_seconds']:7.1f} s "
+              f"({point['s_per_million_rows']:.2f} s/M rows), peak RSS {point['tree_rss_mb']:6.0f} MB, parse "
+              f"{point['parse_seconds']:6.1f} s, build/parse {point['ratio_to_parse']:.2f}, "
+              f"load {point['load_average']}",
+              flush=True)
+
+    rss = [p["tree_rss_mb"] for p in points]
+    speed = [p["s_per_million_rows"] for p in points]
+    checks = {
+        "rss_flat": max(rss) <= MAX_GROWTH * min(rss),
+        "rss_within_bound": max(rss) <= bound_mb,
+        "s_per_million_rows_flat": speed[-1] <= MAX_GROWTH * speed[0],
+        "build_within_2x_parse": all(p["ratio_to_parse"] <= MAX_RATIO for p in points),
+    }
+    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    print(f"\ncbstore build scale series: {args.synth_image_size} px films -> {image_size} px, threads "
+          f"{args.threads}, workers {args.workers}, memory_limit {args.memory_limit}, partitions "
+          f"{args.partitions or 'default'}; one run per size on {os.cpu_count()} CPUs")
+    print(f"  {'stays':>7} {'event rows':>12} {'build s':>8} {'s/M rows':>9} {'peak RSS MB':>12} "
+          f"{'parse s':>8} {'build/parse':>11}")
+    for p in points:
+        print(f"  {p['stays']:>7,} {p['event_rows']:>12,} {p['build_seconds']:>8.1f} {p['s_per_million_rows']:>9.2f} "
+              f"{p['tree_rss_mb']:>12.0f} {p['parse_seconds']:>8.1f} {p['ratio_to_parse']:>11.2f}")
+    print(f"  peak RSS flat (largest <= {MAX_GROWTH} x smallest): {max(rss):.0f} / {min(rss):.0f} MB: "
+          f"{verdict(checks['rss_flat'])}")
+    print(f"  peak RSS within the bound (memory_limit + 1 GiB = {bound_mb:.0f} MB): "
+          f"{verdict(checks['rss_within_bound'])}")
+    print(f"  s/M rows at {points[-1]['stays']:,} within {MAX_GROWTH} x that at {points[0]['stays']:,}: "
+          f"{speed[-1]:.2f} / {speed[0]:.2f}: {verdict(checks['s_per_million_rows_flat'])}")
+    print(f"  build within {MAX_RATIO:g} x the parse of every event table it reads, at every size: "
+          f"{verdict(checks['build_within_2x_parse'])}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"points": points, "checks": checks, "bound_mb": bound_mb,
+                                         "threads": args.threads, "workers": args.workers,
+                                         "memory_limit": args.memory_limit, "image_size": image_size}, indent=2)
+                             + "\n")
+    return 0 if all(checks.values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,9 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-tree", type=Path,
                         help="also time the build of this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--series", action="store_true", help="measure the build scale series instead (see above)")
+    parser.add_argument("--sizes", default="5000,20000,40000", help="stays of the series' sources [5000,20000,40000]")
+    parser.add_argument("--mimic-size", action="store_true",
+                        help="add a MIMIC-sized source to the series: 75,000 stays x 4,300 chartevents rows")
+    parser.add_argument("--partitions", type=int, help="build --partitions [the build's default]")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.series:
+        return run_series(args)
 
     work = args.work_dir.absolute()
     work.mkdir(parents=True, exist_ok=True)

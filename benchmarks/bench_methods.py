@@ -1,27 +1,27 @@
-"""Seconds per training epoch of fusion methods, cached and raw, at two store sizes each.
+"""Seconds per training epoch of fusion methods, cached and raw, at two store sizes.
 
-For each method named on the command line (default: ``latefusion`` and the missing-modality
-methods of part 2), each feature mode and each of its two stores, a child process fits the method
-on mortality, fold 0, three times: 1 epoch (warm-up, not used), 1 epoch and ``1 + --extra-epochs``
-epochs (no early stop), and reports
-``(t_long - t_short) / extra`` so that one-off costs (imports, data loading, model set-up) cancel.
-An epoch is the training pass plus the validation pass. Hyperparameters are the method's defaults
-for the mode, except seeded random X-ray weights (no weights file is read), in raw mode the small
-CNN (``backbone=small``) for the methods that have one, and ``--set KEY=VALUE`` overrides.
+For each method named on the command line, each feature mode and each of two store sizes, the
+time of one training epoch (training plus the validation pass) is the difference of two fits in
+one child process (1 epoch and 1 + ``--extra-epochs`` epochs, early stopping off, after a warm-up
+fit of one epoch) divided by the extra epochs, so that one-off costs (imports, model set-up,
+embedding statistics) cancel. The table
+gives both sizes, how the time grows (ratio of the two) against how the training part grows, and
+the cached / raw ratio at the smaller size.
 
-Reported per method and mode: seconds per epoch at both sizes, how the cost grows (time ratio
-against stay ratio: linear growth gives equal ratios), and the cost per training stay cached / raw.
+Stores are made as the Makefile's demo target does (``cbstore synth`` -> ``build`` -> ``encode
+ehr-stats`` -> ``encode densenet121-res224-all --weights random --input-size 64``), plus the
+spatial maps ``densenet121-res224-all-block3`` (same weights and input) that the cached mode of
+``mmtm`` and ``daft`` reads (DenseNet ``denseblock4`` runs live on them), once per size, and
+reused under ``--work-dir``. Raw fits use the small CNN (``backbone=small``, random weights) on
+the stored films. Only small sizes are meant for a shared 2-core machine::
 
-Stores: ``--cached-store`` / ``--raw-store`` (two paths each), or made once under ``--work-dir``
-(``cbstore synth`` -> ``build`` at 64 px -> ``encode ehr-stats`` -> ``densenet121-res224-all`` and
-``densenet121-res224-all-block3`` with random weights at 64 px: a pooled X-ray embedding and a
-spatial map, without diagnostic content, for timing only). The build keeps about 60 % of the
-synthetic stays::
+    python benchmarks/bench_methods.py aug inforeg latefusion
+    python benchmarks/bench_methods.py aug --raw-stays 500 1000 --json out.json
 
-    python benchmarks/bench_methods.py                             # default methods and stores
-    python benchmarks/bench_methods.py healnet umse --json bench-out/methods.json
-
-The machine may be shared: the load average is printed with every figure.
+Sizes are *synthetic* ICU stays; the build keeps about 61 % of them (adults with at least 48 h in
+the ICU), so the defaults give stores of about 1,000 and 3,000 stays (cached) and 300 and 600
+stays (raw). Each figure is printed with the load average (1 min) and the CPU seconds used: on a
+shared machine wall times are inflated, CPU seconds much less so.
 """
 
 from __future__ import annotations
@@ -35,130 +35,153 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("latefusion", "healnet", "flexmoe", "umse", "shaspec")
-#: Synthetic stays per store (about 60 % survive the build): ~300 and ~600 raw, ~1,000 and ~3,000 cached.
-RAW_SYNTH, CACHED_SYNTH = (500, 1000), (1700, 5000)
 IMAGE_SIZE = 64
-ENCODERS = (("ehr-stats", ()), ("densenet121-res224-all", ("--weights", "random", "--input-size", "64")),
-            ("densenet121-res224-all-block3", ("--weights", "random", "--input-size", "64")))
+CXR_ENCODER = "densenet121-res224-all"
+#: Spatial maps for the methods that fuse between CNN stages (``cxr_map``).
+MAP_ENCODER = "densenet121-res224-all-block3"
 
-# Child process: fit one method in one mode with the given epoch counts; one JSON line per fit.
-_CHILD = """
+# Child process: fits of one method in one mode, as JSON lines (see the module docstring).
+_EPOCH_CHILD = """
 import json, os, sys, time
 from cbstore.store import open_store
 from fusion.data import load_fusion_data
 from fusion.registry import get_method
-store_path, method, task, features = sys.argv[1:5]
-plan, settings = json.loads(sys.argv[5]), json.loads(sys.argv[6])
+store, method, task, features, device, plan = sys.argv[1:6] + [json.loads(sys.argv[6])]
 cls = get_method(method)
-data = load_fusion_data(open_store(store_path), task, 0, features=features,
+data = load_fusion_data(open_store(store), task, 0, features=features,
                         inputs=cls.inputs_for(features))
-params = {"cxr_weights": "random"} if "cxr_weights" in cls.hyperparameters else {}
-if features == "raw" and "backbone" in cls.hyperparameters:
-    params["backbone"] = "small"
-params.update({k: v for k, v in settings.items() if k in cls.hyperparameters})
-for epochs in plan:
-    model = cls(seed=0, features=features, max_epochs=epochs, patience=epochs, **params)
-    before = os.getloadavg()[0]
+settings = {}
+if features == "raw":
+    settings = {k: v for k, v in {"backbone": "small", "cxr_weights": "random"}.items()
+                if k in cls.hyperparameters}
+def fit(epochs):
+    model = cls(seed=0, features=features, max_epochs=epochs, patience=epochs, **settings)
+    load = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
-    model.fit(data, device="cpu")
-    print(json.dumps({"epochs": len(model.history_["epochs"]), "fit_s": time.perf_counter() - t0,
-                      "cpu_s": time.process_time() - c0, "n_train": len(data.part("train")),
-                      "load1": [round(before, 2), round(os.getloadavg()[0], 2)]}), flush=True)
+    model.fit(data, device=device)
+    return {"epochs": len(model.history_["epochs"]), "fit_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0, "load1": round(load, 2),
+            "n_train": len(data.part("train"))}
+fit(1)  # warm-up: lazy imports and first-call kernel set-up
+for epochs in plan:
+    print(json.dumps(fit(epochs)), flush=True)
 """
 
 
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli.main", *args]
+
+
 def _run(cmd: list[str], log: Path) -> str:
-    """Run ``cmd`` in the repository root; its output (SystemExit with the log's end on failure)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    with open(log, "wb") as out:
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    text = log.read_text(errors="replace")
-    if code != 0:
-        raise SystemExit(f"command failed (exit {code}): {' '.join(cmd)}\nlog {log}:\n{text[-3000:]}")
-    return text
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); see {log}")
+    return proc.stdout
 
 
-def make_store(work: Path, synth_stays: int) -> Path:
-    """The timing store made from ``synth_stays`` synthetic stays (reused when complete)."""
-    folder = work / f"synth{synth_stays}"
-    store, done = folder / "store.zarr", folder / "COMPLETE"
+def ensure_store(work: Path, synth_stays: int) -> Path:
+    """A demo-like store made from ``synth_stays`` synthetic stays (reused when complete)."""
+    folder = work / f"stays-{synth_stays}"
+    store, done = folder / "store.zarr", folder / "READY"
     if done.is_file():
+        _ensure_maps(store, folder)
         return store
-    cli = [sys.executable, "-m", "cli.main"]
-    print(f"store {folder}: synth {synth_stays} stays, build, encode ...", flush=True)
-    _run([*cli, "synth", str(folder / "source"), "--stays", str(synth_stays), "--seed", "0",
-          "--image-size", str(IMAGE_SIZE), "--overwrite"], folder / "synth.log")
-    _run([*cli, "build", "--mimic-iv", str(folder / "source" / "mimic-iv"), "--mimic-cxr",
-          str(folder / "source" / "mimic-cxr-jpg"), "--out", str(store), "--image-size",
-          str(IMAGE_SIZE), "--overwrite", "--quiet"], folder / "build.log")
-    for encoder, options in ENCODERS:
-        _run([*cli, "encode", str(store), "--encoder", encoder, *options, "--quiet"],
-             folder / f"encode-{encoder}.log")
-    done.write_text("")
+    source, logs = folder / "source", folder / "logs"
+    print(f"store of {synth_stays} synthetic stays: synth, build, encode ...", flush=True)
+    _run(_cli("synth", str(source), "--stays", str(synth_stays), "--seed", "0", "--image-size",
+              str(IMAGE_SIZE), "--overwrite"), logs / "synth.log")
+    _run(_cli("build", "--mimic-iv", str(source / "mimic-iv"), "--mimic-cxr",
+              str(source / "mimic-cxr-jpg"), "--out", str(store), "--image-size", str(IMAGE_SIZE),
+              "--overwrite"), logs / "build.log")
+    _run(_cli("encode", str(store), "--encoder", "ehr-stats"), logs / "encode_ehr.log")
+    _run(_cli("encode", str(store), "--encoder", CXR_ENCODER, "--weights", "random",
+              "--input-size", str(IMAGE_SIZE)), logs / "encode_cxr.log")
+    done.write_text("ready\n")
+    _ensure_maps(store, folder)
     return store
 
 
-def time_epochs(store: Path, method: str, features: str, extra: int, task: str, logs: Path,
-                settings: dict) -> dict:
-    """Seconds per epoch of ``method`` in mode ``features`` on ``store`` (see the module docstring)."""
-    log = logs / f"{method}-{features}-{store.parent.name}.log"
-    # a first fit of one epoch pays the one-off costs (lazy imports); it is not used
-    text = _run([sys.executable, "-c", _CHILD, str(store), method, task, features,
-                 json.dumps([1, 1, 1 + extra]), json.dumps(settings)], log)
-    _, short, long = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+def _ensure_maps(store: Path, folder: Path) -> None:
+    """Add the spatial maps to a store made before they were part of the recipe."""
+    done = folder / "MAPS"
+    if not done.is_file():
+        _run(_cli("encode", str(store), "--encoder", MAP_ENCODER, "--weights", "random",
+                  "--input-size", str(IMAGE_SIZE)), folder / "logs" / "encode_map.log")
+        done.write_text("ready\n")
+
+
+def time_epoch(store: Path, method: str, features: str, task: str, device: str, extra: int,
+               logs: Path) -> dict:
+    """Seconds (wall and CPU) of one epoch of ``method`` in ``features`` mode on ``store``."""
+    cmd = [sys.executable, "-c", _EPOCH_CHILD, str(store), method, task, features, device,
+           json.dumps([1, 1 + extra])]
+    text = _run(cmd, logs / f"{method}-{features}-{store.parent.name}.log")
+    short, long = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     if long["epochs"] - short["epochs"] != extra:
-        raise SystemExit(f"{method} {features}: fits ran {short['epochs']} and {long['epochs']} epochs")
-    return {"per_epoch_s": (long["fit_s"] - short["fit_s"]) / extra,
-            "per_epoch_cpu_s": (long["cpu_s"] - short["cpu_s"]) / extra,
-            "n_train": short["n_train"], "load1": [short["load1"][0], long["load1"][1]]}
+        raise SystemExit(f"{method} {features}: fits ran {short['epochs']} and {long['epochs']} "
+                         f"epochs, expected a difference of {extra}")
+    result = {"per_epoch_s": (long["fit_s"] - short["fit_s"]) / extra,
+              "per_epoch_cpu_s": (long["cpu_s"] - short["cpu_s"]) / extra,
+              "n_train": short["n_train"], "load1": [short["load1"], long["load1"]]}
+    print(f"  {method:12s} {features:6s} {short['n_train']:5d} training stays: "
+          f"{result['per_epoch_s']:.3f} s per epoch ({result['per_epoch_cpu_s']:.3f} CPU s); "
+          f"load avg {short['load1']} -> {long['load1']}", flush=True)
+    return result
+
+
+def print_table(results: dict) -> None:
+    print("\n| method | features | train stays | s / epoch | CPU s / epoch "
+          "| growth (time / stays) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for method, modes in results.items():
+        for features, sizes in modes.items():
+            small, large = sizes
+            growth = (f"{large['per_epoch_s'] / small['per_epoch_s']:.2f}x / "
+                      f"{large['n_train'] / small['n_train']:.2f}x")
+            print(f"| {method} | {features} | {small['n_train']} -> {large['n_train']} | "
+                  f"{small['per_epoch_s']:.3f} -> {large['per_epoch_s']:.3f} | "
+                  f"{small['per_epoch_cpu_s']:.3f} -> {large['per_epoch_cpu_s']:.3f} | {growth} |")
+    for method, modes in results.items():
+        if {"cached", "raw"} <= set(modes):
+            ratio = modes["cached"][0]["per_epoch_s"] / modes["raw"][0]["per_epoch_s"]
+            print(f"{method}: cached / raw seconds per epoch at the smaller sizes: {ratio:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--cached-store", nargs=2, type=Path, metavar=("SMALL", "LARGE"))
-    parser.add_argument("--raw-store", nargs=2, type=Path, metavar=("SMALL", "LARGE"))
-    parser.add_argument("--work-dir", type=Path, default=REPO / "bench-out" / "methods")
+    parser.add_argument("methods", nargs="+", help="registered method names")
+    parser.add_argument("--features", nargs="+", default=["cached", "raw"],
+                        choices=["cached", "raw"])
+    parser.add_argument("--cached-stays", nargs=2, type=int, default=[1640, 4920],
+                        help="synthetic stays of the two cached-mode stores")
+    parser.add_argument("--raw-stays", nargs=2, type=int, default=[500, 1000],
+                        help="synthetic stays of the two raw-mode stores")
     parser.add_argument("--task", default="mortality")
-    parser.add_argument("--extra-epochs", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=["cached", "raw"], choices=["cached", "raw"])
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="hyperparameter for every method that has it (repeatable)")
-    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cached-extra-epochs", type=int, default=5)
+    parser.add_argument("--raw-extra-epochs", type=int, default=1)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/cbstore-bench-methods"))
+    parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    settings = dict(pair.split("=", 1) for pair in args.set)
-    given = {"cached": args.cached_store, "raw": args.raw_store}
-    synth = {"cached": CACHED_SYNTH, "raw": RAW_SYNTH}
-    stores = {mode: given[mode] or [make_store(args.work_dir, n) for n in synth[mode]]
-              for mode in args.modes}
-    results = []
-    for method in args.methods:
-        for features in args.modes:
-            sizes = [time_epochs(s, method, features, args.extra_epochs, args.task,
-                                 args.work_dir / "logs", settings) for s in stores[features]]
-            small, large = sizes
-            row = {"method": method, "features": features, "sizes": sizes,
-                   "stay_ratio": large["n_train"] / small["n_train"],
-                   "time_ratio": large["per_epoch_s"] / small["per_epoch_s"]}
-            results.append(row)
-            print(f"{method:10s} {features:6s} " + "  ".join(
-                f"{s['n_train']:5d} train stays {s['per_epoch_s']:7.2f} s/epoch "
-                f"({s['per_epoch_cpu_s']:.2f} CPU s, load {s['load1'][0]}->{s['load1'][1]})"
-                for s in sizes) + f"  growth x{row['time_ratio']:.2f} for x{row['stay_ratio']:.2f} stays",
-                flush=True)
-    by_key = {(r["method"], r["features"]): r for r in results}
-    for method in args.methods:
-        cached, raw = by_key.get((method, "cached")), by_key.get((method, "raw"))
-        if cached and raw:
-            per_stay = [r["sizes"][1]["per_epoch_s"] / r["sizes"][1]["n_train"] for r in (cached, raw)]
-            print(f"{method:10s} cached / raw seconds per training stay (larger stores): "
-                  f"{per_stay[0] / per_stay[1]:.3f}")
+    logs = args.work_dir / "logs"
+    sizes = {"cached": args.cached_stays, "raw": args.raw_stays}
+    extra = {"cached": args.cached_extra_epochs, "raw": args.raw_extra_epochs}
+    started = time.perf_counter()
+    results: dict = {}
+    for features in args.features:
+        stores = [ensure_store(args.work_dir, n) for n in sizes[features]]
+        for method in args.methods:
+            results.setdefault(method, {})[features] = [
+                time_epoch(store, method, features, args.task, args.device, extra[features], logs)
+                for store in stores]
+    print_table(results)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                         "results": results}, indent=1) + "\n")
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

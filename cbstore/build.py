@@ -1,19 +1,24 @@
-"""``cbstore build``: MIMIC-IV + MIMIC-CXR-JPG -> a complete store.
+"""``cbstore build``: MIMIC-IV + MIMIC-CXR-JPG -> a complete store, partition by partition.
 
-Order of work (each step in its own module):
+Order of work (each step in its own module; store_layout.md, "How the build bounds memory"):
 
-1. check the sources (:mod:`cbstore.sources`) and the definition files;
-2. in a fresh work folder (outside the sources; removed at the end and on failure) open DuckDB
-   over the raw files (:mod:`cbstore.extract`);
-3. cohort steps 1-4 (:mod:`cbstore.cohort`), the hourly EHR tensor (:mod:`cbstore.ehr`), cohort
-   step 5 (stays with EHR data), labels (:mod:`cbstore.labels`);
-4. X-ray selection and decoding (:mod:`cbstore.cxr`), in a thread that runs alongside step 3 (it
-   needs only the cohort of steps 1-4); only the decoded films are kept, in memory;
-5. patient-level splits stratified by ICU mortality (:mod:`cbstore.splits`) and per-fold
-   training statistics (:mod:`cbstore.stats`);
-6. the store writer (:class:`cbstore.store.StoreWriter`) writes into ``<out>.partial-*``, the
-   films shard by shard, and renames it to ``out`` only once complete, so a failed build leaves
-   nothing at ``out``.
+1. check the sources (:mod:`cbstore.sources`) and the definition files; open (or start over)
+   the resume state ``<out>.build/`` beside the output (:mod:`cbstore.resume`);
+2. open DuckDB over the raw files with its spill files in a fresh work folder (outside the
+   sources; removed at the end and on failure) (:mod:`cbstore.extract`); cohort steps 1-4
+   (:mod:`cbstore.cohort`);
+3. read each event table once, keeping the cohort's events of the variables' items inside each
+   stay's window, into Parquet in the resume state, bucketed by stay (:mod:`cbstore.ehr`);
+   cohort step 5 (stays with an EHR value) from those events; labels (:mod:`cbstore.labels`),
+   film selection (:mod:`cbstore.cxr`) and patient-level splits (:mod:`cbstore.splits`), all
+   per stay and small;
+4. per partition (a run of whole 256-stay chunks of the store, in store order): the hourly EHR
+   tensor of its stays and, in a thread alongside, its films decoded shard by shard; both are
+   written into the unfinished store (:class:`cbstore.store.PartitionedStoreWriter`), then the
+   partition is recorded as finished, so an interrupted build continues after it;
+5. per-fold training statistics read back from the written tensor (:mod:`cbstore.stats`); the
+   other arrays and the attributes; the manifest last; the unfinished store is renamed to
+   ``out`` and the resume state removed, so a failed build leaves nothing at ``out``.
 """
 
 from __future__ import annotations
@@ -26,36 +31,38 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from cbstore import __version__
 from cbstore.cohort import keep_with_ehr, read_stays, select_cohort, stays_table
 from cbstore.config import BuildConfig, ConfigError, config_sha256
 from cbstore.content import StoreContent
 from cbstore.cxr import NO_ELIGIBLE_FILM, iter_image_batches, read_cxr_metadata, select_films
-from cbstore.ehr import Variables, extract_hourly, load_variables
+from cbstore.ehr import Variables, hourly_values, load_ehr_tables, load_variables, stays_with_ehr, write_events
 from cbstore.errors import SourceError, StoreExistsError
 from cbstore.extract import Extractor
 from cbstore.labels import compute_labels
 from cbstore.phenotypes import PhenotypeDefinitionError, Phenotypes, load_phenotypes
+from cbstore.resume import BuildState, source_files, state_folder
 from cbstore.sources import MimicCxrSource, MimicIVSource, locate_mimic_cxr, locate_mimic_iv
 from cbstore.splits import assign_folds
 from cbstore.stats import fold_statistics
-from cbstore.store import StoreWriter
+from cbstore.store_write import PartitionedStoreWriter
 
 log = logging.getLogger(__name__)
 
 #: Stays per EHR chunk and per image shard of the written store.
 CHUNK_STAYS = 256
+#: Cohort stays per partition when ``partitions`` is not set (before cohort step 5).
+PARTITION_STAYS = 2000
 
 
 def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, config: BuildConfig | None = None,
                 overwrite: bool = False, progress: bool = True) -> Path:
-    """Build a store from MIMIC-IV and MIMIC-CXR-JPG.
+    """Build a store from MIMIC-IV and MIMIC-CXR-JPG, partition by partition, resuming an interrupted build.
 
     Parameters
     ----------
@@ -68,9 +75,10 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
     config : BuildConfig, optional
         Build settings; defaults to ``BuildConfig()``.
     overwrite : bool
-        Replace an existing store at ``out`` (only once the new one is complete).
+        Replace an existing store at ``out`` (only once the new one is complete), and start over
+        instead of resuming an interrupted build.
     progress : bool
-        Show a progress bar while decoding images and log each step at INFO level.
+        Log each step and each partition (with an estimate of the time left) at INFO level.
 
     Returns
     -------
@@ -85,6 +93,12 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
         Invalid settings or definition files.
     StoreExistsError
         ``out`` exists and ``overwrite`` is false.
+
+    Notes
+    -----
+    An interrupted build leaves its state in ``<out>.build/``; running the same build again
+    continues after the last finished partition, unless the sources, the settings or the
+    partition count changed (it then starts over and logs why).
     """
     config = config if config is not None else BuildConfig()
     started = time.perf_counter()
@@ -104,43 +118,138 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
             all_stays = read_stays(ex)
             candidates, flow = select_cohort(all_stays, min_age=config.min_age, window_hours=config.window_hours)
             _require_stays(candidates, flow)
-            say("cohort: %d of %d ICU stays before EHR extraction", len(candidates), len(all_stays))
-            # The X-rays depend only on the cohort, so they are selected and decoded in a thread
-            # while DuckDB extracts the EHR (PIL and DuckDB release the GIL). Stays that cohort
-            # step 5 drops are decoded too and left out afterwards (the selection is per stay).
-            stop = threading.Event()
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbstore-build-xray") as pool:
-                decoding = pool.submit(_decode_xrays, cx, stays_table(candidates, config.min_age), config,
-                                       progress, stop)
-                try:
-                    values = extract_hourly(ex, candidates, variables, config.window_hours)
-                    stays, values = keep_with_ehr(candidates, values, flow)
-                    _require_stays(stays, flow)
-                    say("EHR: %d stays x %d h x %d variables (%s)", *values.shape, _timings(ex.timings))
-                    labels = compute_labels(ex, stays, phenotypes.code_table(), list(phenotypes.names))
-                    decoded = decoding.result()
-                finally:
-                    stop.set()  # on an error, the decoding thread stops after its current block
-        table = stays_table(stays, config.min_age)
-        positions = pd.Index(candidates["stay_id"]).get_indexer(stays["stay_id"])
-        cxr, skips = _xray_table(decoded, positions, table.index)
+            n_partitions = _partition_count(config, len(candidates))
+            bucket_stays = -(-len(candidates) // n_partitions)
+            state = BuildState(state_folder(out), _resume_key(iv, cx, config, variables, phenotypes, n_partitions),
+                               restart=overwrite)
+            say("cohort: %d of %d ICU stays before EHR extraction; %d partition(s); state in %s",
+                len(candidates), len(all_stays), n_partitions, state.folder)
+            load_ehr_tables(ex, candidates, variables)
+            if state.events_dir.is_dir():
+                say("EHR events: extracted by an earlier run")
+            else:
+                state.write_events(lambda folder: write_events(ex, variables, folder, bucket_stays))
+                say("EHR events: extracted in %.1f s", ex.timings["ehr_events"])
+            with_ehr = stays_with_ehr(ex, state.events_dir)
+            stays = keep_with_ehr(candidates, with_ehr, flow)
+            _require_stays(stays, flow)
+            labels = compute_labels(ex, stays, phenotypes.code_table(), list(phenotypes.names))
+            table = stays_table(stays, config.min_age)
+            selection = select_films(read_cxr_metadata(cx.root), table[["subject_id", "intime", "prediction_time"]],
+                                     views=config.views, lookback_hours=config.cxr_lookback_hours)
+            splits = assign_folds(table["subject_id"].to_numpy(), labels["mortality"], n_folds=config.n_folds,
+                                  val_fraction=config.val_fraction, seed=config.seed)
+            writer = PartitionedStoreWriter(state.partial_store, len(table), config.window_hours,
+                                            len(variables.items), config.image_size, chunk_stays=CHUNK_STAYS)
+            plan = partition_rows(len(table), writer.shard_stays, n_partitions)
+            _run_partitions(plan, state, say, lambda start, stop: _process_partition(
+                ex, writer, cx, config, variables, state.events_dir, with_ehr[start:stop], bucket_stays,
+                selection.iloc[start:stop], start))
+        present, reasons = _xray_outcome(state, len(plan))
+        cxr, skips = _xray_table(selection, present, reasons)
         say("CXR: %d of %d stays with a film; skipped %s", int(cxr["present"].sum()), len(cxr), skips)
-        splits = assign_folds(table["subject_id"].to_numpy(), labels["mortality"], n_folds=config.n_folds,
-                              val_fraction=config.val_fraction, seed=config.seed)
-        stats = fold_statistics(values, splits, feature_names=variables.names)
+        stats = fold_statistics(writer.values, splits, feature_names=variables.names)
         content = StoreContent(
             stays=table, labels=labels, phenotype_names=list(phenotypes.names),
-            features=variables.features_table(), ehr_values=values, cxr=cxr, images=None,
+            features=variables.features_table(), ehr_values=None, cxr=cxr, images=None,
             splits=splits, stats=stats,
             attrs=_attrs(iv, cx, config, variables, phenotypes, flow, len(table), skips),
         )
-        with StoreWriter(out, content, config.image_size, overwrite, chunk_stays=CHUNK_STAYS) as writer:
-            for start in range(0, writer.n_stays, writer.shard_stays):
-                writer.write_images(start, decoded.images(positions[start:start + writer.shard_stays]))
-            path = writer.finish()
-        del decoded
+        path = writer.finish(out, content, overwrite)
+        state.remove()
     say("store written to %s in %.1f s", path, time.perf_counter() - started)
     return path
+
+
+def partition_rows(n_stays: int, chunk_stays: int, partitions: int) -> list[tuple[int, int]]:
+    """Row ranges ``(start, stop)`` of the partitions: runs of whole chunks, as equal as possible.
+
+    At most one partition per chunk of ``chunk_stays`` stays (the last chunk may be shorter).
+    """
+    n_chunks = -(-n_stays // chunk_stays)
+    k = max(1, min(partitions, n_chunks))
+    bounds = [p * n_chunks // k * chunk_stays for p in range(k)] + [n_stays]
+    return [(bounds[p], min(bounds[p + 1], n_stays)) for p in range(k)]
+
+
+def _partition_count(config: BuildConfig, n_candidates: int) -> int:
+    """Partitions asked for (default one per PARTITION_STAYS candidates), at most one per chunk of candidates."""
+    wanted = config.partitions or -(-n_candidates // PARTITION_STAYS)
+    return max(1, min(wanted, -(-n_candidates // CHUNK_STAYS)))
+
+
+def _resume_key(iv: MimicIVSource, cx: MimicCxrSource, config: BuildConfig, variables: Variables,
+                phenotypes: Phenotypes, n_partitions: int) -> dict:
+    return {"cbstore_version": __version__, "config_sha256": config_sha256(config),
+            "variables_sha256": variables.sha256, "phenotypes_sha256": phenotypes.sha256,
+            "partitions": n_partitions, "chunk_stays": CHUNK_STAYS, "sources": source_files(iv, cx)}
+
+
+def _run_partitions(plan: list[tuple[int, int]], state: BuildState, say, process) -> None:
+    """Run ``process(start, stop)`` for each unfinished partition, record it, log progress with an ETA."""
+    todo = [p for p in range(len(plan)) if not state.partition_done(p)]
+    if len(todo) < len(plan):
+        say("resuming: %d of %d partitions already finished", len(plan) - len(todo), len(plan))
+    t0 = time.perf_counter()
+    for done, p in enumerate(todo, start=1):
+        start, stop = plan[p]
+        record = process(start, stop)
+        state.save_partition(p, {"partition": p, "start": start, "stop": stop, **record})
+        elapsed = time.perf_counter() - t0
+        say("partition %d/%d (stays %d-%d) done; %d left, about %.0f s", p + 1, len(plan), start, stop - 1,
+            len(todo) - done, elapsed / done * (len(todo) - done))
+
+
+def _process_partition(ex: Extractor, writer: PartitionedStoreWriter, cx: MimicCxrSource, config: BuildConfig,
+                       variables: Variables, events: Path, stay_idx: np.ndarray, bucket_stays: int,
+                       selection: pd.DataFrame, start: int) -> dict:
+    """Write the EHR tensor and the films of one partition; return its X-ray outcome (JSON types).
+
+    The films are decoded and written in a thread while DuckDB aggregates the EHR (PIL and
+    DuckDB release the GIL).
+    """
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbstore-build-xray") as pool:
+        decoding = pool.submit(_decode_films, cx, selection, writer, start, config, stop)
+        try:
+            values = hourly_values(ex, events, stay_idx, bucket_stays, variables, config.window_hours)
+            writer.write_ehr(start, values)
+            del values
+        except BaseException:
+            stop.set()  # the decoding thread stops after its current block
+            raise
+        present, reasons = decoding.result()
+    return {"present": present.tolist(), "reasons": reasons}
+
+
+def _decode_films(cx: MimicCxrSource, selection: pd.DataFrame, writer: PartitionedStoreWriter, start: int,
+                  config: BuildConfig, stop: threading.Event) -> tuple[np.ndarray, list[str]]:
+    """Decode the selected films of the stays ``start ..`` shard by shard and write them.
+
+    Returns whether each stay's film was decoded and the absent reasons.
+    """
+    present = np.zeros(len(selection), dtype=bool)
+    reasons: list[str] = []
+    batches = iter_image_batches(cx.root, selection, config.image_size, workers=config.workers,
+                                 batch_stays=writer.shard_stays)
+    with closing(batches):
+        for offset, block, block_present, block_reasons in batches:
+            if stop.is_set():
+                break
+            writer.write_images(start + offset, block, block_present)
+            present[offset:offset + len(block)] = block_present
+            reasons.extend(block_reasons)
+    return present, reasons
+
+
+def _xray_outcome(state: BuildState, n_partitions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per stay, in store order: film decoded, absent reason (from the partition records)."""
+    present, reasons = [], []
+    for p in range(n_partitions):
+        record = state.load_partition(p)
+        present.extend(record["present"])
+        reasons.extend(record["reasons"])
+    return np.asarray(present, dtype=bool), np.asarray(reasons, dtype=object)
 
 
 def format_cohort_flow(flow: list[dict]) -> str:
@@ -197,72 +306,14 @@ def _timings(timings: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k.startswith("ehr_"))
 
 
-@dataclass
-class _DecodedXrays:
-    """Films selected and decoded for the cohort candidates (before cohort step 5), in their order."""
+def _xray_table(selection: pd.DataFrame, present: np.ndarray,
+                reasons: np.ndarray) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The ``cxr`` table of the stays and the skip counts.
 
-    selection: pd.DataFrame
-    present: np.ndarray  # bool [candidate]
-    reasons: np.ndarray  # absent_reason [candidate]
-    films: np.ndarray  # uint8 [film, S, S]: only the decoded films, in candidate order
-    film_row: np.ndarray  # int64 [candidate]: the candidate's row in films, -1 where it has none
-
-    def images(self, positions: np.ndarray) -> np.ndarray:
-        """uint8 [len(positions), S, S]: the films of the candidates at ``positions``, zeros where absent."""
-        rows = self.film_row[positions]
-        out = np.zeros((len(rows), *self.films.shape[1:]), dtype=np.uint8)
-        have = rows >= 0
-        out[have] = self.films[rows[have]]
-        return out
-
-
-def _decode_xrays(cx: MimicCxrSource, stays: pd.DataFrame, config: BuildConfig, progress: bool,
-                  stop: threading.Event) -> _DecodedXrays | None:
-    """Select and decode each stay's film, keeping only the decoded films (in memory).
-
-    Returns None when ``stop`` was set before all blocks were decoded (the build failed meanwhile).
+    ``selection`` is :func:`cbstore.cxr.select_films` of the stays (indexed by stay id);
+    ``present`` and ``reasons`` say, per stay, whether its film was decoded and why not. Returns
+    the table and the counts of selected films that could not be used, by reason.
     """
-    metadata = read_cxr_metadata(cx.root)
-    selection = select_films(metadata, stays[["subject_id", "intime", "prediction_time"]],
-                             views=config.views, lookback_hours=config.cxr_lookback_hours)
-    n, size = len(stays), config.image_size
-    # sized for every selected film; pages of films that fail to decode are never touched
-    n_selected = int((selection["path"].fillna("").astype(str) != "").sum())
-    films = np.empty((n_selected, size, size), dtype=np.uint8)
-    film_row = np.full(n, -1, dtype=np.int64)
-    n_films = 0
-    present = np.zeros(n, dtype=bool)
-    reasons = np.full(n, "", dtype=object)
-    batches = iter_image_batches(cx.root, selection, size, workers=config.workers, batch_stays=CHUNK_STAYS)
-    with closing(batches), tqdm(total=n, desc="decoding X-rays", unit="stay", disable=not progress) as bar:
-        for start, block, block_present, block_reasons in batches:
-            if stop.is_set():
-                return None
-            stop_at = start + len(block)
-            rows = np.flatnonzero(block_present)
-            films[n_films:n_films + rows.size] = block[rows]
-            film_row[start + rows] = np.arange(n_films, n_films + rows.size)
-            n_films += rows.size
-            present[start:stop_at] = block_present
-            reasons[start:stop_at] = block_reasons
-            bar.update(len(block))
-    return _DecodedXrays(selection=selection, present=present, reasons=reasons, films=films[:n_films],
-                         film_row=film_row)
-
-
-def _xray_table(decoded: _DecodedXrays, positions: np.ndarray,
-                index: pd.Index) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The ``cxr`` table of the stays at ``positions`` of the candidates, and the skip counts.
-
-    Returns the table (indexed by ``index``, the stays' ids) and the counts of selected films
-    that could not be used, by reason.
-    """
-    if (positions < 0).any():  # keep_with_ehr only drops candidates
-        raise AssertionError("a cohort stay is not among the candidates")
-    selection = decoded.selection.iloc[positions]
-    present = decoded.present[positions]
-    reasons = decoded.reasons[positions]
-
     skips = Counter({"decode_error": 0, "file_missing": 0})
     for reason in reasons:
         if reason and reason != NO_ELIGIBLE_FILM:
@@ -281,7 +332,7 @@ def _xray_table(decoded: _DecodedXrays, positions: np.ndarray,
         "view_position": np.where(present, selection["view_position"].to_numpy(dtype=object), ""),
         "n_eligible": selection["n_eligible"].to_numpy(np.int16),
         "absent_reason": np.where(present, "", np.where(film, reasons, NO_ELIGIBLE_FILM)),
-    }, index=index)
+    }, index=selection.index)
     return cxr, dict(sorted(skips.items()))
 
 

@@ -115,12 +115,14 @@ def select_cohort(all_stays: pd.DataFrame, *, min_age: float, window_hours: int)
     return stays, flow
 
 
-def keep_with_ehr(stays: pd.DataFrame, values: np.ndarray, flow: list[dict]) -> tuple[pd.DataFrame, np.ndarray]:
-    """Cohort step 5: drop stays with no observed EHR value in the window; appends to ``flow``."""
-    keep = ~np.isnan(values).all(axis=(1, 2)) if len(stays) else np.zeros(0, dtype=bool)
-    kept = stays[keep].reset_index(drop=True)
+def keep_with_ehr(stays: pd.DataFrame, with_ehr: np.ndarray, flow: list[dict]) -> pd.DataFrame:
+    """Cohort step 5: keep the stays at positions ``with_ehr`` (those with an EHR value); appends to ``flow``.
+
+    ``with_ehr`` holds sorted row positions of ``stays`` (see :func:`cbstore.ehr.stays_with_ehr`).
+    """
+    kept = stays.iloc[np.asarray(with_ehr, dtype=np.int64)].reset_index(drop=True)
     flow.append(_step("ehr_in_window", kept, "at least one EHR measurement in [intime, prediction_time)"))
-    return kept, values[keep]
+    return kept
 
 
 def _step(step: str, stays: pd.DataFrame, note: str) -> dict:

@@ -9,7 +9,8 @@ Settings split in two:
 * *content settings* change what a store holds (window, cohort age, X-ray views, splits, ...).
   They are echoed into the store as ``attrs["cbstore"]["config"]`` and hashed into
   ``config_sha256``, so two stores with the same hash and source hold the same data;
-* *runtime settings* (:data:`RUNTIME_KEYS`: memory limit, threads, workers, work directory) only
+* *runtime settings* (:data:`RUNTIME_KEYS`: memory limit, threads, workers, work directory,
+  partitions) only
   change how fast or where a build runs; they are recorded as ``attrs["cbstore"]["runtime"]``.
 """
 
@@ -28,7 +29,7 @@ from cbstore.errors import ConfigError
 from cbstore.schema import config_sha256 as schema_config_sha256
 
 #: Keys that change how a build runs but not what it produces.
-RUNTIME_KEYS = ("memory_limit", "threads", "workers", "work_dir")
+RUNTIME_KEYS = ("memory_limit", "threads", "workers", "work_dir", "partitions")
 
 _MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)\s*$", re.IGNORECASE)
 
@@ -65,8 +66,12 @@ class BuildConfig:
     workers : int
         Processes decoding X-ray JPEGs.
     work_dir : str or None
-        Folder for temporary build files (a fresh subfolder is created and removed); ``None``
-        uses the system temporary folder.
+        Folder for DuckDB's spill files (a fresh subfolder is created and removed); ``None``
+        uses the system temporary folder. The resume state lives beside the output instead.
+    partitions : int or None
+        Number of partitions the stays are processed in (each a run of whole 256-stay chunks, so
+        at most one per chunk); ``None`` chooses one per :data:`cbstore.build.PARTITION_STAYS`
+        cohort stays.
     """
 
     window_hours: int = 48
@@ -83,6 +88,7 @@ class BuildConfig:
     threads: int = 2
     workers: int = 2
     work_dir: str | None = None
+    partitions: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -245,6 +251,8 @@ def _validate(key: str, value: Any) -> Any:
         return integer(1, 1024)
     if key == "workers":
         return integer(0, 1024)
+    if key == "partitions":
+        return None if value is None else integer(1, 1_000_000)
     raise ConfigError(f"unknown setting {key!r}")  # pragma: no cover - fields are all handled above
 
 

@@ -18,7 +18,13 @@ Semantics (also in the header of ``cbstore/resources/variables.yaml``):
 * derived variables (``derived: {sum: [...]}``) are the hourly sum of their parts, where every
   part is observed, then range-checked.
 
-Values are stored raw: no imputation, NaN = not observed.
+Values are stored raw: no imputation, NaN = not observed. Non-finite numeric values (``NaN`` or
+``inf`` in a CSV) are not measurements and are ignored.
+
+The build works in three steps, so that memory does not grow with the event tables:
+:func:`write_events` reads each event table once into Parquet (the cohort's events only),
+:func:`stays_with_ehr` finds the stays with a value, and :func:`hourly_values` aggregates the
+events of one contiguous range of stays at a time.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 SOURCES = ("chartevents", "labevents", "outputevents")
 _SOURCE_TABLE = {"chartevents": "icu/chartevents", "labevents": "hosp/labevents", "outputevents": "icu/outputevents"}
 AGGS = ("mean", "last", "sum", "max")
+#: Event rows DuckDB may buffer over all buckets before writing them to Parquet (write_events).
+_FLUSH_ROWS = 1 << 19
 KINDS = ("continuous", "binary")
 
 
@@ -313,29 +321,21 @@ def _item_tables(variables: Variables) -> dict[str, pd.DataFrame]:
     }
 
 
-def extract_hourly(extractor: Extractor, stays: pd.DataFrame, variables: Variables, window_hours: int) -> np.ndarray:
-    """Hourly values of every variable for every stay.
+def load_ehr_tables(extractor: Extractor, stays: pd.DataFrame, variables: Variables) -> None:
+    """Load the cohort and the variable definitions into DuckDB for the EHR steps.
 
     Parameters
     ----------
     extractor : Extractor
         Open DuckDB connection over the source.
     stays : pandas.DataFrame
-        One row per stay, in output order, with columns ``stay_id``, ``subject_id``, ``intime``,
-        ``prediction_time``.
+        One row per stay (the cohort candidates, in order: row ``i`` becomes ``stay_idx`` ``i``),
+        with columns ``stay_id``, ``subject_id``, ``intime``, ``prediction_time``.
     variables : Variables
         The EHR variables.
-    window_hours : int
-        Length of the time axis.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 ``[stay, window_hours, variable]``; NaN where not observed.
     """
-    n, n_vars = len(stays), len(variables.items)
     cohort = pd.DataFrame({
-        "stay_idx": np.arange(n, dtype=np.int32),
+        "stay_idx": np.arange(len(stays), dtype=np.int32),
         "stay_id": stays["stay_id"].to_numpy(np.int64),
         "subject_id": stays["subject_id"].to_numpy(np.int64),
         "intime": pd.to_datetime(stays["intime"]).astype("datetime64[us]"),
@@ -344,26 +344,145 @@ def extract_hourly(extractor: Extractor, stays: pd.DataFrame, variables: Variabl
     extractor.load_table("ehr_cohort", cohort)
     for name, table in _item_tables(variables).items():
         extractor.load_table(name, table)
+
+
+def write_events(extractor: Extractor, variables: Variables, folder: Path, bucket_stays: int) -> None:
+    """Read each event table once and write the cohort's events to Parquet, partitioned by bucket.
+
+    Keeps only the events of the cohort stays loaded by :func:`load_ehr_tables`, inside each
+    stay's window and of the variables' items (the ``ehr_events_<table>.sql`` steps), in one
+    statement over the ``UNION ALL`` of the tables in use, so DuckDB may scan the files together.
+    Stay ``stay_idx`` goes to bucket ``stay_idx // bucket_stays``: ``folder/bucket=<b>/*.parquet``.
+    A bucket without events has no folder.
+
+    Parameters
+    ----------
+    extractor : Extractor
+        Open DuckDB connection with the tables of :func:`load_ehr_tables`.
+    variables : Variables
+        The EHR variables (they decide which tables are read).
+    folder : Path
+        Output folder; must not exist yet.
+    bucket_stays : int
+        Consecutive stays per bucket (>= 1).
+    """
     used = [s for s in SOURCES if any(s in v.sources for v in variables.items)]
-    extractor.run("ehr_events_create")
-    # One INSERT of the sources' UNION ALL, so DuckDB may schedule the files' scans together
-    # instead of strictly one file after the other.
     selects = [load_sql(f"ehr_events_{source}").strip().rstrip(";") for source in used]
-    extractor.execute("ehr_events", "INSERT INTO ehr_events\n" + "\nUNION ALL\n".join(selects),
-                      reads=tuple(_SOURCE_TABLE[s] for s in used))
+    union = "\nUNION ALL\n".join(selects)
+    sql = (f"COPY (SELECT CAST(stay_idx AS INTEGER) AS stay_idx, CAST(hour AS INTEGER) AS hour, charttime, "
+           f"CAST(itemid AS BIGINT) AS itemid, CAST(num AS DOUBLE) AS num, CAST(text AS VARCHAR) AS text, "
+           f"CAST(stay_idx // {int(bucket_stays)} AS INTEGER) AS bucket FROM (\n{union}\n)) "
+           f"TO '{_sql_path(folder)}' (FORMAT PARQUET, PARTITION_BY (bucket))")
+    # DuckDB has no row count for a CSV file (it guesses a few dozen rows), so its join optimizers
+    # make the event table the build side of the hash joins: a hash table of every matching
+    # event, which grows with the source (2.2 GB at 20,000 stays; out of memory at 40,000). With
+    # them off, the joins run as written: the event table streams through as the probe side
+    # and the small cohort and item tables are the build sides.
+    # DuckDB buffers up to partitioned_write_flush_threshold rows per bucket (and thread) before
+    # writing them (default 524,288): with many buckets that grew with the source (1.4 GB at
+    # 40,000 stays). A budget of _FLUSH_ROWS rows over all buckets keeps it flat (0.65 GB).
+    n_buckets = -(-int(extractor.con.execute("SELECT count(*) FROM ehr_cohort").fetchone()[0]) // int(bucket_stays))
+    extractor.con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+    extractor.con.execute(f"SET partitioned_write_flush_threshold = {max(16_384, _FLUSH_ROWS // max(1, n_buckets))}")
+    try:
+        extractor.execute("ehr_events", sql, reads=tuple(_SOURCE_TABLE[s] for s in used))
+    finally:
+        extractor.con.execute("RESET disabled_optimizers")
+        extractor.con.execute("RESET partitioned_write_flush_threshold")
+
+
+def _sql_path(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def event_files(folder: Path, buckets: range | None = None) -> list[Path]:
+    """The Parquet files of ``buckets`` (default: all) under ``folder``, in bucket order."""
+    if buckets is None:
+        dirs = sorted(folder.glob("bucket=*"), key=lambda d: int(d.name.split("=", 1)[1]))
+    else:
+        dirs = [folder / f"bucket={b}" for b in buckets]
+    return [f for d in dirs if d.is_dir() for f in sorted(d.glob("*.parquet"))]
+
+
+def _parquet_list(files: list[Path]) -> str:
+    return "[" + ", ".join(f"'{_sql_path(f)}'" for f in files) + "]"
+
+
+def stays_with_ehr(extractor: Extractor, folder: Path) -> np.ndarray:
+    """``stay_idx`` (sorted, int64) of the stays with at least one EHR value, from the events of :func:`write_events`.
+
+    These are the stays whose hourly tensor has an observed value (cohort step 5); the
+    aggregation of each partition checks it again.
+    """
+    files = event_files(folder)
+    if not files:
+        return np.zeros(0, dtype=np.int64)
+    extractor.con.execute("DROP TABLE IF EXISTS ehr_events")
+    extractor.con.execute(f"CREATE OR REPLACE TEMP VIEW ehr_events AS SELECT stay_idx, hour, charttime, itemid, "
+                          f"num, text FROM read_parquet({_parquet_list(files)})")
+    try:
+        extractor.run("ehr_numeric_valid")  # (re)created over what ehr_events is now
+        result = extractor.fetch_arrays("ehr_stays_with_data")
+    finally:
+        extractor.con.execute("DROP VIEW IF EXISTS ehr_events")
+    return np.asarray(result["stay_idx"], dtype=np.int64)
+
+
+def hourly_values(extractor: Extractor, folder: Path, stay_idx: np.ndarray, bucket_stays: int,
+                  variables: Variables, window_hours: int) -> np.ndarray:
+    """Hourly values of every variable for the stays ``stay_idx``, from the events of :func:`write_events`.
+
+    Parameters
+    ----------
+    extractor : Extractor
+        Open DuckDB connection with the tables of :func:`load_ehr_tables`.
+    folder : Path
+        The events folder written by :func:`write_events`.
+    stay_idx : numpy.ndarray
+        Sorted ``stay_idx`` of the stays wanted, in output order (a contiguous part of the store).
+    bucket_stays : int
+        The bucket size the events were written with.
+    variables : Variables
+        The EHR variables.
+    window_hours : int
+        Length of the time axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``[len(stay_idx), window_hours, variable]``; NaN where not observed.
+    """
+    stay_idx = np.asarray(stay_idx, dtype=np.int64)
+    values = np.full((len(stay_idx), window_hours, len(variables.items)), np.nan, dtype=np.float32)
+    if len(stay_idx) == 0:
+        return values
+    lo, hi = int(stay_idx[0]), int(stay_idx[-1])
+    files = event_files(folder, range(lo // bucket_stays, hi // bucket_stays + 1))
+    extractor.run("ehr_events_create")
+    if files:
+        extractor.execute("ehr_partition_events",
+                          f"INSERT INTO ehr_events SELECT stay_idx, hour, charttime, itemid, num, text "
+                          f"FROM read_parquet({_parquet_list(files)}) WHERE stay_idx BETWEEN {lo} AND {hi}")
+    extractor.run("ehr_numeric_valid")
     results = [extractor.fetch_arrays("ehr_numeric"), extractor.fetch_arrays("ehr_text")]
     extractor.con.execute("DROP TABLE ehr_events")
-
-    values = np.full((n, window_hours, n_vars), np.nan, dtype=np.float32)
     for result in results:
         if len(result["hour"]):
             hour = np.asarray(result["hour"], dtype=np.int64)
             if hour.min() < 0 or hour.max() >= window_hours:  # the SQL window guarantees this
                 raise AssertionError("hour index outside the window")
+            # events of stays between lo and hi that are not wanted have no valid value (step 5)
+            row = np.searchsorted(stay_idx, np.asarray(result["stay_idx"], dtype=np.int64))
+            if (row >= len(stay_idx)).any() or (stay_idx[np.minimum(row, len(stay_idx) - 1)]
+                                                 != np.asarray(result["stay_idx"])).any():
+                raise AssertionError("an aggregated value belongs to a stay without EHR data")
             value = np.ma.filled(np.ma.asarray(result["value"], dtype=np.float64), np.nan)
-            values[np.asarray(result["stay_idx"], dtype=np.int64), hour,
-                   np.asarray(result["var_idx"], dtype=np.int64)] = value.astype(np.float32)
+            values[row, hour, np.asarray(result["var_idx"], dtype=np.int64)] = value.astype(np.float32)
     _fill_derived(values, variables)
+    empty = np.isnan(values).all(axis=(1, 2))
+    if empty.any():  # ehr_stays_with_data.sql and the aggregation disagree
+        raise AssertionError(f"stay_idx {int(stay_idx[np.argmax(empty)])} was selected for its EHR data "
+                             f"but has no hourly value")
     return values
 
 

@@ -5,7 +5,8 @@ An :class:`Extractor` opens an in-memory DuckDB database whose spill files go to
 a view ``mimiciv_<module>.<table>`` over its ``.csv.gz`` (or ``.csv``) file, read with explicit
 column types (identifiers BIGINT, times TIMESTAMP, ``dod`` DATE, numbers DOUBLE, everything
 else VARCHAR; the empty string is NULL; no type sniffing). Queries are SQL files in
-``cbstore/resources/sql/``; the large event tables are only ever aggregated inside DuckDB.
+``cbstore/resources/sql/``; the large event tables are only ever read by DuckDB, once, into
+Parquet files of the cohort's events (:func:`cbstore.ehr.write_events`).
 """
 
 from __future__ import annotations

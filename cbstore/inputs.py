@@ -275,7 +275,7 @@ def resolve_encoder(store, modality: str, encoder_id: str | None, kind: str | No
         pooled = {k: e for k, e in entries.items() if not e.get("map_shape")}
         entries = pooled or entries
     have = ", ".join(sorted(entries)) or "none"
-    option = f"--{modality}-encoder"
+    option = "--cxr-map-encoder" if kind == "cxr_map" else f"--{modality}-encoder"
     what = "X-ray spatial-map" if kind == "cxr_map" else modality
     if encoder_id is None:
         if len(entries) == 1:
@@ -320,7 +320,7 @@ class FoldReader:
         Task whose targets fill ``StayInputs.y`` (None: no targets).
     inputs : iterable of str
         Input kinds to read (:data:`INPUT_KINDS`).
-    ehr_encoder, cxr_encoder : str, optional
+    ehr_encoder, cxr_encoder, cxr_map_encoder : str, optional
         Embedding ids for ``ehr_emb`` / ``cxr_emb`` / ``cxr_map``; None picks the only one the
         store holds (see :func:`resolve_encoder`).
 
@@ -349,7 +349,8 @@ class FoldReader:
     """
 
     def __init__(self, store, fold: int, *, task=None, inputs: Iterable[str] = frozenset(),
-                 ehr_encoder: str | None = None, cxr_encoder: str | None = None):
+                 ehr_encoder: str | None = None, cxr_encoder: str | None = None,
+                 cxr_map_encoder: str | None = None):
         self.store = store
         self.inputs = frozenset(inputs)
         bad = self.inputs - INPUT_KINDS
@@ -371,12 +372,11 @@ class FoldReader:
         self.cxr_map_shape = self.cxr_map_attrs = None
         self.cxr_map_encoder = None
         if "cxr_map" in self.inputs:
-            entry = resolve_encoder(store, "cxr", cxr_encoder, "cxr_map")
+            entry = resolve_encoder(store, "cxr", cxr_map_encoder, "cxr_map")
             self.cxr_map_encoder = entry["encoder_id"]
             self.cxr_map_attrs = dict(entry)
             self.cxr_map_shape = tuple(int(v) for v in entry["map_shape"])
             self._map_present = np.asarray(store.embedding("cxr", entry["encoder_id"])[1], dtype=bool)
-            self.cxr_encoder = entry["encoder_id"]
         for modality, given in (("ehr", ehr_encoder), ("cxr", cxr_encoder)):
             if f"{modality}_emb" not in self.inputs:
                 continue
@@ -481,7 +481,7 @@ def _targets(store, spec) -> tuple[np.ndarray, list]:
 
 def read_inputs(store, fold: int, positions, *, task=None, inputs: Iterable[str] = frozenset(),
                 cxr_hidden=None, ehr_encoder: str | None = None, cxr_encoder: str | None = None,
-                name: str = "") -> StayInputs:
+                cxr_map_encoder: str | None = None, name: str = "") -> StayInputs:
     """A method's inputs for the stays at ``positions`` of ``fold`` (see the module docstring).
 
     One call of :meth:`FoldReader.read`; build a :class:`FoldReader` to read several sets of stays
@@ -499,8 +499,8 @@ def read_inputs(store, fold: int, positions, *, task=None, inputs: Iterable[str]
         Input kinds (:data:`INPUT_KINDS`).
     cxr_hidden : array-like of bool, optional
         X-rays hidden by a simulated mask, aligned with ``positions``.
-    ehr_encoder, cxr_encoder : str, optional
-        Embedding ids; None picks the only one.
+    ehr_encoder, cxr_encoder, cxr_map_encoder : str, optional
+        Embedding ids (``ehr_emb``, ``cxr_emb``, ``cxr_map``); None picks the only one.
     name : str
         Part name recorded in the result.
 
@@ -509,5 +509,5 @@ def read_inputs(store, fold: int, positions, *, task=None, inputs: Iterable[str]
     StayInputs
     """
     reader = FoldReader(store, fold, task=task, inputs=inputs, ehr_encoder=ehr_encoder,
-                        cxr_encoder=cxr_encoder)
+                        cxr_encoder=cxr_encoder, cxr_map_encoder=cxr_map_encoder)
     return reader.read(positions, name=name, cxr_hidden=cxr_hidden)

@@ -25,8 +25,10 @@ def fold_statistics(
 
     Parameters
     ----------
-    values : numpy.ndarray
-        float32 [stay, time, feature]; NaN = not observed.
+    values : numpy.ndarray or zarr.Array
+        float32 [stay, time, feature]; NaN = not observed. Any array that NumPy-style slicing
+        reads into memory works (the build passes the store's ``ehr/values``): it is read
+        ``chunk_stays`` stays at a time, never whole.
     parts : numpy.ndarray
         uint8 [stay, fold] split codes (0 train, 1 val, 2 test).
     chunk_stays : int, default 1024
@@ -55,7 +57,8 @@ def fold_statistics(
     UserWarning
         Naming the features with no training observation in a fold.
     """
-    values = np.asarray(values)
+    if not (hasattr(values, "shape") and hasattr(values, "dtype") and hasattr(values, "__getitem__")):
+        values = np.asarray(values)
     parts = np.asarray(parts)
     if values.ndim != 3:
         raise ValueError(f"values must be [stay, time, feature], got shape {values.shape}")

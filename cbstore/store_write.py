@@ -41,7 +41,7 @@ from cbstore.schema import (
 )
 from cbstore.zarr_io import MAX_1D_CHUNK, array_options, consolidate, jsonable, now, package_version, run_async
 
-__all__ = ["StoreWriter", "write_store"]
+__all__ = ["PartitionedStoreWriter", "StoreWriter", "write_store"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,17 +114,30 @@ def _epoch_seconds(values: Any, name: str, *, allow_missing: bool) -> np.ndarray
     return seconds
 
 
+def _check_values(values: Any, name: str) -> np.ndarray:
+    """The EHR tensor (or a block of it) as float32, refusing inf."""
+    values = np.asarray(values)
+    if values.dtype != np.float32:
+        values = _lossless(values, "float32", name)
+    if np.isinf(values).any():
+        raise StoreContentError(f"{name}: contains inf; use NaN for 'not observed'")
+    return values
+
+
 def _check_shape(arr: np.ndarray, shape: tuple[int | None, ...], name: str) -> None:
     if arr.ndim != len(shape) or any(want is not None and got != want for got, want in zip(arr.shape, shape)):
         want = tuple("?" if s is None else s for s in shape)
         raise StoreContentError(f"{name}: expected shape {want}, got {arr.shape}")
 
 
-def _prepare(content: StoreContent, image_size: int | None) -> dict[str, np.ndarray]:
+def _prepare(content: StoreContent, image_size: int | None,
+             ehr_shape: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
     """Check ``content`` against the layout and convert it to ``{array path: numpy array}``.
 
-    Images are not included (they are written separately). Raises StoreContentError naming the
-    first problem found.
+    Images are not included (they are written separately), nor ``ehr/values`` and
+    ``ehr/observed`` when ``content.ehr_values`` is None, in which case ``ehr_shape`` gives the
+    tensor's shape (it was written block by block). Raises StoreContentError naming the first
+    problem found.
     """
     stays = content.stays
     n = len(stays)
@@ -181,15 +194,17 @@ def _prepare(content: StoreContent, image_size: int | None) -> dict[str, np.ndar
     if missing:
         raise StoreContentError(f"content.features: missing columns {missing}")
     n_feat = len(features)
-    values = np.asarray(content.ehr_values)
-    if values.dtype != np.float32:
-        values = _lossless(values, "float32", "content.ehr_values")
-    _check_shape(values, (n, None, n_feat), "content.ehr_values")
-    window = values.shape[1]
+    if content.ehr_values is None:
+        if ehr_shape is None or tuple(ehr_shape)[::2] != (n, n_feat):
+            raise StoreContentError(f"content.ehr_values is None and the tensor written has shape {ehr_shape}, "
+                                    f"not ({n}, window, {n_feat})")
+        values, window = None, int(ehr_shape[1])
+    else:
+        values = _check_values(content.ehr_values, "content.ehr_values")
+        _check_shape(values, (n, None, n_feat), "content.ehr_values")
+        window = values.shape[1]
     if window < 1:
         raise StoreContentError("content.ehr_values: the time axis is empty")
-    if np.isinf(values).any():
-        raise StoreContentError("content.ehr_values: contains inf; use NaN for 'not observed'")
     names = _strings(features["name"].tolist(), "content.features['name']")
     if len(set(names)) != n_feat or "" in set(names):
         raise StoreContentError("content.features['name']: names must be non-empty and unique")
@@ -199,8 +214,9 @@ def _prepare(content: StoreContent, image_size: int | None) -> dict[str, np.ndar
         raise StoreContentError(f"content.features['kind']: unknown kinds {bad}; use 'continuous' or 'binary'")
     out["ehr/time"] = np.arange(window, dtype=np.int16)
     out["ehr/feature"] = names
-    out["ehr/values"] = values
-    out["ehr/observed"] = ~np.isnan(values)
+    if values is not None:
+        out["ehr/values"] = values
+        out["ehr/observed"] = ~np.isnan(values)
     out["ehr/unit"] = _strings(features["unit"].tolist(), "content.features['unit']")
     out["ehr/kind"] = kinds
     out["ehr/normalize"] = _lossless(features["normalize"].to_numpy(), "bool", "content.features['normalize']")
@@ -256,7 +272,7 @@ def _root_attrs(content: StoreContent, arrays: dict, image_size: int, chunks: di
     attrs.setdefault("config_sha256", config_sha256(attrs.get("config", {})))
     derived = {
         "n_stays": len(arrays["stays/stay"]),
-        "window_hours": int(arrays["ehr/values"].shape[1]),
+        "window_hours": len(arrays["ehr/time"]),
         "n_folds": int(arrays["splits/part"].shape[1]),
         "image_size": int(image_size),
     }
@@ -317,26 +333,107 @@ def _array_attrs(key: str) -> dict[str, Any]:
     return attrs
 
 
-async def _write_arrays(partial: Path, root_attrs: dict, arrays: dict[str, np.ndarray],
-                        chunks: dict[str, tuple[int, ...]], shards: dict[str, tuple[int, ...]]) -> None:
-    """Create the root, the groups and every array, and write every array but ``cxr/images`` whole.
+def _layout(shapes: dict[str, tuple[int, ...]], n_stays: int, shard_stays: int,
+            image_size: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Chunk shapes of every array in ``shapes`` and shard shapes (``cxr/images``), as stored."""
+    c1 = min(n_stays, MAX_1D_CHUNK)
+    chunks: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        if ARRAYS[key].dims[0] == "stay":
+            first = shard_stays if len(shape) == 3 else c1
+            chunks[key] = (first, *shape[1:])
+        else:
+            chunks[key] = tuple(shape)
+    chunks["cxr/images"] = (1, image_size, image_size)
+    return chunks, {"cxr/images": (shard_stays, image_size, image_size)}
 
-    One call per step for all arrays at once: zarr's per-array work (metadata checks and writes,
-    codec hand-offs to threads) then overlaps instead of running array after array.
-    """
-    shapes = {key: arr.shape for key, arr in arrays.items()}
-    shapes["cxr/images"] = (len(arrays["stays/stay"]), *chunks["cxr/images"][1:])
-    # every argument is computed before the first coroutine exists, so an error here leaves none unawaited
-    plan = [(*key.split("/", 1), array_options(ARRAYS[key], shapes[key], chunks[key], shards=shards.get(key),
+
+def _plan(shapes: dict[str, tuple[int, ...]], chunks: dict, shards: dict) -> list[tuple[str, str, dict]]:
+    """``(group, name, create_array options)`` of each array of ``shapes``."""
+    return [(*key.split("/", 1), array_options(ARRAYS[key], shapes[key], chunks[key], shards=shards.get(key),
                                                attrs=_array_attrs(key)))
             for key in shapes]
-    root = await zarr.api.asynchronous.open_group(store=str(partial), mode="w-", zarr_format=3,
-                                                  attributes=root_attrs)
-    made = await asyncio.gather(*[root.create_group(g, attributes=_group_attrs(g)) for g in GROUPS])
+
+
+async def _write_arrays(partial: Path, root_attrs: dict, arrays: dict[str, np.ndarray],
+                        shapes: dict[str, tuple[int, ...]], chunks: dict[str, tuple[int, ...]],
+                        shards: dict[str, tuple[int, ...]], *, fresh: bool = True) -> None:
+    """Create the arrays of ``shapes`` and write those given in ``arrays`` whole.
+
+    With ``fresh``, the root (with ``root_attrs``) and every group are created first; otherwise
+    they exist already and ``root_attrs`` are added to the root's. One call per step for all
+    arrays at once: zarr's per-array work (metadata checks and writes, codec hand-offs to
+    threads) then overlaps instead of running array after array.
+    """
+    # every argument is computed before the first coroutine exists, so an error here leaves none unawaited
+    plan = _plan(shapes, chunks, shards)
+    if fresh:
+        root = await zarr.api.asynchronous.open_group(store=str(partial), mode="w-", zarr_format=3,
+                                                      attributes=root_attrs)
+        made = await asyncio.gather(*[root.create_group(g, attributes=_group_attrs(g)) for g in GROUPS])
+    else:
+        root = await zarr.api.asynchronous.open_group(store=str(partial), mode="r+", zarr_format=3)
+        await root.update_attributes(root_attrs)
+        made = await asyncio.gather(*[root.getitem(g) for g in GROUPS])
     groups = dict(zip(GROUPS, made))
-    created = await asyncio.gather(*[groups[group].create_array(name, **options) for group, name, options in plan])
+    # not fresh: a finish that was interrupted may have created some of the arrays already
+    created = await asyncio.gather(*[groups[group].create_array(name, **options, overwrite=not fresh)
+                                     for group, name, options in plan])
     await asyncio.gather(*[zarr_arr.setitem(Ellipsis, arrays[key])
                            for zarr_arr, key in zip(created, shapes) if key in arrays])
+
+
+def _arrays_meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
+    """The manifest's ``arrays``: path -> shape and dtype."""
+    return {key: {"shape": list(shape), "dtype": ARRAYS[key].dtype} for key, shape in shapes.items()}
+
+
+def _write_image_block(shards: ShardWriter, n: int, s: int, image_size: int, start: int, images: np.ndarray,
+                       present: np.ndarray) -> None:
+    """Write the image shards of stays ``start .. start + len(images)`` (shard-aligned; see StoreWriter)."""
+    images = np.asarray(images)
+    k = len(images)
+    if images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size):
+        raise StoreContentError(
+            f"images: expected uint8 [k, {image_size}, {image_size}], got {images.dtype} {images.shape}"
+        )
+    stop = start + k
+    if k == 0 or start < 0 or start % s or stop > n or (stop % s and stop != n):
+        raise StoreContentError(
+            f"images: block {start}..{stop} is not aligned to shards of {s} stays (n_stays {n})"
+        )
+    stray = images.reshape(k, -1).any(axis=1) & ~present
+    if stray.any():
+        row = start + int(np.argmax(stray))
+        raise StoreContentError(f"images: stay position {row} has no film (cxr present false) but a non-zero image")
+    for shard in range(start // s, -(-stop // s)):
+        lo = shard * s - start
+        shards.write(shard, images[lo:lo + s], present[lo:lo + s])
+
+
+def _move_into_place(partial: Path, path: Path, check_target) -> None:
+    """Rename the finished ``partial`` folder to ``path``, replacing a checked existing store."""
+    if path.exists():
+        check_target()  # appeared since we started, or overwrite of a checked store
+        old = path.with_name(f"{path.name}.old-{secrets.token_hex(4)}")
+        os.rename(path, old)
+        os.rename(partial, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, path)
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    """Refuse an existing ``path`` unless ``overwrite`` and it is a cbstore store."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise StoreExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    if not path.is_dir() or not _is_cbstore_dir(path):
+        raise StoreExistsError(
+            f"{path} exists and is not a cbstore store; refusing to replace it even with "
+            "--overwrite: remove it yourself or choose another path"
+        )
 
 
 class StoreWriter:
@@ -397,17 +494,9 @@ class StoreWriter:
         n_shards = -(-n // self.shard_stays)
         self._shards_written = np.zeros(n_shards, dtype=bool)
 
-        c1 = min(n, MAX_1D_CHUNK)
-        chunks: dict[str, tuple[int, ...]] = {}
-        for key, arr in arrays.items():
-            spec = ARRAYS[key]
-            if spec.dims[0] == "stay":
-                first = self.shard_stays if arr.ndim == 3 else c1
-                chunks[key] = (first, *arr.shape[1:])
-            else:
-                chunks[key] = arr.shape
-        chunks["cxr/images"] = (1, image_size, image_size)
-        shards = {"cxr/images": (self.shard_stays, image_size, image_size)}
+        shapes = {key: arr.shape for key, arr in arrays.items()}
+        shapes["cxr/images"] = (n, self.image_size, self.image_size)
+        chunks, shards = _layout(shapes, n, self.shard_stays, self.image_size)
         attrs = _root_attrs(content, arrays, image_size, chunks, shards)
 
         self.partial = self.path.with_name(f"{self.path.name}.partial-{secrets.token_hex(4)}")
@@ -415,27 +504,16 @@ class StoreWriter:
         self._finished = False
         try:
             root_attrs = {ROOT_ATTRS_KEY: attrs, "encoding-type": "cbstore", "encoding-version": FORMAT_VERSION}
-            run_async(_write_arrays(self.partial, root_attrs, arrays, chunks, shards))
+            run_async(_write_arrays(self.partial, root_attrs, arrays, shapes, chunks, shards))
             images = zarr.open_array(str(self.partial / "cxr" / "images"), mode="r+")
             self._shards = ShardWriter(images, self.partial / "cxr" / "images")
         except BaseException:
             self.abort()
             raise
-        self._arrays_meta = {
-            key: {"shape": list(arr.shape), "dtype": ARRAYS[key].dtype} for key, arr in arrays.items()
-        }
-        self._arrays_meta["cxr/images"] = {"shape": [n, image_size, image_size], "dtype": "uint8"}
+        self._arrays_meta = _arrays_meta(shapes)
 
     def _check_target(self) -> None:
-        if not self.path.exists():
-            return
-        if not self.overwrite:
-            raise StoreExistsError(f"{self.path} exists; pass --overwrite (overwrite=True) to replace it")
-        if not self.path.is_dir() or not _is_cbstore_dir(self.path):
-            raise StoreExistsError(
-                f"{self.path} exists and is not a cbstore store; refusing to replace it even with "
-                "--overwrite: remove it yourself or choose another path"
-            )
+        _check_target(self.path, self.overwrite)
 
     def write_images(self, start: int, images: np.ndarray) -> None:
         """Write images of stays ``start .. start + len(images)``.
@@ -445,26 +523,9 @@ class StoreWriter:
         stays without a film must be all zero; they are checked, not stored.
         """
         self._check_open()
-        images = np.asarray(images)
-        k = len(images)
         n, s = self.n_stays, self.shard_stays
-        if images.dtype != np.uint8 or images.shape[1:] != (self.image_size, self.image_size):
-            raise StoreContentError(
-                f"images: expected uint8 [k, {self.image_size}, {self.image_size}], got {images.dtype} {images.shape}"
-            )
-        stop = start + k
-        if k == 0 or start < 0 or start % s or stop > n or (stop % s and stop != n):
-            raise StoreContentError(
-                f"images: block {start}..{stop} is not aligned to shards of {s} stays (n_stays {n})"
-            )
-        present = self._present[start:stop]
-        stray = images.reshape(k, -1).any(axis=1) & ~present
-        if stray.any():
-            row = start + int(np.argmax(stray))
-            raise StoreContentError(f"images: stay position {row} has no film (cxr present false) but a non-zero image")
-        for shard in range(start // s, -(-stop // s)):
-            lo = shard * s - start
-            self._shards.write(shard, images[lo:lo + s], present[lo:lo + s])
+        stop = start + len(images)
+        _write_image_block(self._shards, n, s, self.image_size, start, images, self._present[start:stop])
         self._shards_written[start // s: -(-stop // s)] = True
 
     def _check_open(self) -> None:
@@ -488,14 +549,7 @@ class StoreWriter:
         return self.path
 
     def _move_into_place(self) -> None:
-        if self.path.exists():
-            self._check_target()  # appeared since we started, or overwrite of a checked store
-            old = self.path.with_name(f"{self.path.name}.old-{secrets.token_hex(4)}")
-            os.rename(self.path, old)
-            os.rename(self.partial, self.path)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.partial, self.path)
+        _move_into_place(self.partial, self.path, self._check_target)
 
     def abort(self) -> None:
         """Remove the temporary folder (nothing is left at the final path)."""
@@ -508,6 +562,128 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and not self._finished:
             self.abort()
+
+
+#: Arrays a :class:`PartitionedStoreWriter` writes block by block; :meth:`PartitionedStoreWriter.finish`
+#: writes all the others.
+BLOCK_ARRAYS = ("ehr/values", "ehr/observed", "cxr/images")
+
+
+class PartitionedStoreWriter:
+    """Write a store whose large arrays arrive block by block, possibly over several runs.
+
+    The folder ``partial`` holds the unfinished store. On construction it gets the root, the
+    groups and the empty arrays of :data:`BLOCK_ARRAYS` (or, if it already holds them with the
+    same shapes, is reopened: an interrupted build resumes there). :meth:`write_ehr` and
+    :meth:`write_images` write whole chunks and shards of the stays of one block;
+    rewriting a block gives the same bytes. :meth:`finish` writes every other array from a
+    :class:`~cbstore.content.StoreContent` whose ``ehr_values`` and ``images`` are None,
+    consolidates, writes the manifest last and renames ``partial`` to the final path.
+
+    Parameters
+    ----------
+    partial : str or os.PathLike
+        Folder of the unfinished store (next to the final path, on the same file system).
+    n_stays, window, n_features, image_size : int
+        Shape of the EHR tensor ``[n_stays, window, n_features]`` and side of the films.
+    chunk_stays : int
+        Stays per EHR chunk and per image shard (capped at ``n_stays``).
+
+    Raises
+    ------
+    StoreError
+        ``partial`` holds arrays of other shapes.
+    """
+
+    def __init__(self, partial: str | os.PathLike, n_stays: int, window: int, n_features: int, image_size: int,
+                 *, chunk_stays: int = 256) -> None:
+        if min(n_stays, window, n_features, image_size, chunk_stays) < 1:
+            raise StoreContentError(f"n_stays, window, n_features, image_size and chunk_stays must be >= 1, got "
+                                    f"{(n_stays, window, n_features, image_size, chunk_stays)}")
+        self.partial = Path(partial).absolute()
+        self.n_stays, self.image_size = int(n_stays), int(image_size)
+        self.shard_stays = min(int(chunk_stays), self.n_stays)
+        self.shapes = {"ehr/values": (self.n_stays, int(window), int(n_features)),
+                       "ehr/observed": (self.n_stays, int(window), int(n_features)),
+                       "cxr/images": (self.n_stays, self.image_size, self.image_size)}
+        self.chunks, self.shards = _layout(self.shapes, self.n_stays, self.shard_stays, self.image_size)
+        if not (self.partial / "zarr.json").is_file():
+            shutil.rmtree(self.partial, ignore_errors=True)  # a creation that did not finish
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            root_attrs = {"encoding-type": "cbstore", "encoding-version": FORMAT_VERSION}
+            run_async(_write_arrays(self.partial, root_attrs, {}, self.shapes, self.chunks, self.shards))
+        self._arrays = {key: zarr.open_array(str(self.partial / key), mode="r+") for key in BLOCK_ARRAYS}
+        for key, array in self._arrays.items():
+            if array.shape != self.shapes[key]:
+                raise StoreError(f"the unfinished store {self.partial} has {key} of shape {array.shape}, not "
+                                 f"{self.shapes[key]}; remove it (or rebuild with --overwrite)")
+        self._shards = ShardWriter(self._arrays["cxr/images"], self.partial / "cxr" / "images")
+
+    @property
+    def values(self) -> zarr.Array:
+        """The ``ehr/values`` array as written so far (for statistics computed from the store)."""
+        return self._arrays["ehr/values"]
+
+    def write_ehr(self, start: int, values: np.ndarray) -> None:
+        """Write ``ehr/values`` and ``ehr/observed`` of stays ``start .. start + len(values)``.
+
+        The block must start at a chunk boundary and end at one or at the last stay.
+        """
+        values = _check_values(values, "ehr values")
+        n, s = self.n_stays, self.shard_stays
+        stop = start + len(values)
+        _check_shape(values, (None, *self.shapes["ehr/values"][1:]), "ehr values")
+        if len(values) == 0 or start < 0 or start % s or stop > n or (stop % s and stop != n):
+            raise StoreContentError(f"ehr values: block {start}..{stop} is not aligned to chunks of {s} stays "
+                                    f"(n_stays {n})")
+        self._arrays["ehr/values"][start:stop] = values
+        self._arrays["ehr/observed"][start:stop] = ~np.isnan(values)
+
+    def write_images(self, start: int, images: np.ndarray, present: np.ndarray) -> None:
+        """Write the image shards of stays ``start .. start + len(images)`` (only films where ``present``)."""
+        present = np.asarray(present, dtype=bool)
+        if present.shape != (len(images),):
+            raise StoreContentError(f"images: {len(images)} images but present has shape {present.shape}")
+        _write_image_block(self._shards, self.n_stays, self.shard_stays, self.image_size, start, images, present)
+
+    def finish(self, path: str | os.PathLike, content: StoreContent, overwrite: bool = False) -> Path:
+        """Write the other arrays and the attributes, consolidate, write the manifest, move into place.
+
+        ``content.ehr_values`` and ``content.images`` must be None (they were written block by
+        block). Every shard holding a film of ``content.cxr.present`` must have been written.
+
+        Returns
+        -------
+        pathlib.Path
+            The absolute store path.
+        """
+        path = Path(path).absolute()
+        _check_target(path, overwrite)
+        if content.ehr_values is not None or content.images is not None:
+            raise StoreContentError("content.ehr_values and content.images must be None: they were written "
+                                    "block by block")
+        arrays = _prepare(content, self.image_size, ehr_shape=self.shapes["ehr/values"])
+        if len(arrays["stays/stay"]) != self.n_stays:
+            raise StoreContentError(f"content has {len(arrays['stays/stay'])} stays, the arrays written "
+                                    f"{self.n_stays}")
+        self._check_films(arrays["cxr/present"])
+        shapes = {key: arr.shape for key, arr in arrays.items()}
+        chunks, shards = _layout({**shapes, **self.shapes}, self.n_stays, self.shard_stays, self.image_size)
+        attrs = _root_attrs(content, arrays, self.image_size, chunks, shards)
+        run_async(_write_arrays(self.partial, {ROOT_ATTRS_KEY: attrs}, arrays, shapes, chunks, shards, fresh=False))
+        consolidate(self.partial)
+        _write_manifest(self.partial, self.n_stays, _arrays_meta({**shapes, **self.shapes}))
+        _move_into_place(self.partial, path, lambda: _check_target(path, overwrite))
+        return path
+
+    def _check_films(self, present: np.ndarray) -> None:
+        s = self.shard_stays
+        images = self._arrays["cxr/images"]
+        for shard in range(-(-self.n_stays // s)):
+            key = images.metadata.encode_chunk_key((shard, 0, 0))
+            if present[shard * s:(shard + 1) * s].any() and not (self.partial / "cxr" / "images" / key).is_file():
+                raise StoreError(f"images of stays {shard * s}..{min((shard + 1) * s, self.n_stays) - 1} were "
+                                 f"never written although some have a film")
 
 
 def _write_manifest(path: Path, n_stays: int, arrays: dict) -> None:

@@ -26,20 +26,27 @@ from cli.errors import reports_errors
 @click.option("--threads", type=int, help="DuckDB threads [2].")
 @click.option("--memory-limit", type=str, help="DuckDB memory limit, e.g. 2GB [2GB].")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str),
-              help="Folder for temporary files (default: the system temporary folder).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out once the new one is complete.")
+              help="Folder for DuckDB's spill files (default: the system temporary folder).")
+@click.option("--partitions", type=int,
+              help="Process the stays in this many partitions (runs of whole 256-stay chunks) [one per 2,000 "
+                   "cohort stays].")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing store at --out once the new one is complete; start over instead of "
+                   "resuming an interrupted build.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @reports_errors
 def build(mimic_iv, mimic_cxr, out, config_file, window_hours, image_size, workers, threads, memory_limit,
-          work_dir, overwrite, quiet):
+          work_dir, partitions, overwrite, quiet):
     """Build a feature store from MIMIC-IV and MIMIC-CXR-JPG (or a synthetic source).
 
-    Prints the cohort flow (stays left after each selection step) and a short summary.
+    Prints the cohort flow (stays left after each selection step) and a short summary. An
+    interrupted build keeps its state in OUT.build/; the same command continues it.
     """
     if not quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config = load_config(config_file, window_hours=window_hours, image_size=image_size, workers=workers,
-                         threads=threads, memory_limit=memory_limit, work_dir=work_dir)
+                         threads=threads, memory_limit=memory_limit, work_dir=work_dir,
+                         partitions=partitions)
     path = build_store(mimic_iv, mimic_cxr, out, config, overwrite=overwrite, progress=not quiet)
     store = open_store(path)
     attrs = store.attrs

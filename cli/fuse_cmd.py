@@ -21,6 +21,8 @@ from fusion.registry import FEATURE_MODES, TASKS
                    "tensors [cached].")
 @click.option("--ehr-encoder", help="EHR embedding id (cached features); default: the only one.")
 @click.option("--cxr-encoder", help="X-ray embedding id (cached features); default: the only one.")
+@click.option("--cxr-map-encoder", help="X-ray spatial-map embedding id (cached features of methods "
+                                         "that read maps: mmtm, daft); default: the only one.")
 @click.option("--cohort", type=click.Choice(COHORTS),
               help="full, matched (stays with an X-ray), or train/val on one and test on the "
                    "other [full].")
@@ -33,6 +35,8 @@ from fusion.registry import FEATURE_MODES, TASKS
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=str),
               help="YAML or TOML file with run options and a 'hyperparameters' mapping; "
                    "command-line options override it.")
+@click.option("--preset", help="Named hyperparameter preset of the method (fusion/presets/<method>.yaml, "
+                                "e.g. carebench); --config and --set override its values.")
 @click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
               help="Override a hyperparameter (or a run option), e.g. --set lr=3e-4; repeatable.")
 @click.option("--weights-dir", type=click.Path(file_okay=False, path_type=str),
@@ -46,9 +50,9 @@ from fusion.registry import FEATURE_MODES, TASKS
 @click.option("--overwrite", is_flag=True, help="Recompute a complete run instead of reusing it.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar per epoch [on].")
 @reports_errors
-def fuse(store, method, task, fold, seed, features, ehr_encoder, cxr_encoder, cohort,
-         cxr_missing_rate, missing_at, mask_seed, config_file, set_pairs, weights_dir, device, out,
-         n_boot, overwrite, progress):
+def fuse(store, method, task, fold, seed, features, ehr_encoder, cxr_encoder, cxr_map_encoder, cohort,
+         cxr_missing_rate, missing_at, mask_seed, config_file, preset, set_pairs, weights_dir, device,
+         out, n_boot, overwrite, progress):
     """Train and evaluate one fusion METHOD on STORE; write runs/<run-id>/.
 
     The run id is a hash of the resolved configuration: an identical complete run is reused
@@ -58,8 +62,9 @@ def fuse(store, method, task, fold, seed, features, ehr_encoder, cxr_encoder, co
 
     options = {"store": store, "method": method, "task": task, "fold": fold, "seed": seed,
                "features": features, "ehr_encoder": ehr_encoder, "cxr_encoder": cxr_encoder,
+               "cxr_map_encoder": cxr_map_encoder,
                "cohort": cohort, "cxr_missing_rate": cxr_missing_rate,
-               "missing_at": list(missing_at) or None, "mask_seed": mask_seed,
+               "missing_at": list(missing_at) or None, "mask_seed": mask_seed, "preset": preset,
                "weights_dir": weights_dir, "device": device,
                "out": out, "n_boot": n_boot, "overwrite": overwrite or None, "progress": progress}
     cfg = make_config(config_file=config_file, options=options, set_pairs=set_pairs)

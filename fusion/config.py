@@ -1,7 +1,8 @@
 """Run configuration: the :class:`RunConfig` dataclass, and loading it from YAML/TOML plus overrides.
 
 Precedence (lowest first): the dataclass defaults, the config file, the command line
-(options given explicitly, then ``--set key=value`` pairs). A config file holds run options at the
+(options given explicitly, then ``--set key=value`` pairs). Hyperparameters: the method's
+defaults, its named preset (``preset``, :mod:`fusion.presets`), the file, ``--set``. A config file holds run options at the
 top level and method hyperparameters under ``hyperparameters``::
 
     method: latefusion
@@ -57,6 +58,9 @@ class RunConfig:
         ``cached`` (heads on stored embeddings) or ``raw`` (end-to-end from the raw tensors).
     ehr_encoder, cxr_encoder : str or None
         Embedding ids used in cached mode; None picks the only one the store holds.
+    cxr_map_encoder : str or None
+        Spatial-map embedding id (methods that read ``cxr_map``, e.g. ``mmtm``, ``daft``); None
+        picks the only one the store holds.
     cohort : str
         One of :data:`COHORTS`.
     cxr_missing_rate : float
@@ -66,7 +70,10 @@ class RunConfig:
     mask_seed : int or None
         Seed of the mask; None uses ``seed``.
     hyperparameters : dict
-        Method hyperparameters (overrides of the method defaults).
+        Method hyperparameters (overrides of the method defaults and of the preset).
+    preset : str or None
+        Named preset of the method's hyperparameters (:mod:`fusion.presets`, e.g. ``carebench``);
+        the config file's and ``--set`` hyperparameters override it.
     n_boot : int
         Bootstrap resamples of the evaluator.
     out : str
@@ -90,11 +97,13 @@ class RunConfig:
     features: str = "cached"
     ehr_encoder: str | None = None
     cxr_encoder: str | None = None
+    cxr_map_encoder: str | None = None
     cohort: str = "full"
     cxr_missing_rate: float = 0.0
     missing_at: tuple = PARTS
     mask_seed: int | None = None
     hyperparameters: dict = dataclasses.field(default_factory=dict)
+    preset: str | None = None
     n_boot: int = 1000
     out: str = "runs"
     overwrite: bool = False
@@ -132,7 +141,8 @@ class RunConfig:
             raise ConfigError(f"cxr_missing_rate: must be in [0, 1], got {self.cxr_missing_rate!r}")
         self.cxr_missing_rate = rate
         self.missing_at = parse_missing_at(self.missing_at)
-        for name in ("ehr_encoder", "cxr_encoder", "weights_dir", "device"):
+        for name in ("ehr_encoder", "cxr_encoder", "cxr_map_encoder", "weights_dir", "device",
+                     "preset"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{name}: must be a non-empty string, got {value!r}")

@@ -8,7 +8,9 @@ the inputs differ with the feature mode:
 
 * ``cached``: ``ehr_emb`` ``[n, d]`` and ``cxr_emb`` ``[n, d]`` (NaN rows where the X-ray is absent),
   read from ``embeddings/<modality>/<encoder-id>`` (per-fold encoders: this fold), and for the
-  methods that ask for it ``cxr_map`` ``[n, C, h, w]``, a stored spatial map (NaN where absent).
+  methods that ask for it ``cxr_map`` ``[n, C, h, w]``, a stored spatial map (NaN where absent),
+  and ``ehr``/``ehr_mask`` (input ``ehr_ts``, as in raw mode) for the methods that fuse along the
+  hours: no film is decoded or run through a frozen network in cached mode.
 * ``raw``: ``ehr`` ``[n, T, F]`` imputed and normalised with this fold's training statistics,
   ``ehr_mask`` ``[n, T, F]`` (1 = observed), and X-ray images read batch by batch as float
   ``[k, 1, H, W]`` in the torchxrayvision range ``[-1024, 1024]`` (zeros where absent).
@@ -39,7 +41,10 @@ __all__ = ["FusionData", "FusionDataError", "FusionPart", "available_encoders", 
            "load_fusion_data", "resolve_encoder"]
 
 #: Inputs loaded per feature mode when the caller does not say which.
-DEFAULT_INPUTS = {"cached": frozenset({"ehr_emb", "cxr_emb"}), "raw": frozenset({"ehr_ts", "cxr_img"})}
+#: Cached mode also offers the hourly EHR tensor (small, no image is read), which cached-mode
+#: methods that fuse along time (``mmtm``, ``utde``) read.
+DEFAULT_INPUTS = {"cached": frozenset({"ehr_emb", "cxr_emb", "ehr_ts"}),
+                  "raw": frozenset({"ehr_ts", "cxr_img"})}
 
 
 class FusionDataError(FusionError, InputsError):
@@ -74,7 +79,7 @@ class FusionData:
         Input kinds loaded.
     label_names : list of str
         Output names: the label (binary), the 25 phenotypes, or the 7 LoS classes.
-    ehr_encoder, cxr_encoder : str or None
+    ehr_encoder, cxr_encoder, cxr_map_encoder : str or None
         Embedding ids used (cached mode).
     cxr_missing_rate : float
     missing_at : tuple of str
@@ -110,6 +115,7 @@ class FusionData:
     cxr_dim: int | None = None
     cxr_map_shape: tuple | None = None
     cxr_map_attrs: dict | None = None
+    cxr_map_encoder: str | None = None
 
     @property
     def n_outputs(self) -> int:
@@ -138,7 +144,8 @@ class FusionData:
 def load_fusion_data(store, task: str, fold: int, *, cohort: str = "full",
                      features: str = "cached", inputs=None, ehr_encoder: str | None = None,
                      cxr_encoder: str | None = None, cxr_missing_rate: float = 0.0,
-                     missing_at=PARTS, mask_seed: int = 0, parts=PARTS) -> FusionData:
+                     missing_at=PARTS, mask_seed: int = 0, parts=PARTS,
+                     cxr_map_encoder: str | None = None) -> FusionData:
     """Read one task / fold / cohort / feature mode from ``store``.
 
     Parameters
@@ -154,11 +161,14 @@ def load_fusion_data(store, task: str, fold: int, *, cohort: str = "full",
     features : str
         ``cached`` or ``raw``.
     inputs : iterable of str, optional
-        Input kinds to load (a method's ``inputs_for(features)``); default: both modalities of
-        the mode, and in cached mode also ``cxr_map`` when the store holds a spatial-map
-        embedding (and ``cxr_encoder`` is None or one of them).
+        Input kinds to load (a method's ``inputs_for(features)``); default: what the mode offers
+        (cached: ``ehr_emb``, ``cxr_emb``, ``ehr_ts``; raw: ``ehr_ts``, ``cxr_img``), and in cached
+        mode also ``cxr_map`` when the store holds a spatial-map
+        embedding (and ``cxr_map_encoder`` is None or one of them).
     ehr_encoder, cxr_encoder : str, optional
         Embedding ids (cached mode); None picks the only one the store holds.
+    cxr_map_encoder : str, optional
+        Spatial-map embedding id (input ``cxr_map``); None picks the only one.
     cxr_missing_rate : float
         Fraction of X-rays hidden by :func:`cbstore.masks.cxr_drop_mask`.
     missing_at : iterable of str
@@ -182,7 +192,7 @@ def load_fusion_data(store, task: str, fold: int, *, cohort: str = "full",
         return _load(store, task, fold, cohort=cohort, features=features, inputs=inputs,
                      ehr_encoder=ehr_encoder, cxr_encoder=cxr_encoder,
                      cxr_missing_rate=cxr_missing_rate, missing_at=missing_at,
-                     mask_seed=mask_seed, parts=parts)
+                     mask_seed=mask_seed, parts=parts, cxr_map_encoder=cxr_map_encoder)
     except (InputsError, UnknownTaskError) as exc:
         if isinstance(exc, FusionDataError):
             raise
@@ -190,7 +200,7 @@ def load_fusion_data(store, task: str, fold: int, *, cohort: str = "full",
 
 
 def _load(store, task, fold, *, cohort, features, inputs, ehr_encoder, cxr_encoder,
-          cxr_missing_rate, missing_at, mask_seed, parts) -> FusionData:
+          cxr_missing_rate, missing_at, mask_seed, parts, cxr_map_encoder) -> FusionData:
     spec = get_task(task)
     if cohort not in COHORTS:
         raise FusionDataError(f"unknown cohort {cohort!r}; valid cohorts: {', '.join(COHORTS)}")
@@ -199,11 +209,11 @@ def _load(store, task, fold, *, cohort, features, inputs, ehr_encoder, cxr_encod
     if inputs is None:
         inputs = DEFAULT_INPUTS[features]
         maps = available_encoders(store, "cxr", "cxr_map") if features == "cached" else []
-        if maps and (cxr_encoder is None or cxr_encoder in maps):
+        if maps and (cxr_map_encoder is None or cxr_map_encoder in maps):
             inputs = inputs | {"cxr_map"}
     inputs = frozenset(inputs)
     reader = FoldReader(store, fold, task=spec, inputs=inputs, ehr_encoder=ehr_encoder,
-                        cxr_encoder=cxr_encoder)
+                        cxr_encoder=cxr_encoder, cxr_map_encoder=cxr_map_encoder)
     if not reader.usable.any():
         raise FusionDataError(f"store {store.path} has no stay with a label for task {task!r}")
     natural = np.asarray(store.cxr_present, dtype=bool)
@@ -228,4 +238,5 @@ def _load(store, task, fold, *, cohort, features, inputs, ehr_encoder, cxr_encod
         missing_at=missing_at, mask_seed=int(mask_seed), parts=loaded,
         n_features=int(len(store.features)), window_hours=int(store.window_hours),
         image_size=int(store.image_size), ehr_dim=reader.ehr_dim, cxr_dim=reader.cxr_dim,
-        cxr_map_shape=reader.cxr_map_shape, cxr_map_attrs=reader.cxr_map_attrs)
+        cxr_map_shape=reader.cxr_map_shape, cxr_map_attrs=reader.cxr_map_attrs,
+        cxr_map_encoder=reader.cxr_map_encoder)

@@ -35,6 +35,10 @@ cache). The RGB filters of ``conv1`` are summed into one channel and images are 
 ImageNet grey-level mean and std. ``cxr_weights = "random"`` starts from a seeded random
 initialisation instead.
 
+**Augmentation** of raw images (:class:`RandomAffine`, hyperparameters
+:data:`AUGMENT_HYPERPARAMETERS`, on by default): a random affine transform per image in training,
+drawn from a generator seeded from the fit's seed.
+
 **Missing X-rays**: :func:`run_on_present` runs an X-ray branch only on the stays that have one
 and scatters the result back (a zero or learned vector for the others); :class:`PresentOnly`
 wraps a branch module with that rule.
@@ -52,7 +56,9 @@ from torch import nn
 from fusion.registry import HyperparameterError
 from fusion.tasks import logit_of_mean_probability
 
-__all__ = ["CXREncoder", "EHRLSTMEncoder", "EHRTransformerEncoder", "EmbeddingEncoder",
+__all__ = ["AUGMENT_HYPERPARAMETERS", "CACHED_TAILS", "MapInput", "RandomAffine", "RawImageInput",
+           "image_stream", "map_tail", "present_rows",
+           "seed_augmentations", "CXREncoder", "EHRLSTMEncoder", "EHRTransformerEncoder", "EmbeddingEncoder",
            "EmbeddingInput", "EncoderOutput", "IMAGENET_WEIGHTS", "MLPHead", "PresentOnly",
            "ResNet50Backbone", "SmallCNN", "build_backbone", "build_encoder", "check_backbone",
            "load_imagenet_resnet50", "logit_of_mean_probability", "resnet50_1ch", "run_on_present"]
@@ -372,7 +378,7 @@ def build_backbone(name: str, *, weights: str = "random", weights_dir=None) -> n
 
 
 class CXREncoder(nn.Module):
-    """Image backbone on ``batch["cxr"]`` -> Linear to ``hidden`` -> ReLU -> Dropout.
+    """[augmentation ->] image backbone on ``batch["cxr"]`` -> Linear to ``hidden`` -> ReLU -> Dropout.
 
     Parameters
     ----------
@@ -380,17 +386,22 @@ class CXREncoder(nn.Module):
         ``resnet50`` or ``small`` (random weights, see :func:`build_backbone`), or a backbone.
     hidden : int
     dropout : float
+    augment : RandomAffine, optional
+        Applied to the images in training mode (:class:`RandomAffine`).
     """
 
-    def __init__(self, backbone="resnet50", hidden: int = 256, dropout: float = 0.2):
+    def __init__(self, backbone="resnet50", hidden: int = 256, dropout: float = 0.2,
+                 augment: nn.Module | None = None):
         super().__init__()
         self.backbone = build_backbone(backbone) if isinstance(backbone, str) else backbone
         self.proj = nn.Sequential(nn.Linear(self.backbone.out_dim, hidden), nn.ReLU(),
                                   nn.Dropout(dropout))
+        self.augment = augment
         self.out_dim = hidden
 
     def forward(self, batch: dict) -> EncoderOutput:
-        return EncoderOutput(self.proj(self.backbone(batch["cxr"])))
+        images = batch["cxr"] if self.augment is None else self.augment(batch["cxr"])
+        return EncoderOutput(self.proj(self.backbone(images)))
 
 
 class EmbeddingInput(nn.Module):
@@ -484,7 +495,8 @@ def build_encoder(modality: str, kind: str, spec: dict, params: dict, *,
     params : dict
         Hyperparameters: ``ehr_model`` (``lstm``/``transformer``), ``hidden``, ``num_layers``,
         ``n_heads``, ``dropout``, ``backbone``, ``cxr_weights`` (``imagenet``/``random``; missing
-        keys take the defaults of the classes, and random weights).
+        keys take the defaults of the classes, and random weights), and the augmentation of raw
+        images (:data:`AUGMENT_HYPERPARAMETERS`; on unless ``augment`` is false).
     pretrained : bool
         Load pretrained weights where ``cxr_weights`` asks for them. False builds the same
         architecture without reading the weights file (to restore a saved model).
@@ -509,7 +521,8 @@ def build_encoder(modality: str, kind: str, spec: dict, params: dict, *,
                               bidirectional=params.get("bidirectional", True), dropout=dropout)
     if kind == "cxr_img":
         backbone = image_backbone(params, pretrained=pretrained, weights_dir=weights_dir)
-        return CXREncoder(backbone, hidden=hidden, dropout=dropout)
+        return CXREncoder(backbone, hidden=hidden, dropout=dropout,
+                          augment=RandomAffine.from_params(params))
     if kind in ("ehr_emb", "cxr_emb"):
         return EmbeddingEncoder(kind, spec[f"{modality}_dim"], hidden, dropout)
     raise HyperparameterError(f"unknown input kind {kind!r} for modality {modality!r}")
@@ -593,6 +606,208 @@ class PresentOnly(nn.Module):
         """``(features [B, out_dim], used [B])``; in training, fewer than 2 X-rays use none."""
         return run_on_present(self._run, batch, batch["cxr_present"], self.out_dim,
                               fill=self.absent_vector, min_rows=2 if self.training else 1)
+
+
+# --------------------------------------------------------------------------- raw-image augmentation
+
+#: Hyperparameters of the random affine augmentation of raw X-ray branches (as the reference trains
+#: images: rotation up to 45 degrees, scale 0.85-1.15, translation up to 15 % of the side). A method
+#: with a raw image branch merges these into its ``hyperparameters`` so that they are recorded in
+#: the run's configuration and can be switched off (``--set augment=false``).
+AUGMENT_HYPERPARAMETERS = {"augment": True, "augment_degrees": 45.0, "augment_scale": 0.15,
+                           "augment_translate": 0.15}
+#: Stream of the augmentation generator, mixed with the fit's seed (apart from the batch order).
+AUGMENT_STREAM = 0xA0F1
+
+
+class RandomAffine(nn.Module):
+    """Random affine transform of xrv-range images ``[B, 1, H, W]`` in training mode only.
+
+    Per image: a rotation uniform in ``[-degrees, degrees]``, a scale uniform in
+    ``[1 - scale, 1 + scale]`` and a translation uniform in ``[-translate, translate]`` times the
+    side, each axis, about the image centre (bilinear; the area moved in from outside is black,
+    -1024). The parameters are drawn from the module's own ``torch.Generator``, seeded by
+    :meth:`reseed` from the fit's seed (:meth:`fusion.methods.base.TorchMethod.fit`), never from
+    the global generator; its state is part of the module's state dict (extra state), so a
+    resumed fit draws what an uninterrupted one draws. In eval mode images pass unchanged.
+
+    Parameters
+    ----------
+    degrees, scale, translate : float
+    """
+
+    def __init__(self, degrees: float = 45.0, scale: float = 0.15, translate: float = 0.15):
+        super().__init__()
+        if not (0.0 <= degrees <= 180.0 and 0.0 <= scale < 1.0 and 0.0 <= translate < 1.0):
+            raise HyperparameterError(
+                f"augmentation needs 0 <= augment_degrees <= 180, 0 <= augment_scale < 1 and "
+                f"0 <= augment_translate < 1; got {degrees}, {scale}, {translate}")
+        self.degrees, self.scale, self.translate = float(degrees), float(scale), float(translate)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(0)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "RandomAffine | None":
+        """The augmentation ``params`` ask for (:data:`AUGMENT_HYPERPARAMETERS` are the defaults),
+        or None when ``augment`` is false."""
+        p = {**AUGMENT_HYPERPARAMETERS, **{k: v for k, v in params.items() if k in AUGMENT_HYPERPARAMETERS}}
+        if not p["augment"]:
+            return None
+        return cls(p["augment_degrees"], p["augment_scale"], p["augment_translate"])
+
+    def reseed(self, seed: int) -> None:
+        """Seed the generator from the fit's ``seed`` (a stream of its own)."""
+        state = np.random.SeedSequence([int(seed), AUGMENT_STREAM]).generate_state(1)[0]
+        self.generator.manual_seed(int(state))
+
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state) -> None:
+        self.generator.set_state(state["generator"])
+
+    def theta(self, n: int) -> torch.Tensor:
+        """Draw ``n`` transforms: ``[n, 2, 3]`` sampling matrices of ``F.affine_grid``."""
+        u = torch.rand(n, 4, generator=self.generator, dtype=torch.float64)
+        angle = (2 * u[:, 0] - 1) * self.degrees * np.pi / 180.0
+        scale = 1.0 + (2 * u[:, 1] - 1) * self.scale
+        shift = (2 * u[:, 2:] - 1) * self.translate * 2.0  # normalised coordinates span 2
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # forward map p -> s R p + t; the grid samples the input at R^T (q - t) / s
+        inv = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1) / scale[:, None, None]
+        offset = -(inv @ shift.unsqueeze(-1))
+        return torch.cat([inv, offset], dim=2).to(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] == 0:
+            return x
+        theta = self.theta(x.shape[0]).to(x.device)
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        out = torch.nn.functional.grid_sample(x + XRV_SCALE, grid, mode="bilinear",
+                                              padding_mode="zeros", align_corners=False)
+        return out - XRV_SCALE
+
+
+def seed_augmentations(module: nn.Module, seed: int) -> None:
+    """Seed every :class:`RandomAffine` of ``module`` from the fit's ``seed``."""
+    for layer in module.modules():
+        if isinstance(layer, RandomAffine):
+            layer.reseed(seed)
+
+
+# ---------------------------------------------------------------------- live stages after a map
+
+#: Values of the ``cached_tail`` hyperparameter of methods on stored spatial maps.
+CACHED_TAILS = ("backbone", "conv")
+
+
+def map_tail(spec: dict, params: dict, *, pretrained: bool = True, weights_dir=None) -> nn.Module:
+    """The live stage(s) a method runs on a stored spatial map (input kind ``cxr_map``).
+
+    ``cached_tail = "backbone"`` (default): the backbone's own stages after the stored one, with
+    the weights that made the map (:func:`encoders.cxr.build_map_tail`: ResNet-50 ``layer4`` after
+    ``resnet50-imagenet-layer3``; DenseNet ``denseblock4`` + ``norm5`` + ReLU after
+    ``densenet121-res224-<weights>-block3``). ``"conv"``: one conv3x3-BN-ReLU stage to
+    ``hidden`` channels (cheap; for tests and quick sweeps).
+
+    Parameters
+    ----------
+    spec : dict
+        ``cxr_map_shape`` ``[C, h, w]`` and ``cxr_map_attrs`` (the map's provenance).
+    params : dict
+        ``cached_tail`` and ``hidden``.
+    pretrained : bool
+        Load the weights (False: architecture only, to restore a saved model).
+    weights_dir : path-like, optional
+
+    Returns
+    -------
+    nn.Module
+        Maps ``[B, C, h, w]`` to ``[B, out_channels, h', w']``; attribute ``out_channels``.
+    """
+    kind = params.get("cached_tail", "backbone")
+    if kind not in CACHED_TAILS:
+        raise HyperparameterError(f"cached_tail={kind!r} is not one of {', '.join(CACHED_TAILS)}")
+    channels = int(spec["cxr_map_shape"][0])
+    if kind == "conv":
+        hidden = int(params.get("hidden", 256))
+        tail = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(hidden), nn.ReLU())
+        tail.out_channels = hidden
+        return tail
+    attrs = spec.get("cxr_map_attrs") or {}
+    if not attrs.get("encoder_name"):
+        raise HyperparameterError(
+            f"spatial-map embedding {attrs.get('encoder_id')!r} records no backbone to continue "
+            "(no encoder_name in its attrs); use --set cached_tail=conv")
+    from encoders.cxr import build_map_tail
+
+    return build_map_tail(attrs, pretrained=pretrained, weights_dir=weights_dir)
+
+
+def present_rows(present: torch.Tensor, training: bool) -> torch.Tensor:
+    """Indices of the rows whose X-ray a branch with batch norm may use.
+
+    In training, a single X-ray is left out (batch norm cannot normalise one sample), as in
+    :func:`run_on_present`.
+    """
+    rows = torch.nonzero(present, as_tuple=False).squeeze(1)
+    if training and rows.numel() < 2:
+        return rows[:0]
+    return rows
+
+
+# ------------------------------------------------------- X-ray stream of stage-wise fusion methods
+
+class RawImageInput(nn.Module):
+    """Raw films of the given rows: augmentation (training), the backbone's scaling, its stem."""
+
+    def __init__(self, backbone: nn.Module, augment: nn.Module | None):
+        super().__init__()
+        self.stem = backbone.stem
+        self.augment = augment
+        self._prepare = backbone.prepare  # a bound method: reads backbone.imagenet_input
+
+    def forward(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+        x = batch["cxr"][rows]
+        if self.augment is not None:
+            x = self.augment(x)
+        return self.stem(self._prepare(x))
+
+
+class MapInput(nn.Module):
+    """Stored spatial maps of the given rows (input kind ``cxr_map``)."""
+
+    def forward(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+        return batch["cxr_map"][rows]
+
+
+def image_stream(spec: dict, params: dict, *, pretrained: bool, weights_dir) -> tuple:
+    """The X-ray stream of a method that fuses between CNN stages, in the run's feature mode.
+
+    Returns
+    -------
+    image_input : nn.Module
+        ``(batch, rows) -> [k, C, h, w]``: raw films through augmentation, scaling and the
+        backbone's stem (:class:`RawImageInput`), or the stored maps (:class:`MapInput`).
+    stages : list of nn.Module
+        Raw: the backbone's stages; cached: the live tail (:func:`map_tail`).
+    channels : list of int
+        Raw: the channels after each stage; cached: the stored map's, then the tail's.
+    cached : bool
+    """
+    if spec["features"] == "cached":
+        tail = map_tail(spec, params, pretrained=pretrained, weights_dir=weights_dir)
+        return MapInput(), [tail], [int(spec["cxr_map_shape"][0]), tail.out_channels], True
+    check_backbone(params["backbone"], params["cxr_weights"])
+    backbone = build_backbone(params["backbone"],
+                              weights=params["cxr_weights"] if pretrained else "random",
+                              weights_dir=weights_dir)
+    if params["cxr_weights"] == "imagenet" and isinstance(backbone, ResNet50Backbone):
+        backbone.imagenet_input = True
+    augment = RandomAffine.from_params(params)
+    return (RawImageInput(backbone, augment), list(backbone.stages), list(backbone.stage_channels),
+            False)
 
 
 # Token builders shared by the token-level fusion methods (ShaSpec, HEALNet, Flex-MoE, UMSE).

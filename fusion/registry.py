@@ -103,12 +103,20 @@ class FusionMethod:
     absent_cxr_policy : str
         What the method does for a stay without X-ray: ``"not_used"`` (EHR only method),
         ``"train_prevalence"`` (CXR-only method: predicts the training label prevalence),
-        ``"ehr_only"`` (fusion falls back to the EHR prediction), ``"native"``, or a policy named
-        after the method's own mechanism: ``"generated_from_shared"`` (ShaSpec: the X-ray feature
-        is the EHR's shared feature), ``"missing_bank"`` (Flex-MoE: learned tokens of the stay's
-        modality combination), ``"bottleneck_skip"`` (UMSE: the X-ray stream is left out of the
-        bottleneck exchange), ``"skipped_update"`` (HEALNet: the X-ray cross-attention step does
-        not update the stay's latents).
+        ``"ehr_only"`` (fusion falls back to the EHR prediction), ``"native"``, or a missing-modality
+        mechanism of the method's own: ``"mean_cxr_contribution"`` (InfoReg: the X-ray feature of
+        the stay is the training mean of the X-ray features), ``"shorter_sequence"`` (MedFuse: the
+        fusion sequence ends after the EHR step), ``"masked_attention"`` (DrFuse: EHR-only shared
+        representation and the X-ray token masked out of the attention), ``"neighbour_imputation"``
+        (M3Care: the X-ray representation imputed from similar training stays) or
+        ``"prior_reconstruction"`` (SMIL: the X-ray feature reconstructed from k-means priors of
+        training X-ray features), ``"absent_token"`` (the X-ray stream of a stay without a film
+        is a learned absent token, map or key: ``mmtm``, ``daft``, ``utde``; no image is encoded),
+        ``"generated_from_shared"`` (ShaSpec: the X-ray feature is the EHR's shared feature),
+        ``"missing_bank"`` (Flex-MoE: learned tokens of the stay's modality combination),
+        ``"bottleneck_skip"`` (UMSE: the X-ray stream is left out of the bottleneck exchange) or
+        ``"skipped_update"`` (HEALNet: the X-ray cross-attention step does not update the stay's
+        latents).
     hyperparameters : dict
         Hyperparameter name -> default value. The default's type is the accepted type.
     cached_hyperparameters : dict

@@ -3,13 +3,17 @@
 A run is identified by the first 12 hex digits of the SHA-256 of its resolved configuration
 (canonical JSON): store path and ``config_sha256``, the embeddings used (id and creation time),
 method and every hyperparameter (defaults included), task, fold, seed, feature mode, cohort,
-missing-modality mask, number of bootstrap resamples and the cbstore version. The output folder,
+missing-modality mask, number of bootstrap resamples, the cbstore version and, when one is used,
+the hyperparameter preset (name and ``tuned_on_test``). The output folder,
 ``--overwrite``, the device and the progress bar do not enter the id.
 
 Run folder ``<out>/<run-id>/``::
 
     config.json          resolved configuration (+ run id and the options outside the hash)
     predictions.parquet  val and test predictions (fusion.evaluation.write_predictions format)
+    predictions_permuted_<modality>.parquet
+                         test predictions with that modality's inputs permuted across test
+                         stays, one file per modality the method reads (fusion.permuted)
     metrics.json         fusion.evaluation.evaluate_predictions of predictions.parquet
     fairness.csv         per-group table, when the evaluator provides one
     run.json             timings, part sizes, training history
@@ -55,6 +59,7 @@ from fusion.config import PARTS, RunConfig
 from fusion.data import load_fusion_data, resolve_encoder
 from fusion.evaluation import (
     evaluate_predictions, format_table, load_predictions, write_json, write_predictions)
+from fusion.permuted import PERMUTED_FILE, permutation_generator, permuted_data
 from fusion.registry import get_method
 
 __all__ = ["CHECKPOINT_FILE", "COMPLETE_MARKER", "DEMOGRAPHICS", "PREDICTED_PARTS", "RunResult", "predictions_frame",
@@ -132,18 +137,25 @@ def resolve(cfg: RunConfig, store) -> dict:
     cls = get_method(cfg.method)
     cls.check_task(cfg.task)
     inputs = cls.inputs_for(cfg.features)
-    hyper = cls.resolve_hyperparameters(cfg.hyperparameters, features=cfg.features)
+    preset_values, preset = {}, None
+    if cfg.preset is not None:
+        from fusion.presets import preset_hyperparameters
+
+        preset_values, preset = preset_hyperparameters(cls.name, cfg.preset, cfg.task, cfg.cohort)
+    # defaults < cached-mode defaults < preset < config file < --set
+    hyper = cls.resolve_hyperparameters({**preset_values, **cfg.hyperparameters},
+                                        features=cfg.features)
     embeddings = {}
-    for modality, given in (("ehr", cfg.ehr_encoder), ("cxr", cfg.cxr_encoder)):
-        # the spatial-map kind decides the X-ray embedding when a method reads maps
-        kind = "cxr_map" if modality == "cxr" and "cxr_map" in inputs else f"{modality}_emb"
+    for key, modality, given in (("ehr", "ehr", cfg.ehr_encoder), ("cxr", "cxr", cfg.cxr_encoder),
+                                 ("cxr_map", "cxr", cfg.cxr_map_encoder)):
+        kind = "cxr_map" if key == "cxr_map" else f"{modality}_emb"
         needed = cfg.features == "cached" and kind in inputs
         if needed or given is not None:
-            entry = resolve_encoder(store, modality, given, kind if needed else None)
+            entry = resolve_encoder(store, modality, given, kind)
             if needed:
-                embeddings[modality] = _embedding_record(entry)
+                embeddings[key] = _embedding_record(entry)
     masked = cfg.cxr_missing_rate > 0
-    return {
+    resolved = {
         "cbstore_version": _package_version(),
         "store": {"path": str(pathlib.Path(store.path).resolve()),
                   "config_sha256": store.attrs.get("config_sha256"),
@@ -163,6 +175,9 @@ def resolve(cfg: RunConfig, store) -> dict:
         "predicted_parts": list(PREDICTED_PARTS),
         "n_boot": cfg.n_boot,
     }
+    if preset is not None:  # only when given, so that the ids of runs without one do not change
+        resolved["preset"] = {"name": preset["name"], "tuned_on_test": preset["tuned_on_test"]}
+    return resolved
 
 
 def predictions_frame(method, data, store, *, run_id: str,
@@ -243,6 +258,16 @@ def _fairness_csv(metrics: dict, path: pathlib.Path) -> bool:
     return True
 
 
+def _write_permuted(method, data, store, run_id: str, seed: int, folder: pathlib.Path) -> None:
+    """Test predictions with each modality the method reads permuted (modality reliance)."""
+    rng = permutation_generator(seed)
+    for modality in sorted(method.modalities):
+        permuted = permuted_data(data, modality, rng)
+        df, meta = predictions_frame(method, permuted, store, run_id=run_id, parts=("test",))
+        meta["permuted_modality"] = modality
+        write_predictions(df, meta, folder / PERMUTED_FILE.format(modality=modality))
+
+
 def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib.Path,
              echo: Callable[[str], None]) -> dict:
     started = time.perf_counter()
@@ -252,6 +277,7 @@ def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib
         inputs=cls.inputs_for(cfg.features),
         ehr_encoder=resolved["embeddings"].get("ehr", {}).get("encoder_id"),
         cxr_encoder=resolved["embeddings"].get("cxr", {}).get("encoder_id"),
+        cxr_map_encoder=resolved["embeddings"].get("cxr_map", {}).get("encoder_id"),
         cxr_missing_rate=cfg.cxr_missing_rate, missing_at=cfg.missing_at,
         mask_seed=resolved["mask_seed"] or 0, parts=PARTS)
     loaded = time.perf_counter()
@@ -263,6 +289,7 @@ def _execute(cfg: RunConfig, store, resolved: dict, run_id: str, folder: pathlib
     method.save(folder / "weights")
     df, meta = predictions_frame(method, data, store, run_id=run_id)
     write_predictions(df, meta, folder / "predictions.parquet")
+    _write_permuted(method, data, store, run_id, cfg.seed, folder)
     predicted = time.perf_counter()
     df, meta = load_predictions(folder / "predictions.parquet")  # score exactly what was written
     metrics = evaluate_predictions(df, meta, n_boot=cfg.n_boot, seed=cfg.seed)

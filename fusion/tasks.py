@@ -24,7 +24,7 @@ from torch import nn
 from cbstore.tasks import TASKS, TaskSpec, get_task
 
 __all__ = ["TASKS", "TaskSpec", "choose_monitor", "get_task", "logit_of_mean_probability",
-           "monitor_score", "probabilities", "task_loss"]
+           "monitor_score", "probabilities", "task_loss", "true_class_probability"]
 
 
 def task_loss(logits: torch.Tensor, y: torch.Tensor, task, weight: torch.Tensor | None = None
@@ -110,3 +110,24 @@ def monitor_score(metric: str, task, y_true: np.ndarray, prob: np.ndarray) -> fl
     scores = [roc_auc_score(y_true[:, j], prob[:, j]) for j in range(y_true.shape[1])
               if y_true[:, j].min() != y_true[:, j].max()]
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def true_class_probability(logits: torch.Tensor, y: torch.Tensor, task) -> torch.Tensor:
+    """Probability each output gives to the true label (the confidence scores of AUG and InfoReg).
+
+    Multiclass: ``softmax(logits)[y]`` as ``[B, 1]``. Binary and multi-label (each label a
+    two-class problem): ``y * p + (1 - y) * (1 - p)`` with ``p = sigmoid(logits)``, ``[B, C]``.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, C]``.
+    y : Tensor
+        float ``[B, C]`` targets, or int64 ``[B]`` classes (multiclass).
+    task : str or TaskSpec
+    """
+    if get_task(task).multiclass:
+        return torch.softmax(logits, dim=1).gather(1, y.long().unsqueeze(1))
+    p = torch.sigmoid(logits)
+    y = y.to(p.dtype)
+    return y * p + (1 - y) * (1 - p)

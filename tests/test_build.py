@@ -218,6 +218,7 @@ def test_sources_untouched_and_work_folder_removed(tmp_path):
         _set_read_only(tmp_path / "src", False)
     assert _listing(tmp_path / "src") == before
     assert list(work.iterdir()) == []
+    assert not (tmp_path / "out.zarr.build").exists()
     with pytest.raises(ConfigError, match="inside the source folder"):
         build_store(iv, cxr, tmp_path / "out2.zarr", TINY.replace(work_dir=str(iv / "work")), progress=False)
     with pytest.raises(ConfigError, match="inside the source folder"):
@@ -225,7 +226,7 @@ def test_sources_untouched_and_work_folder_removed(tmp_path):
     assert _listing(tmp_path / "src") == before
 
 
-def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+def test_interrupted_build_leaves_no_store_only_its_resume_state(tmp_path, monkeypatch):
     iv, cxr = write_tiny_source(tmp_path / "src")
     work = tmp_path / "work"
     reached = []
@@ -238,17 +239,24 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="power cut"):
         build_store(iv, cxr, tmp_path / "out.zarr", TINY.replace(work_dir=str(work)), progress=False)
     assert reached
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "work"]
+    # no store; the resume state beside it; the DuckDB work folder removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr.build", "src", "work"]
     assert list(work.iterdir()) == []
+    assert (tmp_path / "out.zarr.build" / "events").is_dir()
 
-    def fail_in_writer(self, start, images):
+    def fail_in_writer(self, start, images, present):
         raise RuntimeError("disk full")
 
     monkeypatch.undo()
-    monkeypatch.setattr(build_module.StoreWriter, "write_images", fail_in_writer)
+    monkeypatch.setattr(build_module.PartitionedStoreWriter, "write_images", fail_in_writer)
     with pytest.raises(RuntimeError, match="disk full"):
         build_store(iv, cxr, tmp_path / "out.zarr", TINY.replace(work_dir=str(work)), progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "work"]  # no out.zarr, no .partial-*
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr.build", "src", "work"]  # no out.zarr
+    assert not list((tmp_path / "out.zarr.build" / "partitions").iterdir())  # no partition finished
+
+    monkeypatch.undo()
+    build_store(iv, cxr, tmp_path / "out.zarr", TINY.replace(work_dir=str(work)), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr", "src", "work"]  # state removed
 
 
 def test_overwrite_refused_then_replaced(tmp_path):

@@ -86,7 +86,7 @@ def test_read_path_gives_float32_maps_and_a_batch_key(store_path):
     rows = np.arange(store.n_stays)
     hidden = np.zeros(store.n_stays, dtype=bool)
     hidden[np.flatnonzero(store.cxr_present)[0]] = True
-    x = read_inputs(store, 0, rows, inputs={"cxr_map"}, cxr_encoder=f"{DENSE}-random",
+    x = read_inputs(store, 0, rows, inputs={"cxr_map"}, cxr_map_encoder=f"{DENSE}-random",
                     cxr_hidden=hidden)
     assert x.cxr_map.dtype == np.float32 and x.cxr_map.shape == (len(rows), 512, 1, 1)
     assert np.isfinite(x.cxr_map[x.cxr_present]).all()

@@ -70,6 +70,23 @@ def test_fuse_writes_a_complete_run_folder(store_path, tmp_path):
     assert by_gender["n"].sum() == (df["part"] == "test").sum()
 
 
+def test_permuted_input_predictions_for_each_modality(store_path, tmp_path):
+    assert _fuse(store_path, tmp_path).exit_code == 0
+    folder = _run_dir(tmp_path)
+    df, _ = load_predictions(folder / "predictions.parquet")
+    test = df[df["part"] == "test"].reset_index(drop=True)
+    for modality in ("cxr", "ehr"):
+        permuted, meta = load_predictions(folder / f"predictions_permuted_{modality}.parquet")
+        assert meta["permuted_modality"] == modality and set(permuted["part"]) == {"test"}
+        # same stays, labels and demographics; only the inputs moved
+        pd.testing.assert_frame_equal(permuted[["stay_id", "y_true_mortality", "gender"]],
+                                      test[["stay_id", "y_true_mortality", "gender"]])
+        assert not np.allclose(permuted["y_prob_mortality"], test["y_prob_mortality"])
+    cxr, _ = load_predictions(folder / "predictions_permuted_cxr.parquet")
+    assert cxr["cxr_present"].sum() == test["cxr_present"].sum()
+    assert not (cxr["cxr_present"].to_numpy() == test["cxr_present"].to_numpy()).all()
+
+
 def test_rerun_reuses_and_overwrite_recomputes_identically(store_path, tmp_path):
     assert _fuse(store_path, tmp_path).exit_code == 0
     folder = _run_dir(tmp_path)
@@ -138,6 +155,8 @@ def test_raw_features_run(store_path, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((_run_dir(tmp_path) / "config.json").read_text())
     assert config["features"] == "raw" and config["embeddings"] == {}
+    for modality in ("cxr", "ehr"):  # images and EHR tensors permuted across test stays
+        assert (_run_dir(tmp_path) / f"predictions_permuted_{modality}.parquet").is_file()
     hyper = config["hyperparameters"]
     assert (hyper["batch_size"], hyper["lr"]) == (16, 1e-4), "the reference protocol's defaults"
 

@@ -117,18 +117,50 @@ def test_cells_a_method_cannot_run_are_listed_with_the_reason(store_path, tmp_pa
     assert "1 cells (1 excluded)" in lines and "lgbm-early: does not support raw" in lines
 
 
-def test_preset_hyperparameters_and_file_overrides(store_path, tmp_path):
+def test_config_hyperparameters_and_file_overrides(store_path, tmp_path):
     (tmp_path / "preset.yaml").write_text(yaml.safe_dump(
         {"method": "lgbm-early", "hyperparameters": {"num_leaves": 8, "n_estimators": 12}}))
-    path = _write(tmp_path, _doc(methods=[{"name": "lgbm-early", "preset": "preset.yaml",
+    path = _write(tmp_path, _doc(methods=[{"name": "lgbm-early", "config": "preset.yaml",
                                            "hyperparameters": {"n_estimators": 5}}]))
     exp, source = load_experiment(str(path))
     grid = expand_grid(exp, store=store_path, out=tmp_path / "runs", name="exp", source=source)
     assert grid.cells[0].options["hyperparameters"] == {"num_leaves": 8, "n_estimators": 5}
 
-    path = _write(tmp_path, _doc(methods=[{"name": "lgbm-ehr", "preset": "preset.yaml"}]))
+    path = _write(tmp_path, _doc(methods=[{"name": "lgbm-ehr", "config": "preset.yaml"}]))
     exp, source = load_experiment(str(path))
-    with pytest.raises(ExperimentError, match=r"key methods\[0\]\.preset: got 'preset.yaml'.*not 'lgbm-early'"):
+    with pytest.raises(ExperimentError, match=r"key methods\[0\]\.config: got 'preset.yaml'.*not 'lgbm-early'"):
+        expand_grid(exp, store=store_path, out=tmp_path / "runs", name="exp", source=source)
+
+
+def test_named_preset_gives_the_run_id_of_cbstore_fuse_preset(store_path, tmp_path, monkeypatch):
+    import fusion.presets as presets
+    from fusion.config import make_config
+    from fusion.runs import resolve, run_id_of
+    from cbstore.store import open_store
+
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    (folder / "lgbm-early.yaml").write_text(yaml.safe_dump({"carebench": {
+        "description": "test", "tuned_on_test": True, "all": {"num_leaves": 6},
+        "tasks": {"mortality": {"matched": {"num_leaves": 9}}}}}))
+    monkeypatch.setattr(presets, "PRESET_DIR", folder)
+    path = _write(tmp_path, _doc(methods=[{"name": "lgbm-early", "preset": "carebench",
+                                           "hyperparameters": {"n_estimators": 5}}],
+                                 cohorts=["full", "matched"]))
+    exp, source = load_experiment(str(path))
+    grid = expand_grid(exp, store=store_path, out=tmp_path / "runs", name="exp", source=source)
+    store = open_store(store_path)
+    for cell in grid.cells:
+        assert cell.options["preset"] == "carebench"
+        cfg = make_config(options={k: v for k, v in cell.options.items() if k != "hyperparameters"},
+                          set_pairs=["n_estimators=5"])
+        resolved = resolve(cfg, store)
+        assert run_id_of(resolved) == cell.run_id
+        assert resolved["hyperparameters"]["num_leaves"] == (9 if cell.cohort == "matched" else 6)
+        assert resolved["preset"] == {"name": "carebench", "tuned_on_test": True}
+    path = _write(tmp_path, _doc(methods=[{"name": "lgbm-early", "preset": "tuned"}]))
+    exp, source = load_experiment(str(path))
+    with pytest.raises(ExperimentError, match=r"key methods\[0\]\.preset: got 'tuned'.*no preset 'tuned'"):
         expand_grid(exp, store=store_path, out=tmp_path / "runs", name="exp", source=source)
 
 
@@ -138,7 +170,7 @@ def test_preset_hyperparameters_and_file_overrides(store_path, tmp_path):
     ({"tasks": ["mortalty"]}, "tasks[0]", "'mortalty'", "'mortality', 'mortality_hosp'"),
     ({"methods": 3}, "methods", "3", "'all' or a list of method names"),
     ({"methods": [{"name": "lgbm-early", "lr": 1}]}, "methods[0].lr", "1",
-     "one of the keys name, preset, hyperparameters"),
+     "one of the keys name, preset, config, hyperparameters"),
     ({"seeds": [0, 0]}, "seeds", "[0, 0]", "seed 0 is listed twice"),
     ({"folds": [-1]}, "folds", "[-1]", "must be >= 0"),
     ({"missing": [{"rates": [0.5, 1.2]}]}, "missing[0].rates", "[0.5, 1.2]", "in [0, 1]"),
@@ -171,7 +203,7 @@ def test_unknown_experiment_name_and_missing_store(store_path, tmp_path):
 
 
 def test_shipped_experiments_are_valid():
-    assert {"carebench", "demo", "missing_part2"} <= set(shipped_experiments())
+    assert {"carebench", "demo", "missing_part1", "missing_part2"} <= set(shipped_experiments())
     for name in shipped_experiments():
         load_experiment(name)  # every shipped file fits the model
     care, _ = load_experiment("carebench")
@@ -183,6 +215,10 @@ def test_shipped_experiments_are_valid():
         pytest.approx(r / 10) for r in range(1, 10)]
     demo, _ = load_experiment("demo")
     assert [m.name for m in demo.methods] == ["lgbm-early", "latefusion"]
+    part1, _ = load_experiment("missing_part1")
+    assert [m.name for m in part1.methods] == ["lgbm-early", "latefusion", "medfuse", "drfuse",
+                                               "m3care", "smil"]
+    assert part1.missing[0].rates == [0.0, 0.5, 0.9] and part1.missing[0].at == ["train", "test"]
 
 
 # ----- running: Dask vs serial, resume, failures --------------------------------------------------------

@@ -4,13 +4,13 @@ Every key (see README.md, "Benchmark grid")::
 
     description: free text
     store: demo/store.zarr           # optional; `cbstore bench --store` overrides it
-    methods: all                     # or a list: names and/or {name, preset, hyperparameters}
+    methods: all                     # or a list: names and/or {name, preset, config, hyperparameters}
     tasks: [mortality, phenotype]
     cohorts: [full, matched]
     folds: [0, 1]
     seeds: [42, 123]
     features: cached                 # or raw
-    encoders: {ehr: ehr-stats, cxr: null}   # null: the store's only embedding
+    encoders: {ehr: ehr-stats, cxr: null, cxr_map: null}   # null: the store's only embedding
     n_boot: 1000
     missing:                         # missing-modality settings; default: one entry, rate 0
       - rates: [0.0]
@@ -39,7 +39,7 @@ from fusion.registry import FEATURE_MODES, TASKS
 
 __all__ = ["ALL_METHODS", "EncoderSpec", "Experiment", "ExperimentError", "MethodSpec",
            "MissingSpec", "experiment_path", "load_experiment", "parse_experiment",
-           "preset_hyperparameters", "shipped_experiments"]
+           "config_hyperparameters", "shipped_experiments"]
 
 #: Entry of ``methods`` that stands for every registered method not listed by name.
 ALL_METHODS = "all"
@@ -71,15 +71,18 @@ class _Strict(BaseModel):
 
 
 class MethodSpec(_Strict):
-    """One entry of ``methods``: a registered name, an optional preset and overrides.
+    """One entry of ``methods``: a registered name, an optional preset, config file and overrides.
 
-    ``preset`` is a YAML or TOML run-configuration file (the format of ``cbstore fuse --config``)
-    whose ``hyperparameters`` are used; ``hyperparameters`` given here override the preset's.
-    A relative preset path is read relative to the experiment file.
+    ``preset`` names a shipped hyperparameter preset of the method (:mod:`fusion.presets`, e.g.
+    ``carebench``), resolved per task and cohort as ``cbstore fuse --preset`` does. ``config`` is
+    a YAML or TOML run-configuration file (the format of ``cbstore fuse --config``) whose
+    ``hyperparameters`` are used, read relative to the experiment file. Precedence: preset <
+    config file < ``hyperparameters`` given here.
     """
 
     name: str = Field(min_length=1)
     preset: str | None = None
+    config: str | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -104,6 +107,7 @@ class EncoderSpec(_Strict):
 
     ehr: str | None = None
     cxr: str | None = None
+    cxr_map: str | None = None
 
 
 def _unique(values: list, what: str) -> list:
@@ -145,9 +149,9 @@ class Experiment(_Strict):
     @classmethod
     def _methods_unique(cls, value: list[MethodSpec]) -> list[MethodSpec]:
         for spec in value:
-            if spec.name == ALL_METHODS and (spec.preset or spec.hyperparameters):
-                raise ValueError("the 'all' entry takes no preset or hyperparameters; list a "
-                                 "method by name to give it its own")
+            if spec.name == ALL_METHODS and (spec.preset or spec.config or spec.hyperparameters):
+                raise ValueError("the 'all' entry takes no preset, config or hyperparameters; list "
+                                 "a method by name to give it its own")
         return _unique(value, "method")
 
     @field_validator("tasks", "cohorts", "folds", "seeds")
@@ -172,8 +176,8 @@ class Experiment(_Strict):
 _SUB_MODELS = {"methods": MethodSpec, "missing": MissingSpec, "encoders": EncoderSpec}
 #: What a top-level key holds, in words (prefixed to pydantic's own message).
 _KEY_WORDS = {
-    "methods": f"'{ALL_METHODS}' or a list of method names and {{name, preset, hyperparameters}} "
-               "mappings",
+    "methods": f"'{ALL_METHODS}' or a list of method names and {{name, preset, config, "
+               "hyperparameters}} mappings",
     "tasks": f"a list of tasks ({', '.join(TASKS)})",
     "cohorts": f"a list of cohorts ({', '.join(COHORTS)})",
     "folds": "a list of distinct fold numbers >= 0",
@@ -280,28 +284,29 @@ def load_experiment(name_or_path: str) -> tuple[Experiment, pathlib.Path]:
     return parse_experiment(doc, str(path)), path
 
 
-def preset_hyperparameters(spec: MethodSpec, base: pathlib.Path, source: str, key: str) -> dict:
-    """The hyperparameters of ``spec``: its preset's, updated with its own.
+def config_hyperparameters(spec: MethodSpec, base: pathlib.Path, source: str, key: str) -> dict:
+    """The hyperparameters of ``spec``: its config file's, updated with its own.
 
-    ``key`` (``methods[2]``) is where ``spec`` sits in the file, for the error messages.
+    ``key`` (``methods[2]``) is where ``spec`` sits in the file, for the error messages. The
+    named ``preset`` is not read here: each cell resolves it for its task and cohort.
 
     Raises
     ------
     ExperimentError
-        The preset cannot be read, or it names another method.
+        The config file cannot be read, or it names another method.
     """
     hyper: dict = {}
-    if spec.preset is not None:
-        path = pathlib.Path(spec.preset)
+    if spec.config is not None:
+        path = pathlib.Path(spec.config)
         path = path if path.is_absolute() else base / path
         try:
             doc = load_config_file(path)
         except ConfigError as err:
-            raise ExperimentError(source, f"{key}.preset", spec.preset,
+            raise ExperimentError(source, f"{key}.config", spec.config,
                                   f"a YAML/TOML run configuration ({err})") from None
         if doc.get("method", spec.name) != spec.name:
-            raise ExperimentError(source, f"{key}.preset", spec.preset,
-                                  f"a preset for method {spec.name!r}, not {doc['method']!r}")
+            raise ExperimentError(source, f"{key}.config", spec.config,
+                                  f"a configuration for method {spec.name!r}, not {doc['method']!r}")
         hyper.update(doc.get("hyperparameters") or {})
     hyper.update(spec.hyperparameters)
     return hyper

@@ -14,7 +14,8 @@ resolved configuration, the id ``cbstore fuse`` gives the same settings; a cell 
 ``<out>/<run-id>/COMPLETE`` exists and failed when ``<out>/<run-id>.failed.json`` does.
 
 A cell's options are exactly those ``cbstore fuse`` would get for the same settings (method
-defaults, then the preset, then the file's hyperparameters), so a cell and the equivalent
+defaults, then the named preset, then the config file's and the entry's hyperparameters), so a
+cell and the equivalent
 ``cbstore fuse`` run share one run folder. Thread counts are method hyperparameters and so part
 of the run id: torch methods default to ``num_threads=1`` (CPU results are bit-identical only for
 a fixed count); LightGBM's trees do not depend on the thread count (``num_threads=0``: OpenMP's
@@ -28,7 +29,7 @@ import itertools
 import pathlib
 
 from fusion.bench.experiment import (
-    ALL_METHODS, Experiment, ExperimentError, MethodSpec, preset_hyperparameters)
+    ALL_METHODS, Experiment, ExperimentError, MethodSpec, config_hyperparameters)
 from fusion.config import PARTS, RunConfig
 from fusion.registry import FusionError, HyperparameterError, get_method, list_methods
 from fusion.runs import COMPLETE_MARKER, resolve, run_id_of
@@ -161,9 +162,19 @@ def _method_specs(experiment: Experiment, source: str) -> list[tuple[int, Method
 
 def _hyperparameters(experiment: Experiment, i: int, spec: MethodSpec, base: pathlib.Path,
                      source: str) -> dict:
-    """Overrides of one method (its preset's, updated with the file's), checked."""
+    """Overrides of one method (its config file's, updated with the entry's), checked; a named
+    preset is checked for every task and cohort of the grid (each cell resolves it itself)."""
     cls = get_method(spec.name)
-    hyper = preset_hyperparameters(spec, base, source, key=f"methods[{i}]")
+    hyper = config_hyperparameters(spec, base, source, key=f"methods[{i}]")
+    if spec.preset is not None:
+        from fusion.presets import preset_hyperparameters
+
+        for task, cohort in itertools.product(experiment.tasks, experiment.cohorts):
+            try:
+                preset_hyperparameters(spec.name, spec.preset, task, cohort)
+            except HyperparameterError as err:
+                raise ExperimentError(source, f"methods[{i}].preset", spec.preset,
+                                      f"a preset shipped for {spec.name!r} ({err})") from None
     if cls.supports(experiment.features):
         try:
             cls.resolve_hyperparameters(hyper, features=experiment.features)
@@ -219,7 +230,7 @@ def expand_grid(experiment: Experiment, *, store: str, out, name: str,
     name : str
         Name of the experiment.
     source : pathlib.Path, optional
-        The experiment file (relative preset paths are read from its folder; named in errors).
+        The experiment file (relative config paths are read from its folder; named in errors).
 
     Returns
     -------
@@ -251,7 +262,7 @@ def expand_grid(experiment: Experiment, *, store: str, out, name: str,
                 if reason is not None:
                     excluded.append((cell, reason))
                     continue
-                cell.options = _options(experiment, cell, hyper, store, out)
+                cell.options = _options(experiment, cell, hyper, store, out, spec.preset)
                 cell.run_id = _run_id(cell, memo)
                 if cell.run_id not in seen:
                     seen.add(cell.run_id)
@@ -259,10 +270,13 @@ def expand_grid(experiment: Experiment, *, store: str, out, name: str,
     return Grid(name, experiment, store, pathlib.Path(out), cells, excluded)
 
 
-def _options(experiment: Experiment, cell: Cell, hyper: dict, store: str, out) -> dict:
+def _options(experiment: Experiment, cell: Cell, hyper: dict, store: str, out,
+             preset: str | None = None) -> dict:
     return {"store": str(store), "method": cell.method, "task": cell.task, "fold": cell.fold,
+            "preset": preset,
             "seed": cell.seed, "features": experiment.features,
             "ehr_encoder": experiment.encoders.ehr, "cxr_encoder": experiment.encoders.cxr,
+            "cxr_map_encoder": experiment.encoders.cxr_map,
             "cohort": cell.cohort, "cxr_missing_rate": cell.rate,
             "missing_at": list(cell.at or PARTS), "hyperparameters": dict(hyper),
             "n_boot": experiment.n_boot, "out": str(out), "progress": False}

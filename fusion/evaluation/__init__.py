@@ -22,7 +22,9 @@ from fusion.evaluation.predictions import (
 )
 from fusion.evaluation.reliance import modality_reliance
 from fusion.evaluation.report import format_table, render_comparison, render_summary
-from fusion.evaluation.significance import benjamini_hochberg, permutation_test
+from fusion.evaluation.significance import (
+    benjamini_hochberg, permutation_test, stratified_permutation_test,
+)
 
 __all__ = [
     "DEFAULT_GROUPS", "EVALUATOR_VERSION", "LOS_CLASS_NAMES", "TASKS", "THRESHOLD_RULE",
@@ -30,6 +32,7 @@ __all__ = [
     "compare_predictions", "evaluate_file", "evaluate_predictions", "expected_calibration_error",
     "fairness_report", "fairness_table", "file_sha256", "format_table", "json_ready",
     "load_predictions", "modality_reliance", "permutation_test", "render_comparison",
-    "render_summary", "resample_counts", "summarise", "validate_predictions", "write_json",
+    "render_summary", "resample_counts", "stratified_permutation_test", "summarise",
+    "validate_predictions", "write_json",
     "write_predictions", "youden_threshold",
 ]

@@ -1,4 +1,4 @@
-"""Paired permutation test between two runs, and Benjamini-Hochberg adjustment.
+"""Paired permutation tests between runs, and Benjamini-Hochberg adjustment.
 
 Test: on the test stays the two runs share (inner join on ``stay_id``; their labels must agree),
 each permutation swaps the two runs' predictions of every stay with probability 1/2, and the
@@ -8,6 +8,13 @@ metric difference (run a - run b) is recomputed. The two-sided p-value is
 Vectorised: the two runs' scores are stacked into one array of ``2n`` entries, sorted once; a
 permutation is a 0/1 weight matrix selecting, per stay, which of its two entries belongs to
 "run a" (see :mod:`fusion.evaluation.metrics`).
+
+Combined test over several (fold, seed) pairs (:func:`stratified_permutation_test`): each pair is a
+stratum holding its common test stays; the statistic is the mean over the strata of the
+per-stratum metric difference, and a permutation swaps the two predictions of every
+(fold, seed, stay) triple independently with probability 1/2 (swaps never cross strata). When
+``2 ** n_triples <= n_perm`` every swap pattern is enumerated and the p-value is exact
+(``k / 2 ** n_triples``, the identity pattern included).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from fusion.evaluation.metrics import MAX_ELEMENTS, task_statistic
 from fusion.evaluation.predictions import EvaluationError, align_test_parts, as_validated, task_kind
 
 __all__ = ["PERMUTATION_METRICS", "benjamini_hochberg", "permutation_p_value",
-           "permutation_test"]
+           "permutation_test", "stratified_permutation_test"]
 
 #: Metric names accepted by :func:`permutation_test` per task kind (``auroc``/``auprc`` are
 #: macro averages for phenotype, with per-label tests, and ``auroc`` is macro one-vs-rest for los).
@@ -200,3 +207,137 @@ def permutation_test(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str = "auro
         result["multiple_testing"] = "Benjamini-Hochberg over the labels with a defined metric"
     return result
 
+
+
+def _stratum(pair, task: str | None, index: int) -> dict:
+    """Validate and pair one stratum ``((df_a, meta_a), (df_b, meta_b))`` of the combined test."""
+    (df_a, meta_a), (df_b, meta_b) = pair
+    names = (f"stratum {index}: run a", f"stratum {index}: run b")
+    a = as_validated(df_a, meta_a, task, names[0])
+    b = as_validated(df_b, meta_b, task, names[1])
+    return align_test_parts(a, b, names=names)
+
+
+def _swap_patterns(n: int, n_perm: int, rng: np.random.Generator):
+    """Blocks of boolean swap matrices ``[b, n]``: all ``2 ** n`` patterns, or ``n_perm`` draws.
+
+    Returns
+    -------
+    (iterator of numpy.ndarray, int, bool)
+        The blocks, the number of patterns and whether they are exhaustive.
+    """
+    step = max(1, MAX_ELEMENTS // (2 * n))
+    if n < 63 and 2 ** n <= n_perm:
+        total = 2 ** n
+        bits = np.arange(n, dtype=np.int64)
+
+        def exhaustive():
+            for lo in range(0, total, step):
+                codes = np.arange(lo, min(lo + step, total), dtype=np.int64)
+                yield ((codes[:, None] >> bits) & 1).astype(bool)
+
+        return exhaustive(), total, True
+
+    def drawn():
+        for lo in range(0, n_perm, step):
+            yield rng.random((min(step, n_perm - lo), n)) < 0.5
+
+    return drawn(), n_perm, False
+
+
+def stratified_permutation_test(strata, metric: str = "auroc", task: str | None = None, *,
+                                n_perm: int = 1000, seed: int = 0) -> dict:
+    """Paired permutation test of a method against another, combined over several strata.
+
+    Each stratum is one (fold, seed) pair of runs, compared on its common test stays. The
+    statistic is the mean over strata of ``metric(a) - metric(b)``; a permutation swaps the two
+    predictions of each (stratum, stay) triple with probability 1/2, independently, and never
+    moves a prediction to another stratum. With one stratum this is the test of
+    :func:`permutation_test` on the headline metric (same draws for the same seed).
+
+    Parameters
+    ----------
+    strata : sequence of ((pandas.DataFrame, dict), (pandas.DataFrame, dict))
+        Per stratum, the predictions and meta (or None) of run a and of run b.
+    metric : str
+        See :data:`PERMUTATION_METRICS` (phenotype: the macro average only, no per-label tests).
+    task : str, optional
+        Task; default: from the metas or the ``task`` column.
+    n_perm : int
+        Number of random swap patterns; when ``2 ** n_triples <= n_perm`` all patterns are
+        enumerated instead and the p-value is exact.
+    seed : int
+
+    Returns
+    -------
+    dict
+        ``task``, ``metric``, ``statistic``, ``n_strata``, ``n_stays`` (common stays per stratum),
+        ``n_triples``, ``value_a``, ``value_b`` (means over strata), ``difference`` (mean of the
+        per-stratum differences), ``stratum_differences``, ``p_value``, ``n_perm`` (patterns
+        used), ``exact``, ``seed`` and ``test``. Undefined numbers are NaN.
+
+    Raises
+    ------
+    PredictionsError
+        A stratum with different tasks or labels, no common test stay, or disagreeing labels.
+    ValueError
+        No stratum, strata of different tasks, unknown metric or ``n_perm < 1``.
+    """
+    if n_perm < 1:
+        raise ValueError("n_perm must be >= 1")
+    strata = list(strata)
+    if not strata:
+        raise ValueError("stratified_permutation_test needs at least one stratum (a pair of runs)")
+    paired = [_stratum(pair, task, i) for i, pair in enumerate(strata)]
+    tasks = sorted({p["meta"]["task"] for p in paired})
+    if len(tasks) > 1:
+        raise ValueError(f"strata of different tasks {tasks}; combine runs of one task")
+    task = tasks[0]
+    kind = "binary" if task in ("mortality", "mortality_hosp") else task
+    key, _ = _resolve(kind, metric)
+    stats, offsets = [], [0]
+    for p in paired:
+        y = p["y"]
+        stats.append(task_statistic(task, np.concatenate([y, y]),
+                                    np.concatenate([p["scores_a"], p["scores_b"]]),
+                                    micro=key.startswith("micro")))
+        offsets.append(offsets[-1] + p["stay_id"].size)
+    n = offsets[-1]
+
+    def differences(take_b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-stratum metric of a', b' and their difference, ``[b, n_strata]`` each."""
+        va, vb = [], []
+        for k, stat in enumerate(stats):
+            cols = take_b[:, offsets[k]:offsets[k + 1]]
+            weights_a = np.concatenate([~cols, cols], axis=1).astype(np.int32)
+            va.append(stat(weights_a)[key])
+            vb.append(stat(1 - weights_a)[key])
+        va, vb = np.stack(va, axis=1), np.stack(vb, axis=1)
+        return va, vb, va - vb
+
+    value_a, value_b, observed = differences(np.zeros((1, n), dtype=bool))
+    observed_mean = float(np.mean(observed[0]))
+    blocks, total, exact = _swap_patterns(n, n_perm, np.random.default_rng(seed))
+    permuted = np.concatenate([differences(take_b)[2].mean(axis=1) for take_b in blocks])
+    if exact:
+        tol = 1e-12 * max(1.0, abs(observed_mean))
+        p_value = float(np.sum(np.abs(permuted) >= abs(observed_mean) - tol) / total) \
+            if np.isfinite(observed_mean) else float("nan")
+    else:
+        p_value = float(permutation_p_value(observed_mean, permuted))
+    result = {
+        "task": task, "metric": metric, "statistic": key, "n_strata": len(paired),
+        "n_stays": [int(p["stay_id"].size) for p in paired], "n_triples": int(n),
+        "value_a": float(np.mean(value_a[0])), "value_b": float(np.mean(value_b[0])),
+        "difference": observed_mean,
+        "stratum_differences": [float(d) for d in observed[0]],
+        "p_value": p_value, "n_perm": int(total), "exact": bool(exact), "seed": int(seed),
+        "test": ("stratified paired permutation test: the two predictions of each common "
+                 "(fold, seed, stay) triple swapped with probability 1/2 within its stratum; "
+                 "statistic: mean over strata of the metric difference; two-sided; "
+                 + ("exact enumeration of every swap pattern" if exact
+                    else "p = (k + 1) / (n_perm + 1)")),
+    }
+    if not np.isfinite(observed_mean):
+        result["reason"] = "metric undefined in a stratum (one class only?)"
+    return result

@@ -15,9 +15,13 @@ import importlib
 #: Method name -> module of this package that registers it.
 METHOD_MODULES = {
     "latefusion": "latefusion",
+    "aug": "aug",
+    "inforeg": "inforeg",
     "lgbm-ehr": "lgbm", "lgbm-cxr": "lgbm", "lgbm-early": "lgbm", "lgbm-late": "lgbm",
     "lstm": "unimodal", "transformer": "unimodal", "resnet": "unimodal", "ehr-mlp": "unimodal",
     "cxr-mlp": "unimodal",
+    "medfuse": "medfuse", "drfuse": "drfuse", "m3care": "m3care", "smil": "smil",
+    "mmtm": "mmtm", "daft": "daft", "utde": "utde",
     "shaspec": "shaspec",
     "flexmoe": "flexmoe",
     "umse": "umse",

@@ -14,8 +14,8 @@ import numpy as np
 
 from fusion.registry import FusionMethod, HyperparameterError, MethodStateError
 
-__all__ = ["TORCH_CACHED_HYPERPARAMETERS", "TORCH_HYPERPARAMETERS", "TORCH_TEST_HYPERPARAMETERS",
-           "TorchMethod", "label_prior"]
+__all__ = ["OWN_HEAD_HYPERPARAMETERS", "TORCH_CACHED_HYPERPARAMETERS", "TORCH_HYPERPARAMETERS",
+           "TORCH_TEST_HYPERPARAMETERS", "TorchMethod", "label_prior"]
 
 #: Hyperparameters of every neural method (defaults follow the reference benchmark's fixed
 #: settings: AdamW lr 1e-4 with weight decay 0.01, batch 16, 50 epochs, patience 10, dropout 0.2,
@@ -36,6 +36,8 @@ TORCH_CACHED_HYPERPARAMETERS = {"batch_size": 128, "eval_batch_size": 512, "lr":
                                 "patience": 5}
 #: Small settings for the contract tests.
 TORCH_TEST_HYPERPARAMETERS = {"max_epochs": 2, "patience": 1, "hidden": 8, "batch_size": 16}
+#: :data:`TORCH_HYPERPARAMETERS` less ``head_layers``, for methods whose head is their own design.
+OWN_HEAD_HYPERPARAMETERS = {k: v for k, v in TORCH_HYPERPARAMETERS.items() if k != "head_layers"}
 
 WEIGHTS_FILE = "weights.pt"
 
@@ -139,7 +141,7 @@ class TorchMethod(FusionMethod):
         ``checkpoint``: epoch checkpoint file (see :meth:`fusion.trainer.Trainer.fit`); a fit
         interrupted after some epochs resumes from it when called again with the same settings.
         """
-        from fusion.modules import EmbeddingInput
+        from fusion.modules import EmbeddingInput, seed_augmentations
         from fusion.trainer import PartBatches, fit_process_state
 
         inputs = self._check_data(data)
@@ -158,6 +160,7 @@ class TorchMethod(FusionMethod):
         trainer = self._trainer(data.task)
         with fit_process_state(self.seed, trainer.device, self.params["num_threads"]):
             module = self.build_module(spec)
+            seed_augmentations(module, self.seed)  # the fit's own augmentation stream
             train_rows = np.arange(len(train)) if rows is None else rows
             for layer in module.modules():
                 if isinstance(layer, EmbeddingInput):  # standardise with training statistics only

@@ -14,7 +14,9 @@ from torch import nn
 
 from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
-from fusion.modules import CXR_WEIGHTS, MLPHead, build_encoder, run_on_present
+from fusion.modules import (
+    AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, MLPHead, build_encoder, run_on_present,
+)
 from fusion.registry import HyperparameterError, register
 from fusion.tasks import logit_of_mean_probability, probabilities, task_loss
 
@@ -82,7 +84,7 @@ class LateFusion(StartsFromPretrained, TorchMethod):
     absent_cxr_policy = "ehr_only"
     hyperparameters = {**TORCH_HYPERPARAMETERS, "ehr_model": "lstm", "num_layers": 1,
                        "bidirectional": True, "n_heads": 4, "backbone": "resnet50",
-                       "cxr_weights": "imagenet"}
+                       "cxr_weights": "imagenet", **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"ehr_model": ("lstm", "transformer"),
                               "backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}
     test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "backbone": "small", "cxr_weights": "random"}

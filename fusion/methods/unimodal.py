@@ -19,7 +19,7 @@ from torch import nn
 
 from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
-from fusion.modules import CXR_WEIGHTS, MLPHead, build_encoder
+from fusion.modules import AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, MLPHead, build_encoder
 from fusion.registry import HyperparameterError, register
 
 __all__ = ["CXRMLP", "EHRMLP", "LSTMBaseline", "ResNetBaseline", "TransformerBaseline",
@@ -104,7 +104,8 @@ class ResNetBaseline(_Unimodal):
     modality = "cxr"
     handles_missing_cxr = False
     absent_cxr_policy = "train_prevalence"
-    hyperparameters = {**TORCH_HYPERPARAMETERS, "backbone": "resnet50", "cxr_weights": "imagenet"}
+    hyperparameters = {**TORCH_HYPERPARAMETERS, "backbone": "resnet50", "cxr_weights": "imagenet",
+                       **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}
     test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "backbone": "small", "cxr_weights": "random"}
     paper = "He K. et al., Deep residual learning for image recognition, CVPR 2016"

@@ -5,8 +5,9 @@
 --   value with surrounding spaces stripped (MIMIC pads some values, e.g. "On "). Rows with
 --   neither are dropped. Needs ehr_cohort(stay_idx, stay_id, subject_id, intime, prediction_time)
 --   and ehr_items(var_idx, itemid, source, is_text). A SELECT with the columns of ehr_events
---   (ehr_events_create.sql): cbstore/ehr.py inserts the UNION ALL of the ehr_events_* steps of
---   the sources in use in one statement.
+--   (ehr_events_create.sql): cbstore/ehr.py (write_events) writes the UNION ALL of the
+--   ehr_events_* steps of the sources in use to Parquet in one COPY statement, so each table is
+--   read once.
 SELECT
     s.stay_idx,
     (epoch_us(e.charttime) - epoch_us(s.intime)) // 3600000000 AS hour,
