@@ -520,13 +520,7 @@ def build_encoder(modality: str, kind: str, spec: dict, params: dict, *,
                               num_layers=params.get("num_layers", 1),
                               bidirectional=params.get("bidirectional", True), dropout=dropout)
     if kind == "cxr_img":
-        name = params.get("backbone", "resnet50")
-        weights = params.get("cxr_weights", "random")
-        check_backbone(name, weights)
-        backbone = build_backbone(name, weights=weights if pretrained else "random",
-                                  weights_dir=weights_dir)
-        if weights == "imagenet":  # a restored model scales its inputs as it was trained
-            backbone.imagenet_input = True
+        backbone = image_backbone(params, pretrained=pretrained, weights_dir=weights_dir)
         return CXREncoder(backbone, hidden=hidden, dropout=dropout,
                           augment=RandomAffine.from_params(params))
     if kind in ("ehr_emb", "cxr_emb"):
@@ -814,3 +808,126 @@ def image_stream(spec: dict, params: dict, *, pretrained: bool, weights_dir) -> 
     augment = RandomAffine.from_params(params)
     return (RawImageInput(backbone, augment), list(backbone.stages), list(backbone.stage_channels),
             False)
+
+
+# Token builders shared by the token-level fusion methods (ShaSpec, HEALNet, Flex-MoE, UMSE).
+__all__ += ["ImageTokens", "PatchTokens", "hourly_tokens", "hours_since_observed", "image_backbone"]
+
+
+def hours_since_observed(mask: torch.Tensor) -> torch.Tensor:
+    """Hours from each cell back to the last observation of its variable, at or before that hour.
+
+    Parameters
+    ----------
+    mask : Tensor
+        ``[B, T, F]``, 1 where a value was observed in that hour.
+
+    Returns
+    -------
+    Tensor
+        float ``[B, T, F]``: 0 where observed; ``t + 1`` (the hours since the window opened) before
+        the variable's first observation.
+    """
+    steps = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32).view(1, -1, 1)
+    last = torch.where(mask > 0, steps, torch.full_like(steps, -1.0)).cummax(dim=1).values
+    return steps - last
+
+
+def hourly_tokens(batch: dict) -> torch.Tensor:
+    """One token per hour: ``[values ; observed mask ; hours since observed / T]`` ``[B, T, 3F]``.
+
+    The values are ``batch["ehr"]`` (imputed and normalised with training statistics) and the mask
+    ``batch["ehr_mask"]``; the third block (:func:`hours_since_observed` divided by the window
+    length) tells a model how stale each imputed value is.
+    """
+    mask = batch["ehr_mask"]
+    since = hours_since_observed(mask) / mask.shape[1]
+    return torch.cat([batch["ehr"], mask, since.to(batch["ehr"].dtype)], dim=-1)
+
+
+class PatchTokens(nn.Module):
+    """A vector cut into ``n_tokens`` equal chunks, each projected to ``dim`` by one shared Linear.
+
+    The vector is zero-padded to ``n_tokens * ceil(in_dim / n_tokens)`` first (Flex-MoE's
+    ``PatchEmbeddings``).
+
+    Parameters
+    ----------
+    in_dim : int
+    n_tokens : int
+    dim : int
+    """
+
+    def __init__(self, in_dim: int, n_tokens: int, dim: int):
+        super().__init__()
+        if n_tokens < 1 or in_dim < 1:
+            raise HyperparameterError(f"PatchTokens needs in_dim >= 1 and n_tokens >= 1, got "
+                                      f"{in_dim} and {n_tokens}")
+        self.n_tokens = n_tokens
+        self.chunk = -(-in_dim // n_tokens)
+        self.pad = self.chunk * n_tokens - in_dim
+        self.proj = nn.Linear(self.chunk, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_dim]`` -> ``[B, n_tokens, dim]``."""
+        x = nn.functional.pad(x, (0, self.pad))
+        return self.proj(x.view(x.shape[0], self.n_tokens, self.chunk))
+
+
+def image_backbone(params: dict, *, pretrained: bool = True, weights_dir=None) -> nn.Module:
+    """The image backbone that hyperparameters ``backbone`` and ``cxr_weights`` ask for.
+
+    Parameters
+    ----------
+    params : dict
+        ``backbone`` (``resnet50``/``small``, default ``resnet50``) and ``cxr_weights``
+        (``imagenet``/``random``, default ``random``).
+    pretrained : bool
+        Read the pretrained weights file; False builds the same architecture (input scaling
+        included) without reading it, to restore a saved model.
+    weights_dir : path-like, optional
+        Directory searched first for the weights file.
+
+    Raises
+    ------
+    HyperparameterError
+        See :func:`check_backbone`.
+    """
+    name = params.get("backbone", "resnet50")
+    weights = params.get("cxr_weights", "random")
+    check_backbone(name, weights)
+    backbone = build_backbone(name, weights=weights if pretrained else "random",
+                              weights_dir=weights_dir)
+    if weights == "imagenet":  # a restored model scales its inputs as it was trained
+        backbone.imagenet_input = True
+    return backbone
+
+
+class ImageTokens(nn.Module):
+    """An image backbone's last feature map as tokens: ``Linear(C -> dim)`` + learned 2-D positions.
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        A staged backbone (:class:`SmallCNN`, :class:`ResNet50Backbone`).
+    dim : int
+    max_side : int
+        Largest side of the feature map (the image side is always enough).
+    """
+
+    def __init__(self, backbone: nn.Module, dim: int, max_side: int):
+        super().__init__()
+        self.backbone = backbone
+        self.proj = nn.Linear(backbone.stage_channels[-1], dim)
+        self.row = nn.Parameter(torch.zeros(max_side, dim))
+        self.col = nn.Parameter(torch.zeros(max_side, dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """xrv-range images ``[B, 1, H, W]`` -> tokens ``[B, h * w, dim]`` (row-major cells)."""
+        fmap = self.backbone.forward_stages(images)[-1]
+        h, w = fmap.shape[-2:]
+        if h > self.row.shape[0] or w > self.col.shape[0]:
+            raise HyperparameterError(f"feature map {h}x{w} is larger than the {self.row.shape[0]} "
+                                      "positions ImageTokens was built for")
+        position = (self.row[:h, None, :] + self.col[None, :w, :]).reshape(h * w, -1)
+        return self.proj(fmap.flatten(2).transpose(1, 2)) + position

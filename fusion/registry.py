@@ -110,8 +110,13 @@ class FusionMethod:
         representation and the X-ray token masked out of the attention), ``"neighbour_imputation"``
         (M3Care: the X-ray representation imputed from similar training stays) or
         ``"prior_reconstruction"`` (SMIL: the X-ray feature reconstructed from k-means priors of
-        training X-ray features), or ``"absent_token"`` (the X-ray stream of a stay without a film
-        is a learned absent token, map or key: ``mmtm``, ``daft``, ``utde``; no image is encoded).
+        training X-ray features), ``"absent_token"`` (the X-ray stream of a stay without a film
+        is a learned absent token, map or key: ``mmtm``, ``daft``, ``utde``; no image is encoded),
+        ``"generated_from_shared"`` (ShaSpec: the X-ray feature is the EHR's shared feature),
+        ``"missing_bank"`` (Flex-MoE: learned tokens of the stay's modality combination),
+        ``"bottleneck_skip"`` (UMSE: the X-ray stream is left out of the bottleneck exchange) or
+        ``"skipped_update"`` (HEALNet: the X-ray cross-attention step does not update the stay's
+        latents).
     hyperparameters : dict
         Hyperparameter name -> default value. The default's type is the accepted type.
     cached_hyperparameters : dict

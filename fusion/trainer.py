@@ -25,6 +25,7 @@ epoch, step, max epochs, optimisers, device)::
         configure_optimizers(ctx)                 default: AdamW over the trainable parameters
         for each epoch:
             on_train_epoch_start(ctx)             e.g. snapshot the weights of the epoch start
+            train_batch_order(ctx, train)         this epoch's row order (None: seeded shuffle)
             for each batch:
                 training_step(batch, ctx)         default: forward, loss, backward, step
                     loss(out, batch, ctx)         default: task loss + out["aux_loss"]
@@ -220,6 +221,7 @@ class _BatchOrder(Sampler):
 
     def __init__(self, n: int, batch_size: int, generator: torch.Generator | None):
         self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.fixed: list | None = None  # this epoch's order from the module (train_batch_order)
 
     def _batches(self, order: list) -> list:
         batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
@@ -229,7 +231,9 @@ class _BatchOrder(Sampler):
         return batches
 
     def __iter__(self):
-        if self.generator is None:
+        if self.fixed is not None:
+            order = self.fixed
+        elif self.generator is None:
             order = list(range(self.n))
         else:
             order = torch.randperm(self.n, generator=self.generator).tolist()
@@ -577,7 +581,8 @@ class _Fit:
         self.device = trainer.device
         self.order = torch.Generator()
         self.order.manual_seed(trainer.seed)
-        self.loader = _batches(train, trainer.batch_size, self.order)
+        self.sampler = _BatchOrder(len(train), trainer.batch_size, self.order)
+        self.loader = DataLoader(train, batch_size=None, sampler=self.sampler)
         self.y_val = val.part.y[val.rows] if len(val) else np.empty((0,))
         monitor = choose_monitor(trainer.task, self.y_val) if len(val) else "none"
         self.history = TrainHistory(monitor=monitor, epochs=[], stages=[], best_epoch=None,
@@ -650,6 +655,7 @@ class _Fit:
             module.train()
             ctx.training = True
             _call(module, "on_train_epoch_start", ctx)
+            self.sampler.fixed = self._epoch_order()
             record = {"stage": stage.name, "epoch": epoch, "train_loss": self._train_epoch()}
             if history["monitor"] == "none":
                 history["best_epoch"] = epoch
@@ -721,6 +727,19 @@ class _Fit:
             if progress.since_best >= patience:
                 progress.stopped = history["stopped_early"] = True
         self.module.train()
+
+    def _epoch_order(self) -> list | None:
+        """The module's order of the training rows for this epoch, checked; None: shuffled."""
+        hook = _hook(self.module, "train_batch_order")
+        order = None if hook is None else hook(self.ctx, self.train)
+        if order is None:
+            return None
+        order = [int(i) for i in np.asarray(order).reshape(-1)]
+        if sorted(order) != list(range(len(self.train))):
+            raise ValueError(f"{type(self.module).__name__}.train_batch_order must return each of "
+                             f"the {len(self.train)} training rows once (0..{len(self.train) - 1}) "
+                             f"or None, got {len(order)} values")
+        return order
 
     # ----- stages, optimisers and growth ----------------------------------------------------------
     def _stages(self) -> list:

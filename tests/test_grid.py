@@ -203,7 +203,9 @@ def test_unknown_experiment_name_and_missing_store(store_path, tmp_path):
 
 
 def test_shipped_experiments_are_valid():
-    assert shipped_experiments() == ["carebench", "demo", "missing_part1"]
+    assert {"carebench", "demo", "missing_part1", "missing_part2"} <= set(shipped_experiments())
+    for name in shipped_experiments():
+        load_experiment(name)  # every shipped file fits the model
     care, _ = load_experiment("carebench")
     assert care.all_methods() and care.tasks == ["mortality", "phenotype", "los"]
     assert care.cohorts == ["full", "matched"] and care.folds == [0, 1, 2, 3, 4]

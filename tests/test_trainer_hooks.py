@@ -394,6 +394,50 @@ def test_a_module_attribute_named_loss_is_not_a_hook():
     assert np.isfinite(history["epochs"][0]["train_loss"])
 
 
+class _OrderedLinear(Linear):
+    """Reverse row order in the first epoch, the seeded shuffle afterwards; records the rows seen."""
+
+    def __init__(self, fixed_epochs=1):
+        super().__init__()
+        self.fixed_epochs = fixed_epochs
+        self.seen = {}
+
+    def train_batch_order(self, ctx, train):
+        return list(range(len(train)))[::-1] if ctx.epoch <= self.fixed_epochs else None
+
+    def on_train_batch_end(self, ctx, outputs, batch):
+        self.seen.setdefault(ctx.epoch, []).append(batch["ehr_emb"].clone())
+
+
+def _rows_seen(module, epoch, train):
+    x = torch.cat(module.seen[epoch]).numpy()
+    reference = train.part.ehr_emb[train.rows]
+    return [int(np.flatnonzero((reference == row).all(axis=1))[0]) for row in x]
+
+
+def test_a_module_orders_the_training_rows_of_an_epoch():
+    module = _OrderedLinear()
+    _, _, train, _ = _fit(module, max_epochs=3, patience=3)
+    n = len(train)
+    assert _rows_seen(module, 1, train) == list(range(n))[::-1]
+    shuffled = [_rows_seen(module, e, train) for e in (2, 3)]
+    assert all(sorted(rows) == list(range(n)) for rows in shuffled)
+    assert shuffled[0] != list(range(n))[::-1] and shuffled[0] != shuffled[1]
+    # the fixed epoch does not consume the seeded shuffle: epoch 2 here is epoch 1 of a plain fit
+    plain = _OrderedLinear(fixed_epochs=0)
+    _fit(plain, max_epochs=1)
+    assert _rows_seen(plain, 1, train) == shuffled[0]
+
+
+def test_a_malformed_batch_order_is_refused():
+    class Bad(Linear):
+        def train_batch_order(self, ctx, train):
+            return [0, 0, 1]
+
+    with pytest.raises(ValueError, match="Bad.train_batch_order must return each of the 120"):
+        _fit(Bad())
+
+
 class _ToyGrowingMethod(TorchMethod):
     """A method outside the registry whose module grows and keeps a bank (save/load test)."""
 

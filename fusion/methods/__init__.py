@@ -22,6 +22,10 @@ METHOD_MODULES = {
     "cxr-mlp": "unimodal",
     "medfuse": "medfuse", "drfuse": "drfuse", "m3care": "m3care", "smil": "smil",
     "mmtm": "mmtm", "daft": "daft", "utde": "utde",
+    "shaspec": "shaspec",
+    "flexmoe": "flexmoe",
+    "umse": "umse",
+    "healnet": "healnet",
 }
 
 
