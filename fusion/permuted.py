@@ -9,7 +9,7 @@ part only, predictions format) so that a report computes reliance from the folde
 What moves with a modality (the stay's labels, ids and demographics never move):
 
 * ``ehr``: ``ehr_emb`` (cached), ``ehr`` and ``ehr_mask`` (raw);
-* ``cxr``: ``cxr_emb`` (cached), the X-ray image (raw), its time (``cxr_hours``, where the part
+* ``cxr``: ``cxr_emb`` and ``cxr_map`` (cached), the X-ray image (raw), its time (``cxr_hours``, where the part
   has it) and the ``cxr_present`` / ``cxr_masked`` flags, so that a stay receives another stay's
   X-ray or its absence.
 """
@@ -20,12 +20,14 @@ import dataclasses
 
 import numpy as np
 
+from fusion.evaluation.predictions import EvaluationError
+
 __all__ = ["MODALITY_FIELDS", "PERMUTED_FILE", "permute_modality", "permutation_generator",
            "permuted_data"]
 
 #: Part fields that belong to each modality.
 MODALITY_FIELDS = {"ehr": ("ehr_emb", "ehr", "ehr_mask"),
-                   "cxr": ("cxr_emb", "cxr_present", "cxr_masked", "cxr_hours")}
+                   "cxr": ("cxr_emb", "cxr_map", "cxr_present", "cxr_masked", "cxr_hours")}
 #: File name of the permuted-input predictions in a run folder.
 PERMUTED_FILE = "predictions_permuted_{modality}.parquet"
 #: Mixed into the run seed so that the permutation draws are their own stream.
@@ -66,11 +68,11 @@ def permute_modality(part, modality: str, rng: np.random.Generator):
 
     Raises
     ------
-    ValueError
+    EvaluationError
         Unknown modality.
     """
     if modality not in MODALITY_FIELDS:
-        raise ValueError(f"unknown modality {modality!r}; valid: {', '.join(MODALITY_FIELDS)}")
+        raise EvaluationError(f"unknown modality {modality!r}; valid: {', '.join(MODALITY_FIELDS)}")
     order = rng.permutation(len(part))
     # a field the part type lacks or left empty (None) is skipped
     changes = {name: getattr(part, name)[order] for name in MODALITY_FIELDS[modality]

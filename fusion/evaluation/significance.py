@@ -284,16 +284,16 @@ def stratified_permutation_test(strata, metric: str = "auroc", task: str | None 
         No stratum, strata of different tasks, unknown metric or ``n_perm < 1``.
     """
     if n_perm < 1:
-        raise ValueError("n_perm must be >= 1")
+        raise EvaluationError("n_perm must be >= 1")
     strata = list(strata)
     if not strata:
-        raise ValueError("stratified_permutation_test needs at least one stratum (a pair of runs)")
+        raise EvaluationError("stratified_permutation_test needs at least one stratum (a pair of runs)")
     paired = [_stratum(pair, task, i) for i, pair in enumerate(strata)]
     tasks = sorted({p["meta"]["task"] for p in paired})
     if len(tasks) > 1:
-        raise ValueError(f"strata of different tasks {tasks}; combine runs of one task")
+        raise EvaluationError(f"strata of different tasks {tasks}; combine runs of one task")
     task = tasks[0]
-    kind = "binary" if task in ("mortality", "mortality_hosp") else task
+    kind = task_kind(task)
     key, _ = _resolve(kind, metric)
     stats, offsets = [], [0]
     for p in paired:

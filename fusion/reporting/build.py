@@ -37,7 +37,7 @@ from fusion.evaluation import (
     EVALUATOR_VERSION, benjamini_hochberg, expected_calibration_error,
     modality_reliance, stratified_permutation_test,
 )
-from fusion.evaluation.predictions import select_test, task_arrays
+from fusion.evaluation.predictions import select_test, task_arrays, task_kind
 from fusion.evaluation.report import format_value
 from fusion.reporting import figures as fig
 from fusion.reporting.collect import ReportInputError, load_runs, results_frame
@@ -53,8 +53,8 @@ __all__ = ["FAIRNESS_ATTRIBUTES", "ReportOptions", "build_report"]
 #: Attributes of the fairness section (single attributes of the evaluator's fairness section).
 FAIRNESS_ATTRIBUTES = ("gender", "age_group", "race", "insurance", "admission_type")
 #: Gaps shown per task kind (names of the evaluator's gap metrics).
-FAIRNESS_GAPS = {"binary": ("auroc", "tpr", "fpr"), "phenotype": ("macro_auroc",),
-                 "los": ("accuracy", "macro_f1")}
+FAIRNESS_GAPS = {"binary": ("auroc", "tpr", "fpr"), "multilabel": ("macro_auroc",),
+                 "multiclass": ("accuracy", "macro_f1")}
 #: Bins of the reliability diagram and the ECE (the reference's choice).
 CALIBRATION_BINS = 10
 
@@ -92,7 +92,8 @@ class ReportOptions:
 
 
 def _kind(task: str) -> str:
-    return "binary" if task in ("mortality", "mortality_hosp") else task
+    """``binary``, ``multilabel`` or ``multiclass`` (the task's :class:`cbstore.tasks.TaskSpec`)."""
+    return task_kind(task)
 
 
 def _version() -> str:
@@ -541,7 +542,7 @@ def calibration_arrays(task: str, y, p) -> tuple[np.ndarray, np.ndarray, float]:
     """
     if _kind(task) == "binary":
         return y, p, expected_calibration_error(y, p, CALIBRATION_BINS)
-    if task == "phenotype":
+    if _kind(task) == "multilabel":
         ece = float(np.mean([expected_calibration_error(y[:, j], p[:, j], CALIBRATION_BINS)
                              for j in range(y.shape[1])]))
         return y.ravel(), p.ravel(), ece
@@ -654,7 +655,7 @@ def _per_label(ctx, metric: str) -> list:
     """Mean ± sd over runs of one per-label metric of the phenotype runs: a column per method."""
     blocks = []
     for (task, cohort), runs in ctx.clean().items():
-        if task != "phenotype":
+        if _kind(task) != "multilabel":
             continue
         groups = _by_label(ctx, runs)
         labels = list((runs[0].metrics.get("per_label") or {}))
