@@ -69,3 +69,20 @@ def make_fusion_store(path, *, n_stays: int = 60, image_size: int = 16, n_folds:
         writer.write(r, pooled, present[sl], spatial=maps[sl])
     writer.finish()
     return open_store(path)
+
+
+#: Module specification matching the tiny stores (4 EHR features, 8 hours, 16 px images), for
+#: method tests that build a module without data and feed it hand-made batches.
+TOY_SPEC = {"task": "mortality", "n_outputs": 1, "n_features": 4, "window_hours": 8,
+            "image_size": 16, "ehr_dim": EHR_DIM, "cxr_dim": CXR_DIM,
+            "cxr_map_shape": list(MAP_SHAPE)}
+
+
+def toy_module(cls, features: str, seed: int = 0, **params):
+    """The module of method class ``cls`` for ``features``: its test hyperparameters updated by
+    ``params``, built from :data:`TOY_SPEC` after seeding torch with ``seed``."""
+    import torch
+
+    method = cls(features=features, **{**cls.test_hyperparameters, **params})
+    torch.manual_seed(seed)
+    return method.build_module({**TOY_SPEC, "features": features})

@@ -9,18 +9,13 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.healnet import HEALNet, fourier_positions, image_patches
 from fusion.registry import HyperparameterError
-from fusion_store import CXR_DIM, EHR_DIM, EHR_ID, MAP_SHAPE, make_fusion_store
+from fusion_store import (EHR_DIM, EHR_ID, MAP_SHAPE, TOY_SPEC, make_fusion_store,
+                         toy_module)
 
 torch.set_num_threads(1)
 
-SPEC = {"task": "mortality", "n_outputs": 1, "n_features": 4, "window_hours": 8, "image_size": 16,
-        "ehr_dim": EHR_DIM, "cxr_dim": CXR_DIM, "cxr_map_shape": list(MAP_SHAPE)}
-
-
 def _module(features="raw", seed=0, **params):
-    method = HEALNet(features=features, **{**HEALNet.test_hyperparameters, **params})
-    torch.manual_seed(seed)
-    return method.build_module({**SPEC, "features": features})
+    return toy_module(HEALNet, features, seed, **params)
 
 
 def _batch(features, present, seed=0):
@@ -125,7 +120,7 @@ def test_a_context_with_the_wrong_width_raises():
         _module(patch_size=5)
     with pytest.raises(HyperparameterError, match="spatial map"):
         HEALNet(features="cached", **HEALNet.test_hyperparameters).build_module(
-            {**SPEC, "features": "cached", "cxr_map_shape": None})
+            {**TOY_SPEC, "features": "cached", "cxr_map_shape": None})
 
 
 def test_tokens_and_positions():

@@ -7,7 +7,7 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.mmtm import MMTM, MMTMUnit
 from fusion.trainer import PartBatches, Trainer
-from fusion_store import EHR_ID, make_fusion_store
+from fusion_store import make_fusion_store
 
 torch.set_num_threads(1)
 SMALL = {**MMTM.test_hyperparameters, "max_epochs": 1}

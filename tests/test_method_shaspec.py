@@ -7,18 +7,12 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.shaspec import ShaSpec
 from fusion.registry import HyperparameterError
-from fusion_store import CXR_DIM, EHR_DIM, EHR_ID, make_fusion_store
+from fusion_store import CXR_DIM, EHR_DIM, EHR_ID, make_fusion_store, toy_module
 
 torch.set_num_threads(1)
 
-SPEC = {"task": "mortality", "n_outputs": 1, "n_features": 4, "window_hours": 8, "image_size": 16,
-        "ehr_dim": EHR_DIM, "cxr_dim": CXR_DIM}
-
-
 def _module(features, seed=0, **params):
-    method = ShaSpec(features=features, **{**ShaSpec.test_hyperparameters, **params})
-    torch.manual_seed(seed)
-    return method.build_module({**SPEC, "features": features})
+    return toy_module(ShaSpec, features, seed, **params)
 
 
 def _batch(features, present, seed=0):
