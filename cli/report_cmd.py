@@ -8,7 +8,6 @@ import click
 
 from cli.errors import reports_errors
 from fusion.compare import PRIMARY_METRICS
-from fusion.reporting import ReportOptions, build_report
 
 
 @click.command("report")
@@ -38,6 +37,8 @@ def report(runs: tuple, out: pathlib.Path, baseline: str | None, task: str | Non
     Writes OUT/report.md, a self-contained OUT/report.html, OUT/figures/ (PNG and SVG) and
     OUT/results.csv, and prints the main tables.
     """
+    from fusion.reporting import ReportOptions, build_report  # scipy and matplotlib: only when used
+
     options = ReportOptions(baseline=baseline, n_perm=n_perm, seed=seed, alpha=alpha,
                             n_boot=n_boot, task=task, per_label=per_label)
     result = build_report(runs, out, options)
