@@ -79,6 +79,10 @@ def _missing_store_message(path: Path) -> str:
     if partials:
         msg += (f" (an unfinished build left {partials[0].name}: the build did not finish; "
                 "rebuild with --overwrite and remove the .partial folder)")
+    resume = path.parent / f"{path.name}.build"
+    if resume.is_dir():
+        msg += (f" (an interrupted `cbstore build` left {resume.name}/: run the same build command "
+                "again to resume it, or pass --overwrite to start over)")
     return msg
 
 

@@ -214,6 +214,13 @@ def test_crash_before_manifest_leaves_nothing(content, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no final path, and the partial folder was removed
 
 
+def test_missing_store_names_an_interrupted_build(tmp_path):
+    (tmp_path / "s.zarr.build").mkdir()
+    with pytest.raises(StoreError, match=r"no store at .*s\.zarr .*interrupted `cbstore build` left "
+                                         r"s\.zarr\.build/: run the same build command again"):
+        open_store(tmp_path / "s.zarr")
+
+
 def test_killed_build_leaves_only_partial(content, tmp_path):
     writer = StoreWriter(tmp_path / "s.zarr", content, image_size=16)
     writer.write_images(0, content.images)
