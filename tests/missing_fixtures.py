@@ -46,6 +46,27 @@ def batch_of(data, part, name, rows=None):
     return source[rows]
 
 
+def mixed_test_batch(data, name):
+    """The test part of ``data`` as one batch for method ``name``, and its X-ray present flags
+    (the tiny store's test part mixes stays with and without an X-ray)."""
+    batch = batch_of(data, "test", name)
+    present = batch["cxr_present"].numpy()
+    assert present.any() and not present.all()
+    return batch, present
+
+
+def assert_batch_independent(module, batch, seed=0):
+    """Each stay's logits are the same in the whole batch, in a shuffled batch and alone."""
+    n = batch["y"].shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    with torch.no_grad():
+        whole = module(batch)["logits"]
+        shuffled = module(with_rows(batch, order))["logits"]
+        alone = torch.cat([module(with_rows(batch, [i]))["logits"] for i in range(n)])
+    torch.testing.assert_close(shuffled, whole[order])
+    torch.testing.assert_close(alone, whole)
+
+
 def with_rows(batch, rows):
     """Rows ``rows`` of a batch (a dict of tensors) as a new batch."""
     index = torch.as_tensor(np.asarray(rows), dtype=torch.long)

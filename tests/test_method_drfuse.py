@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fusion.methods.drfuse import jsd_paired, pool_shared, ranking_loss
-from missing_fixtures import (
+from missing_fixtures import (assert_batch_independent, mixed_test_batch,
     batch_of, fit_and_hide, module_for, randomise_xray, tiny_data, tiny_store, with_rows)
 
 torch.set_num_threads(1)
@@ -25,9 +25,7 @@ def store(tmp_path_factory):
 def setup(request, store):
     data = tiny_data(store, request.param)
     module = module_for("drfuse", data).eval()
-    batch = batch_of(data, "test", "drfuse")
-    present = batch["cxr_present"].numpy()
-    assert present.any() and not present.all()
+    batch, present = mixed_test_batch(data, "drfuse")
     return data, module, batch, present
 
 
@@ -118,14 +116,7 @@ def test_ranking_term_is_positive_when_the_better_head_has_less_attention():
 
 def test_predictions_do_not_depend_on_the_batch(setup):
     _, module, batch, _ = setup
-    n = batch["y"].shape[0]
-    order = np.random.default_rng(1).permutation(n)
-    with torch.no_grad():
-        whole = module(batch)["logits"]
-        shuffled = module(with_rows(batch, order))["logits"]
-        alone = torch.cat([module(with_rows(batch, [i]))["logits"] for i in range(n)])
-    torch.testing.assert_close(shuffled, whole[order])
-    torch.testing.assert_close(alone, whole)
+    assert_batch_independent(module, batch, seed=1)
 
 
 def test_los_uses_softmax_cross_entropy_on_logits(store):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from missing_fixtures import (
-    batch_of, fit_and_hide, method_for, module_for, randomise_xray, tiny_data, tiny_store,
+from missing_fixtures import (assert_batch_independent, mixed_test_batch,
+    fit_and_hide, method_for, module_for, randomise_xray, tiny_data, tiny_store,
     with_rows)
 
 torch.set_num_threads(1)
@@ -20,9 +20,7 @@ def store(tmp_path_factory):
 def setup(request, store):
     data = tiny_data(store, request.param)
     module = module_for("medfuse", data).eval()
-    batch = batch_of(data, "test", "medfuse")
-    present = batch["cxr_present"].numpy()
-    assert present.any() and not present.all()
+    batch, present = mixed_test_batch(data, "medfuse")
     return data, module, batch, present
 
 
@@ -54,14 +52,7 @@ def test_a_present_xray_changes_the_prediction(setup):
 
 def test_predictions_do_not_depend_on_the_batch(setup):
     _, module, batch, _ = setup
-    n = batch["y"].shape[0]
-    order = np.random.default_rng(0).permutation(n)
-    with torch.no_grad():
-        whole = module(batch)["logits"]
-        shuffled = module(with_rows(batch, order))["logits"]
-        alone = torch.cat([module(with_rows(batch, [i]))["logits"] for i in range(n)])
-    torch.testing.assert_close(shuffled, whole[order])
-    torch.testing.assert_close(alone, whole)
+    assert_batch_independent(module, batch, seed=0)
 
 
 def test_stays_without_xray_give_no_gradient_to_the_xray_branch(setup):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fusion.registry import MethodStateError
-from missing_fixtures import (
+from missing_fixtures import (assert_batch_independent, mixed_test_batch,
     batch_of, fit_and_hide, method_for, module_for, randomise_xray, source_of, tiny_data,
     tiny_store, with_rows)
 
@@ -28,9 +28,7 @@ def _ready(data, **params):
 def setup(request, store):
     data = tiny_data(store, request.param)
     module = _ready(data).eval()
-    batch = batch_of(data, "test", "smil")
-    present = batch["cxr_present"].numpy()
-    assert present.any() and not present.all()
+    batch, present = mixed_test_batch(data, "smil")
     return data, module, batch, present
 
 
@@ -177,14 +175,7 @@ def test_frozen_xray_branch_is_unchanged_by_meta_steps(store):
 
 def test_predictions_do_not_depend_on_the_batch(setup):
     _, module, batch, _ = setup
-    n = batch["y"].shape[0]
-    order = np.random.default_rng(3).permutation(n)
-    with torch.no_grad():
-        whole = module(batch)["logits"]
-        shuffled = module(with_rows(batch, order))["logits"]
-        alone = torch.cat([module(with_rows(batch, [i]))["logits"] for i in range(n)])
-    torch.testing.assert_close(shuffled, whole[order])
-    torch.testing.assert_close(alone, whole)
+    assert_batch_independent(module, batch, seed=3)
 
 
 def test_no_training_xray_is_a_clear_error(store):
