@@ -420,9 +420,8 @@ class AUG(StartsFromPretrained, TorchMethod):
             ehr = EmbeddingInput("ehr_emb", spec["ehr_dim"])
             cxr = EmbeddingInput("cxr_emb", spec["cxr_dim"])
         else:
-            if p["ehr_model"] == "transformer" and p["hidden"] % p["n_heads"]:
-                raise HyperparameterError(f"method {self.name!r}: hidden ({p['hidden']}) must be "
-                                          f"divisible by n_heads ({p['n_heads']})")
+            if p["ehr_model"] == "transformer":
+                self._check_heads()
             options = self.encoder_options()
             ehr = build_encoder("ehr", "ehr_ts", spec, p, **options)
             cxr = build_encoder("cxr", "cxr_img", spec, p, **options)

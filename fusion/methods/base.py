@@ -134,6 +134,13 @@ class TorchMethod(FusionMethod):
         if p.get("lr", 1.0) <= 0:
             raise HyperparameterError(f"method {self.name!r}: lr must be > 0, got {p['lr']}")
 
+    def _check_heads(self) -> None:
+        """Refuse a ``hidden`` width that attention heads (``n_heads``) cannot split evenly."""
+        p = self.params
+        if p["hidden"] % p["n_heads"]:
+            raise HyperparameterError(f"method {self.name!r}: hidden ({p['hidden']}) must be "
+                                      f"divisible by n_heads ({p['n_heads']})")
+
     # ----- estimator contract -------------------------------------------------------------------
     def fit(self, data, *, device=None, progress: bool = False, checkpoint=None) -> "TorchMethod":
         """Train on the train part with early stopping on the val part; return ``self``.

@@ -356,9 +356,7 @@ class FlexMoE(StartsFromPretrained, TorchMethod):
     def _check_params(self) -> None:
         super()._check_params()
         p = self.params
-        if p["hidden"] % p["n_heads"]:
-            raise HyperparameterError(f"method {self.name!r}: hidden ({p['hidden']}) must be "
-                                      f"divisible by n_heads ({p['n_heads']})")
+        self._check_heads()
         for key in ("n_tokens", "fusion_layers", "top_k"):
             if p[key] < 1:
                 raise HyperparameterError(f"method {self.name!r}: {key} must be >= 1, got {p[key]}")

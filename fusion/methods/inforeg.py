@@ -335,9 +335,8 @@ class InfoReg(StartsFromPretrained, TorchMethod):
     def build_module(self, spec: dict) -> InfoRegNet:
         p = self.params
         cached = spec["features"] == "cached"
-        if not cached and p["ehr_model"] == "transformer" and p["hidden"] % p["n_heads"]:
-            raise HyperparameterError(f"method {self.name!r}: hidden ({p['hidden']}) must be "
-                                      f"divisible by n_heads ({p['n_heads']})")
+        if not cached and p["ehr_model"] == "transformer":
+            self._check_heads()
         options = self.encoder_options()
         ehr = build_encoder("ehr", "ehr_emb" if cached else "ehr_ts", spec, p, **options)
         cxr = build_encoder("cxr", "cxr_emb" if cached else "cxr_img", spec, p, **options)

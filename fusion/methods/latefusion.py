@@ -17,7 +17,7 @@ from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import (
     AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, MLPHead, build_encoder, run_on_present,
 )
-from fusion.registry import HyperparameterError, register
+from fusion.registry import register
 from fusion.tasks import logit_of_mean_probability, probabilities, task_loss
 
 __all__ = ["LateFusion", "LateFusionNet"]
@@ -93,9 +93,8 @@ class LateFusion(StartsFromPretrained, TorchMethod):
 
     def build_module(self, spec: dict) -> LateFusionNet:
         p = self.params
-        if p["ehr_model"] == "transformer" and p["hidden"] % p["n_heads"]:
-            raise HyperparameterError(f"method {self.name!r}: hidden ({p['hidden']}) must be "
-                                      f"divisible by n_heads ({p['n_heads']})")
+        if p["ehr_model"] == "transformer":
+            self._check_heads()
         cached = spec["features"] == "cached"
         options = self.encoder_options()
         ehr = build_encoder("ehr", "ehr_emb" if cached else "ehr_ts", spec, p, **options)

@@ -318,9 +318,7 @@ class M3Care(StartsFromPretrained, TorchMethod):
 
     def build_module(self, spec: dict) -> M3CareNet:
         p = self.params
-        if p["hidden"] % p["n_heads"]:
-            raise HyperparameterError(f"method {self.name!r}: hidden ({p['hidden']}) must be "
-                                      f"divisible by n_heads ({p['n_heads']})")
+        self._check_heads()
         for key in ("top_k", "bank_size"):
             if p[key] < (0 if key == "top_k" else 1):
                 raise HyperparameterError(f"method {self.name!r}: {key} must be "

@@ -351,9 +351,7 @@ class SMIL(StartsFromPretrained, TorchMethod):
 
     def build_module(self, spec: dict) -> SMILNet:
         p = self.params
-        if p["hidden"] % p["n_heads"]:
-            raise HyperparameterError(f"method {self.name!r}: hidden ({p['hidden']}) must be "
-                                      f"divisible by n_heads ({p['n_heads']})")
+        self._check_heads()
         for key in ("n_clusters", "head_hidden", "inner_steps"):
             if p[key] < 1:
                 raise HyperparameterError(f"method {self.name!r}: {key} must be >= 1, got {p[key]}")

@@ -287,9 +287,7 @@ class UMSE(StartsFromPretrained, TorchMethod):
     def _check_params(self) -> None:
         super()._check_params()
         p = self.params
-        if p["hidden"] % p["n_heads"]:
-            raise HyperparameterError(f"method {self.name!r}: hidden ({p['hidden']}) must be "
-                                      f"divisible by n_heads ({p['n_heads']})")
+        self._check_heads()
         if p["n_layers"] < 2:
             raise HyperparameterError(f"method {self.name!r}: n_layers must be >= 2, got "
                                       f"{p['n_layers']} (with one layer the bottleneck exchange is "
