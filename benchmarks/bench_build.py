@@ -5,7 +5,7 @@ Generates (once, cached under ``--work-dir``) a synthetic MIMIC-shaped source of
 ``--synth-image-size`` px, then measures, each in its own process so that peak RSS is per process:
 
 1. the floor: DuckDB decompresses and parses ``icu/chartevents.csv.gz`` once, through the very
-   view the build reads (:class:`cbstore.extract.Extractor`: same column types, reader options,
+   view the build reads (:class:`cbstore.build.extract.Extractor`: same column types, reader options,
    ``threads`` and ``memory_limit``), touching every column the build uses (``stay_id``,
    ``itemid``, ``charttime``, ``valuenum``, ``value``); the time is that of the query alone. The
    same process then parses labevents and outputevents the same way: the parse of every event
@@ -64,8 +64,8 @@ MAX_RSS_MB = 4096.0
 _FLOOR_CHILD = """
 import json, sys, time
 from pathlib import Path
-from cbstore.extract import Extractor
-from cbstore.sources import locate_mimic_iv
+from cbstore.build.extract import Extractor
+from cbstore.build.sources import locate_mimic_iv
 mimic_iv, work, memory_limit, threads = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 queries = {
     "chartevents": "SELECT count(*), count(stay_id), sum(itemid), max(charttime), sum(valuenum), "
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     source = work / "source"
     store = work / "store.zarr"
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=work))
-    from cbstore.config import BuildConfig
+    from cbstore.build.config import BuildConfig
     image_size = args.image_size if args.image_size is not None else BuildConfig().image_size
 
     floors, builds, others, loads = [], [], [], [_load()]

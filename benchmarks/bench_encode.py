@@ -25,7 +25,7 @@ import time
 
 
 def _make_store(path: pathlib.Path, films: int, image_size: int, seed: int) -> None:
-    from cbstore.store import write_store
+    from cbstore.store.writer import write_store
     from cbstore.testing import random_content
 
     n_stays = films
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from cbstore.store import open_store
+    from cbstore.store.reader import open_store
     from encoders.pass_ import resolve_device, run_encoding_pass
     from encoders.registry import get_encoder
 

@@ -84,7 +84,7 @@ print(json.dumps(summary))
 # fit of one epoch warms up the imports. Prints one JSON line per timed fit.
 _EPOCH_CHILD = """
 import json, os, sys, time
-from cbstore.store import open_store
+from cbstore.store.reader import open_store
 from fusion.data import load_fusion_data
 from fusion.registry import get_method
 store_path, method, task, device, plan = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
@@ -151,7 +151,7 @@ def _cli(*args: str) -> list[str]:
 def _store_ready(store: Path) -> tuple[bool, int]:
     """Whether ``store`` opens and holds both complete embeddings; its number of stays."""
     from cbstore.errors import CbstoreError
-    from cbstore.store import open_store
+    from cbstore.store.reader import open_store
 
     try:
         s = open_store(store)

@@ -74,7 +74,7 @@ def time_grid(store: str, out: Path, workers: int, doc: dict) -> dict:
 
 def _stores(args) -> list[tuple[str, int]]:
     """(path, n_stays) of every store to measure, building the ``--stays`` ones when needed."""
-    from cbstore.store import open_store
+    from cbstore.store.reader import open_store
 
     if args.store:
         return [(path, int(open_store(path).n_stays)) for path in args.store]

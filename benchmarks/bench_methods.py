@@ -43,7 +43,7 @@ MAP_ENCODER = "densenet121-res224-all-block3"
 # Child process: fits of one method in one mode, as JSON lines (see the module docstring).
 _EPOCH_CHILD = """
 import json, os, sys, time
-from cbstore.store import open_store
+from cbstore.store.reader import open_store
 from fusion.data import load_fusion_data
 from fusion.registry import get_method
 store, method, task, features, device, plan = sys.argv[1:6] + [json.loads(sys.argv[6])]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 from typing import Any
 
-from cbstore.schema import FORMAT_VERSION
+from cbstore.format.schema import FORMAT_VERSION
 
 try:
     __version__ = _metadata.version("cbstore")
@@ -21,11 +21,11 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 __all__ = ["FORMAT_VERSION", "Store", "StoreError", "__version__", "open_store", "write_store"]
 
 _LAZY = {
-    "open_store": "cbstore.store",
-    "write_store": "cbstore.store",
-    "Store": "cbstore.store",
+    "open_store": "cbstore.store.reader",
+    "write_store": "cbstore.store.writer",
+    "Store": "cbstore.store.reader",
     "StoreError": "cbstore.errors",
-    "StayDataset": "cbstore.dataset",
+    "StayDataset": "cbstore.inputs.dataset",
 }
 
 

@@ -50,7 +50,7 @@ class ConfigError(CbstoreError, ValueError):
 
 
 class UnknownTaskError(CbstoreError, ValueError):
-    """A task name is not one of :data:`cbstore.tasks.TASKS`; the message lists them."""
+    """A task name is not one of :data:`cbstore.format.tasks.TASKS`; the message lists them."""
 
 
 class MaskError(CbstoreError, ValueError):

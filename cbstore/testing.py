@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cbstore.content import TEST, TRAIN, VAL, StoreContent
-from cbstore.preprocess import fold_stats
-from cbstore.schema import LOS_CLASS_EDGES, canonical_json, config_sha256
+from cbstore.format.content import TEST, TRAIN, VAL, StoreContent
+from cbstore.format.schema import LOS_CLASS_EDGES, canonical_json, config_sha256
+from cbstore.format.stats import fold_stats
 
 #: The 25 acute and chronic phenotypes of the MIMIC benchmark (Harutyunyan et al. 2019).
 PHENOTYPE_NAMES = (
@@ -40,7 +40,7 @@ def los_class(los_days: np.ndarray) -> np.ndarray:
 
 
 def _variables(n_features: int) -> tuple[pd.DataFrame, list, str]:
-    raw = resources.files("cbstore").joinpath("resources/variables.yaml").read_bytes()
+    raw = resources.files("cbstore.build").joinpath("resources/variables.yaml").read_bytes()
     entries = yaml.safe_load(raw)["variables"]
     if not 1 <= n_features <= len(entries):
         raise ValueError(f"n_features must be 1..{len(entries)}, got {n_features}")
@@ -100,7 +100,7 @@ def random_content(
     Returns
     -------
     StoreContent
-        With images set; ``cbstore.store.write_store`` writes it as a valid store.
+        With images set; ``cbstore.store.writer.write_store`` writes it as a valid store.
     """
     if n_stays < 4:
         raise ValueError("n_stays must be >= 4")

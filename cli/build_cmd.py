@@ -1,4 +1,4 @@
-"""``cbstore build``: thin click wrapper over :func:`cbstore.build.build_store`."""
+"""``cbstore build``: thin click wrapper over :func:`cbstore.build.pipeline.build_store`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import logging
 
 import click
 
-from cbstore.build import build_store, format_cohort_flow
-from cbstore.config import load_config
-from cbstore.store import open_store
+from cbstore.build.config import load_config
+from cbstore.build.pipeline import build_store, format_cohort_flow
+from cbstore.store.reader import open_store
 from cli.errors import reports_errors
 
 
@@ -19,7 +19,7 @@ from cli.errors import reports_errors
               help="MIMIC-CXR-JPG release folder (metadata table and files/).")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Store to create, e.g. STORE.zarr.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=str),
-              help="Settings file (YAML or TOML); see cbstore/resources/build.yaml.")
+              help="Settings file (YAML or TOML); see cbstore/build/resources/build.yaml.")
 @click.option("--window-hours", type=int, help="Observation window in hours [48].")
 @click.option("--image-size", type=int, help="Side of the stored square images in pixels [224].")
 @click.option("--workers", type=int, help="Threads decoding X-ray JPEGs [2].")

@@ -14,8 +14,8 @@ from cli.errors import reports_errors
 @reports_errors
 def info(store: Path) -> None:
     """Summarise STORE: cohort, splits, labels, CXR coverage, embeddings, size."""
-    from cbstore.info import store_summary
-    from cbstore.store import open_store
+    from cbstore.store.info import store_summary
+    from cbstore.store.reader import open_store
 
     click.echo(store_summary(open_store(store)))
 
@@ -25,7 +25,7 @@ def info(store: Path) -> None:
 @reports_errors
 def validate(store: Path) -> None:
     """Check STORE against the store layout; exit 1 when problems are found."""
-    from cbstore.validate import validation_report
+    from cbstore.store.validate import validation_report
 
     text, ok = validation_report(store)
     click.echo(text)

@@ -36,7 +36,7 @@ stage(s) on it; their ``values`` are the map's global average pool:
 
 ``resnet50-imagenet-layer3`` (map ``[1024, S/16, S/16]``; 1024 x 14 x 14 at 224 px)
     The output of ``layer3`` of ``resnet50-imagenet``; ``layer4`` runs live in the method
-    (:func:`build_map_tail`).
+    (:func:`map_tail`).
 ``densenet121-res224-<weights>-block3`` (map ``[512, S/32, S/32]``; 512 x 7 x 7 at 224 px)
     The output of dense block 3 and its transition layer (``transition3``: BN, ReLU, 1x1 conv,
     2x2 average pool) of ``densenet121-res224-<weights>``; ``denseblock4`` and ``norm5`` run
@@ -56,7 +56,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders.errors import EncodingInputError, WeightsError
-from encoders.registry import DENSENET_WEIGHTS, MIMIC_TRAINED  # noqa: F401  (re-exported)
 from encoders.weights import (
     FORMAT_STATE_DICT, RANDOM, file_sha256, load_into, load_state_dict, resolve_weights_file,
     weights_source,
@@ -401,19 +400,15 @@ def build_resnet50_imagenet(weights: str | None = None, *, weights_dir=None,
                       map_fn=lambda m, x: m.layer3(x), map_stage=map_stage)
 
 
-def build_map_tail(attrs: dict, *, pretrained: bool = True, weights_dir=None) -> nn.Module:
-    """The live stages that follow a stored spatial map, with the weights that made the map.
+def map_tail(encoder, stage: str) -> nn.Module:
+    """The stages of a built spatial-map encoder that follow its stored map, as a trainable copy.
 
     Parameters
     ----------
-    attrs : dict
-        The spatial-map embedding's attrs (``encoder_name``, ``weights``, ``seed``,
-        ``map_stage``), as :meth:`cbstore.store.Store.embeddings` lists them.
-    pretrained : bool
-        Load the weights (named weights: their file; ``random``: the recorded seed). False
-        builds the architecture only (a saved model's state replaces every weight).
-    weights_dir : path-like, optional
-        Directory searched first for the weights file.
+    encoder
+        An encoder built by the registry entry that made the map (its ``module`` holds the network).
+    stage : str
+        The stored map's stage: ``layer3`` (ResNet-50) or ``block3`` (DenseNet-121).
 
     Returns
     -------
@@ -421,24 +416,9 @@ def build_map_tail(attrs: dict, *, pretrained: bool = True, weights_dir=None) ->
         Trainable module mapping the map ``[B, C, h, w]`` to ``[B, C', h', w']`` (ResNet-50:
         ``layer4``, 2048 channels; DenseNet: ``denseblock4`` + ``norm5`` + ReLU, 1024 channels),
         with attribute ``out_channels``.
-
-    Raises
-    ------
-    WeightsError
-        The attrs do not describe a spatial-map encoder.
     """
     import copy
 
-    from encoders.registry import get_encoder
-
-    name, stage = attrs.get("encoder_name"), attrs.get("map_stage")
-    if not name or not stage:
-        raise WeightsError(f"embedding {attrs.get('encoder_id')!r} stores no spatial map "
-                           "(no encoder_name/map_stage in its attrs)")
-    spec = get_encoder(name)
-    weights = attrs.get("weights") if pretrained else RANDOM
-    seed = attrs.get("seed") if weights == RANDOM and attrs.get("seed") is not None else 0
-    encoder = spec.factory(None, weights=weights, weights_dir=weights_dir, seed=int(seed))
     module = encoder.module
     if stage == "layer3":
         tail = copy.deepcopy(module.resnet.layer4)

@@ -8,7 +8,7 @@ training stays (its validation stays serve early stopping only; test stays are n
 before the model is frozen).
 
 Objective: next-hour forecasting. A unidirectional LSTM reads, for every hour, the imputed and
-normalised values (``cbstore.preprocess.impute_and_normalise`` with the fold's *training*
+normalised values (``cbstore.inputs.preprocess.impute_and_normalise`` with the fold's *training*
 statistics: forward fill, then training median; robust scaling) concatenated with the observed
 mask (1 where the raw value was measured). A linear head predicts hour ``t + 1``'s normalised
 values from the hidden state at hour ``t``; the loss is the mean squared error over the values
@@ -117,7 +117,7 @@ class EhrLstmEncoder:
             "seed": self.config.seed,
             "hyperparameters": asdict(self.config),
             "preprocessing": {
-                "input": ("cbstore.preprocess.impute_and_normalise(ehr/values, fold training "
+                "input": ("cbstore.inputs.preprocess.impute_and_normalise(ehr/values, fold training "
                           "stats) concatenated with the observed mask"),
                 "objective": "next-hour forecasting, MSE on observed values (self-supervised)",
                 "training_data": "training stays of the fold; validation stays for early stopping",
@@ -135,7 +135,7 @@ class EhrLstmEncoder:
         ----------
         raw : numpy.ndarray
             Raw values ``[k, T, F]`` (NaN = unobserved).
-        preprocessor : cbstore.inputs.EhrPreprocessor or dict
+        preprocessor : cbstore.inputs.reader.EhrPreprocessor or dict
             The fold's preprocessing (the read path's, so the encoder sees exactly what a fusion
             method sees); a dict of training statistics plus ``normalize`` is accepted too.
         normalize : numpy.ndarray of bool, optional
@@ -171,7 +171,7 @@ class EhrLstmEncoder:
         train_raw, val_raw : numpy.ndarray
             Raw values ``[k, T, F]`` (NaN = unobserved) of the fold's training and validation
             stays. Validation stays only choose the epoch (early stopping).
-        preprocessor : cbstore.inputs.EhrPreprocessor or dict
+        preprocessor : cbstore.inputs.reader.EhrPreprocessor or dict
             The fold's EHR preprocessing (``EhrPreprocessor.from_store(store, fold)``), or its
             training statistics (``Store.fold_stats(fold)``) with ``normalize``.
         normalize : numpy.ndarray of bool, optional
@@ -250,8 +250,8 @@ class EhrLstmEncoder:
 
 
 def _as_preprocessor(preprocessor, normalize=None):
-    """An :class:`cbstore.inputs.EhrPreprocessor` from one, or from statistics and ``normalize``."""
-    from cbstore.inputs import EhrPreprocessor
+    """An :class:`cbstore.inputs.reader.EhrPreprocessor` from one, or from statistics and ``normalize``."""
+    from cbstore.inputs.reader import EhrPreprocessor
 
     if isinstance(preprocessor, EhrPreprocessor):
         return preprocessor

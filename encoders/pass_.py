@@ -2,7 +2,7 @@
 
 ``run_encoding_pass`` works region by region. A region is a run of consecutive stays aligned to
 the chunks of the embedding arrays (``region_stays``, default 1024); the store's
-:class:`~cbstore.store.EmbeddingWriter` keeps one ``done`` flag per region (per fold and region
+:class:`~cbstore.store.embeddings.EmbeddingWriter` keeps one ``done`` flag per region (per fold and region
 for per-fold encoders), set only after the region's data is written. Hence
 
 - a pass killed halfway resumes where it stopped: finished regions are skipped, never recomputed;
@@ -45,11 +45,12 @@ from typing import Any
 import numpy as np
 
 from cbstore.errors import StoreError, StoreReadOnlyError
-from cbstore.inputs import EhrPreprocessor
-from cbstore.store import EmbeddingWriter, Store, open_store
+from cbstore.inputs.reader import EhrPreprocessor
+from cbstore.store.embeddings import EmbeddingWriter
+from cbstore.store.reader import Store, open_store
 from encoders.errors import EncoderError, EncodingInputError, NonFiniteEmbeddingError
-from encoders.weights import RANDOM
 from encoders.registry import EncoderSpec, get_encoder
+from encoders.weights import RANDOM
 
 logger = logging.getLogger(__name__)
 
@@ -426,7 +427,7 @@ def run_encoding_pass(
     Parameters
     ----------
     store_path : path-like
-        A complete cbstore store (opened with :func:`cbstore.store.open_store`).
+        A complete cbstore store (opened with :func:`cbstore.store.reader.open_store`).
     encoder_name : str
         A name of :data:`encoders.registry.ENCODERS`.
     device : {"auto", "cpu", "cuda"} or str

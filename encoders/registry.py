@@ -190,3 +190,40 @@ def get_encoder(name: str) -> EncoderSpec:
     except KeyError:
         raise UnknownEncoderError(
             f"unknown encoder {name!r}; valid encoders: {', '.join(sorted(ENCODERS))}") from None
+
+
+def build_map_tail(attrs: dict, *, pretrained: bool = True, weights_dir=None):
+    """The live stages that follow a stored spatial map, with the weights that made the map.
+
+    Parameters
+    ----------
+    attrs : dict
+        The spatial-map embedding's attrs (``encoder_name``, ``weights``, ``seed``,
+        ``map_stage``), as :meth:`cbstore.store.reader.Store.embeddings` lists them.
+    pretrained : bool
+        Load the weights (named weights: their file; ``random``: the recorded seed). False
+        builds the architecture only (a saved model's state replaces every weight).
+    weights_dir : path-like, optional
+        Directory searched first for the weights file.
+
+    Returns
+    -------
+    torch.nn.Module
+        See :func:`encoders.cxr.map_tail`.
+
+    Raises
+    ------
+    WeightsError
+        The attrs do not describe a spatial-map encoder.
+    """
+    from encoders.cxr import map_tail
+
+    name, stage = attrs.get("encoder_name"), attrs.get("map_stage")
+    if not name or not stage:
+        raise WeightsError(f"embedding {attrs.get('encoder_id')!r} stores no spatial map "
+                           "(no encoder_name/map_stage in its attrs)")
+    spec = get_encoder(name)
+    weights = attrs.get("weights") if pretrained else RANDOM
+    seed = attrs.get("seed") if weights == RANDOM and attrs.get("seed") is not None else 0
+    encoder = spec.factory(None, weights=weights, weights_dir=weights_dir, seed=int(seed))
+    return map_tail(encoder, stage)

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 import yaml
 
 from cbstore.errors import ConfigError
-from cbstore.inputs import COHORTS, PARTS
+from cbstore.inputs.reader import COHORTS, PARTS
 from fusion.registry import FEATURE_MODES, TASKS
 
 __all__ = ["COHORTS", "PARTS", "ConfigError", "RunConfig", "load_config_file", "make_config",
@@ -64,7 +64,7 @@ class RunConfig:
     cohort : str
         One of :data:`COHORTS`.
     cxr_missing_rate : float
-        Fraction of X-rays hidden on the parts in ``missing_at`` (see :mod:`cbstore.masks`).
+        Fraction of X-rays hidden on the parts in ``missing_at`` (see :mod:`cbstore.inputs.masks`).
     missing_at : tuple of str
         Parts the mask applies to.
     mask_seed : int or None

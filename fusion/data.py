@@ -2,7 +2,7 @@
 
 :func:`load_fusion_data` returns a :class:`FusionData` with one :class:`FusionPart` per part
 (train, val, test). It selects the stays and reads them through cbstore's one read path
-(:func:`cbstore.inputs.select_stays`, :class:`cbstore.inputs.FoldReader`), the same code the torch
+(:func:`cbstore.inputs.reader.select_stays`, :class:`cbstore.inputs.reader.FoldReader`), the same code the torch
 Dataset adaptor and the EHR encoders use. Every method sees the same stays, labels and masks; only
 the inputs differ with the feature mode:
 
@@ -17,7 +17,7 @@ the inputs differ with the feature mode:
 
 Cohorts: ``full`` (every stay with a label for the task), ``matched`` (only stays with a natural
 X-ray), and the cross settings ``matched_to_full`` / ``full_to_matched`` (train and val from the
-first cohort, test from the second). Simulated missingness (:mod:`cbstore.masks`) is applied on
+first cohort, test from the second). Simulated missingness (:mod:`cbstore.inputs.masks`) is applied on
 top, on the parts listed in ``missing_at``; a masked stay keeps its place in the cohort but loses
 its X-ray (``cxr_present`` False, ``cxr_masked`` True, NaN embedding, zero image).
 """
@@ -29,12 +29,12 @@ import dataclasses
 import numpy as np
 
 from cbstore.errors import InputsError, UnknownTaskError
-from cbstore.inputs import (
+from cbstore.format.tasks import TaskSpec, get_task
+from cbstore.inputs.masks import apply_cxr_mask
+from cbstore.inputs.reader import (
     COHORTS, PARTS, FoldReader, StayInputs, available_encoders, cohort_of_part,
 )
-from cbstore.inputs import resolve_encoder as _resolve_encoder
-from cbstore.masks import apply_cxr_mask
-from cbstore.tasks import TaskSpec, get_task
+from cbstore.inputs.reader import resolve_encoder as _resolve_encoder
 from fusion.registry import FEATURE_MODES, FusionError
 
 __all__ = ["FusionData", "FusionDataError", "FusionPart", "available_encoders", "cohort_of_part",
@@ -51,13 +51,13 @@ class FusionDataError(FusionError, InputsError):
     """The store cannot provide what a run asks for (labels, encoders, parts, inputs)."""
 
 
-#: The stays of one part and their inputs: :class:`cbstore.inputs.StayInputs` (``name`` is the
+#: The stays of one part and their inputs: :class:`cbstore.inputs.reader.StayInputs` (``name`` is the
 #: part: ``train``, ``val`` or ``test``; ``y`` is always set).
 FusionPart = StayInputs
 
 
 def resolve_encoder(store, modality: str, encoder_id: str | None, kind: str | None = None) -> dict:
-    """:func:`cbstore.inputs.resolve_encoder`, raising :class:`FusionDataError`."""
+    """:func:`cbstore.inputs.reader.resolve_encoder`, raising :class:`FusionDataError`."""
     try:
         return _resolve_encoder(store, modality, encoder_id, kind)
     except InputsError as exc:
@@ -124,7 +124,7 @@ class FusionData:
 
     @property
     def task_spec(self) -> TaskSpec:
-        """The :class:`cbstore.tasks.TaskSpec` of :attr:`task`."""
+        """The :class:`cbstore.format.tasks.TaskSpec` of :attr:`task`."""
         return get_task(self.task)
 
     @property
@@ -150,10 +150,10 @@ def load_fusion_data(store, task: str, fold: int, *, cohort: str = "full",
 
     Parameters
     ----------
-    store : cbstore.store.Store
+    store : cbstore.store.reader.Store
         An open store.
     task : str
-        One of :data:`cbstore.tasks.TASKS`.
+        One of :data:`cbstore.format.tasks.TASKS`.
     fold : int
         Fold of the store's splits.
     cohort : str
@@ -170,7 +170,7 @@ def load_fusion_data(store, task: str, fold: int, *, cohort: str = "full",
     cxr_map_encoder : str, optional
         Spatial-map embedding id (input ``cxr_map``); None picks the only one.
     cxr_missing_rate : float
-        Fraction of X-rays hidden by :func:`cbstore.masks.cxr_drop_mask`.
+        Fraction of X-rays hidden by :func:`cbstore.inputs.masks.cxr_drop_mask`.
     missing_at : iterable of str
         Parts the mask applies to.
     mask_seed : int

@@ -2,7 +2,7 @@
 
 Method files compose these and keep only their own mechanism.
 
-**Encoders** map a batch (a dict of tensors, see :mod:`cbstore.dataset`) to an
+**Encoders** map a batch (a dict of tensors, see :mod:`cbstore.inputs.dataset`) to an
 :class:`EncoderOutput`: ``pooled`` ``[B, H]`` always, and for the EHR encoders also ``sequence``
 ``[B, T, H]`` (one vector per hour, for methods that fuse tokens) and ``valid`` ``[B, T]``:
 
@@ -705,7 +705,7 @@ def map_tail(spec: dict, params: dict, *, pretrained: bool = True, weights_dir=N
     """The live stage(s) a method runs on a stored spatial map (input kind ``cxr_map``).
 
     ``cached_tail = "backbone"`` (default): the backbone's own stages after the stored one, with
-    the weights that made the map (:func:`encoders.cxr.build_map_tail`: ResNet-50 ``layer4`` after
+    the weights that made the map (:func:`encoders.registry.build_map_tail`: ResNet-50 ``layer4`` after
     ``resnet50-imagenet-layer3``; DenseNet ``denseblock4`` + ``norm5`` + ReLU after
     ``densenet121-res224-<weights>-block3``). ``"conv"``: one conv3x3-BN-ReLU stage to
     ``hidden`` channels (cheap; for tests and quick sweeps).
@@ -740,7 +740,7 @@ def map_tail(spec: dict, params: dict, *, pretrained: bool = True, weights_dir=N
         raise HyperparameterError(
             f"spatial-map embedding {attrs.get('encoder_id')!r} records no backbone to continue "
             "(no encoder_name in its attrs); use --set cached_tail=conv")
-    from encoders.cxr import build_map_tail
+    from encoders.registry import build_map_tail
 
     return build_map_tail(attrs, pretrained=pretrained, weights_dir=weights_dir)
 

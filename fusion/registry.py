@@ -27,8 +27,8 @@ import pathlib
 from collections.abc import Mapping
 
 from cbstore.errors import CbstoreError
-from cbstore.inputs import INPUT_KINDS as STORE_INPUT_KINDS
-from cbstore.tasks import TASKS as STORE_TASKS
+from cbstore.format.tasks import TASKS as STORE_TASKS
+from cbstore.inputs.reader import INPUT_KINDS as STORE_INPUT_KINDS
 
 __all__ = [
     "FEATURE_MODES", "FUSION_METHODS", "INPUT_KINDS", "TASKS", "DuplicateMethodError",
@@ -40,9 +40,9 @@ __all__ = [
 #: Feature modes: end-to-end from raw tensors, or heads on cached embeddings.
 FEATURE_MODES = ("raw", "cached")
 #: Input kinds a method may declare (raw EHR time series, raw image, cached embeddings):
-#: :data:`cbstore.inputs.INPUT_KINDS`.
+#: :data:`cbstore.inputs.reader.INPUT_KINDS`.
 INPUT_KINDS = STORE_INPUT_KINDS
-#: Tasks known to the fusion package: the store's tasks (:data:`cbstore.tasks.TASKS`).
+#: Tasks known to the fusion package: the store's tasks (:data:`cbstore.format.tasks.TASKS`).
 TASKS = STORE_TASKS
 #: Name -> class of every registered method.
 FUSION_METHODS: dict[str, type] = {}

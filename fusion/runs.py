@@ -384,7 +384,7 @@ def run_fusion(cfg: RunConfig, *, echo: Callable[[str], None] | None = None) -> 
     fusion.registry.FusionError
         Any invalid method, hyperparameter, encoder, task or data (specific subclasses).
     """
-    from cbstore.store import open_store
+    from cbstore.store.reader import open_store
 
     echo = echo or log.info
     store = open_store(cfg.store)

@@ -1,6 +1,6 @@
 """The training side of a task: loss, probabilities and the monitored metric, keyed on its kind.
 
-A task is described once, by its :class:`cbstore.tasks.TaskSpec` (a store fact: kind, labels,
+A task is described once, by its :class:`cbstore.format.tasks.TaskSpec` (a store fact: kind, labels,
 monitored metric). This module turns the kind into torch and scikit-learn operations:
 
 ==============  =====================================  ==================  ==================
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cbstore.tasks import TASKS, TaskSpec, get_task
+from cbstore.format.tasks import TASKS, TaskSpec, get_task
 
 __all__ = ["TASKS", "TaskSpec", "choose_monitor", "get_task", "logit_of_mean_probability",
            "monitor_score", "probabilities", "task_loss", "true_class_probability"]

@@ -86,8 +86,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cbstore.dataset import PartBatches  # noqa: F401  (public here too; the read path owns it)
-from cbstore.tasks import TASK_SPECS
+from cbstore.format.tasks import TASK_SPECS
+from cbstore.inputs.dataset import PartBatches  # noqa: F401  (public here too; the read path owns it)
 from fusion import tasks
 from fusion.registry import FusionError
 
@@ -191,7 +191,7 @@ def task_loss(logits: torch.Tensor, y: torch.Tensor, task,
     """Mean task loss: BCE-with-logits (binary, multi-label) or cross-entropy (multiclass).
 
     Delegates to :func:`fusion.tasks.task_loss` (see there for the parameters); ``task`` is a
-    task name or a :class:`cbstore.tasks.TaskSpec`.
+    task name or a :class:`cbstore.format.tasks.TaskSpec`.
     """
     return tasks.task_loss(logits, y, task, weight)
 

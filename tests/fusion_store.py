@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbstore.store import open_store, write_store
+from cbstore.store.reader import open_store
+
+from cbstore.store.writer import write_store
 from cbstore.testing import random_content
 
 EHR_ID, EHR_PERFOLD_ID, CXR_ID, CXR_MAP_ID = "ehr-test", "ehr-perfold", "cxr-test", "cxr-map-test"

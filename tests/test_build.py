@@ -17,14 +17,14 @@ import pytest
 from click.testing import CliRunner
 from tiny_mimic import HEADERS, write_tiny_source
 
-import cbstore.build as build_module
-from cbstore.build import build_store, format_cohort_flow
-from cbstore.config import DEFAULTS_FILE, BuildConfig, ConfigError, config_sha256, load_config
-from cbstore.content import TRAIN
+from cbstore.build.config import DEFAULTS_FILE, BuildConfig, ConfigError, config_sha256, load_config
+from cbstore.build.pipeline import build_store, format_cohort_flow
+import cbstore.build.pipeline as build_module
+from cbstore.build.sources import SYNTHETIC_MARKER_JSON, SYNTHETIC_MARKER_TEXT
+from cbstore.build.stats import fold_statistics
 from cbstore.errors import SourceError, StoreExistsError
-from cbstore.sources import SYNTHETIC_MARKER_JSON, SYNTHETIC_MARKER_TEXT
-from cbstore.stats import fold_statistics
-from cbstore.store import open_store
+from cbstore.format.content import TRAIN
+from cbstore.store.reader import open_store
 from cbstore.synth import MARKER_JSON, MARKER_TEXT, write_synthetic_source
 from cli.build_cmd import build as build_command
 

@@ -15,12 +15,12 @@ import pytest
 from click.testing import CliRunner
 from test_build import _assert_same_build
 
-import cbstore.build as build_module
-import cbstore.store_write as store_write
-from cbstore.build import build_store, partition_rows
-from cbstore.config import BuildConfig, ConfigError
-from cbstore.resume import why_different
-from cbstore.store import open_store
+from cbstore.build.config import BuildConfig, ConfigError
+from cbstore.build.pipeline import build_store, partition_rows
+import cbstore.build.pipeline as build_module
+from cbstore.build.resume import why_different
+from cbstore.store.reader import open_store
+import cbstore.store.writer as store_write
 from cbstore.synth import write_synthetic_source
 from cli.build_cmd import build as build_command
 

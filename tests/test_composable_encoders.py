@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-import encoders.weights as W
 from cbstore.errors import CbstoreError
 from encoders.errors import WeightsNotFoundError
+import encoders.weights as W
 from fusion.modules import (
     IMAGENET_WEIGHTS, EHRLSTMEncoder, EHRTransformerEncoder, EncoderOutput, PresentOnly,
     ResNet50Backbone, SmallCNN, build_encoder, run_on_present,

@@ -1,4 +1,4 @@
-"""Tests of cbstore.cxr: metadata parsing, film selection, image decoding."""
+"""Tests of cbstore.build.cxr: metadata parsing, film selection, image decoding."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cbstore.cxr import (
+from cbstore.build.cxr import (
     CXR_METADATA,
     SELECTION_COLUMNS,
     decode_film,

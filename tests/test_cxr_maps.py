@@ -8,14 +8,16 @@ import torch
 import zarr
 
 from cbstore.errors import EmbeddingError, InputsError
-from cbstore.inputs import read_inputs, resolve_encoder
-from cbstore.dataset import tensor_batch
-from cbstore.schema import FORMAT_VERSION
-from cbstore.store import open_store, write_store
+from cbstore.format.schema import FORMAT_VERSION
+from cbstore.inputs.dataset import tensor_batch
+from cbstore.inputs.reader import read_inputs, resolve_encoder
+from cbstore.store.reader import open_store
+from cbstore.store.validate import validate_store
+from cbstore.store.writer import write_store
 from cbstore.testing import random_content
-from cbstore.validate import validate_store
-from encoders.cxr import build_densenet, build_map_tail, build_resnet50_imagenet
+from encoders.cxr import build_densenet, build_resnet50_imagenet
 from encoders.pass_ import run_encoding_pass
+from encoders.registry import build_map_tail
 
 FAST = dict(weights="random", input_size=32, region_stays=16, progress=False, threads=1)
 DENSE = "densenet121-res224-all-block3"

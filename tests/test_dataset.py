@@ -10,17 +10,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cbstore.content import TRAIN, VAL
 from cbstore.errors import StoreError
-from cbstore.preprocess import (
-    cxr_to_float,
-    fold_stats,
-    forward_fill,
-    impute_and_normalise,
-    scale_of,
-    training_stats,
-)
-from cbstore.store import open_store, write_store
+from cbstore.format.content import TRAIN, VAL
+from cbstore.format.stats import fold_stats, training_stats
+from cbstore.inputs.dataset import StayDataset
+from cbstore.inputs.preprocess import cxr_to_float, forward_fill, impute_and_normalise, scale_of
+from cbstore.store.reader import open_store
+from cbstore.store.writer import write_store
 from cbstore.testing import random_content
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -45,7 +41,7 @@ def store(content, tmp_path_factory):
 
 
 def test_items_shapes_and_types(store, content):
-    ds = store.torch_dataset("mortality", 0, "train")
+    ds = StayDataset(store, "mortality", 0, "train")
     train = np.flatnonzero(content.splits[:, 0] == TRAIN)
     assert len(ds) == len(train)
     item = ds[0]
@@ -68,16 +64,16 @@ def test_items_shapes_and_types(store, content):
     assert batch["cxr_present"].dtype == torch.bool
     for i in range(len(ds)):
         assert not torch.isnan(ds[i]["ehr"]).any()
-    pheno = store.torch_dataset("phenotype", 0, "val")[0]["label"]
+    pheno = StayDataset(store, "phenotype", 0, "val")[0]["label"]
     assert pheno.shape == (25,) and pheno.dtype == torch.float32
-    los = store.torch_dataset("los", 1, "test")
+    los = StayDataset(store, "los", 1, "test")
     assert los[0]["label"].dtype == torch.int64 and los[0]["label"].ndim == 0
     with pytest.raises(IndexError):
         ds[len(ds)]
 
 
 def test_los_task_excludes_short_stays(store, content):
-    ds = store.torch_dataset("los", 0, "train", with_images=False)
+    ds = StayDataset(store, "los", 0, "train", with_images=False)
     want = np.flatnonzero((content.splits[:, 0] == TRAIN) & (content.labels["los_class"] >= 0))
     np.testing.assert_array_equal(ds.positions, want)
     assert "cxr" not in ds[0]
@@ -85,7 +81,7 @@ def test_los_task_excludes_short_stays(store, content):
 
 
 def test_ehr_values_are_imputed_with_training_stats(store, content):
-    ds = store.torch_dataset("mortality", 1, "val", with_images=False)
+    ds = StayDataset(store, "mortality", 1, "val", with_images=False)
     stats = content.stats
     median, scale = stats["median"][1], scale_of({k: v[1] for k, v in stats.items()})
     for j, pos in enumerate(ds.positions):
@@ -115,20 +111,20 @@ def test_train_part_does_not_depend_on_other_parts(tmp_path):
         np.testing.assert_array_equal(a.stats[name][0], b.stats[name][0])
     sa = open_store(write_store(tmp_path / "a.zarr", a))
     sb = open_store(write_store(tmp_path / "b.zarr", b))
-    ta = sa.torch_dataset("mortality", 0, "train", with_images=False)
-    tb = sb.torch_dataset("mortality", 0, "train", with_images=False)
+    ta = StayDataset(sa, "mortality", 0, "train", with_images=False)
+    tb = StayDataset(sb, "mortality", 0, "train", with_images=False)
     for i in range(len(ta)):
         assert torch.equal(ta[i]["ehr"], tb[i]["ehr"])
     # the val part is scaled with the training statistics, so its shift shows in full
-    va = sa.torch_dataset("mortality", 0, "val", with_images=False)
-    vb = sb.torch_dataset("mortality", 0, "val", with_images=False)
+    va = StayDataset(sa, "mortality", 0, "val", with_images=False)
+    vb = StayDataset(sb, "mortality", 0, "val", with_images=False)
     assert (torch.stack([vb[i]["ehr"][:, 1:] for i in range(len(vb))]).abs().max()
             > 100 * torch.stack([va[i]["ehr"][:, 1:] for i in range(len(va))]).abs().max())
 
 
 def test_images_and_cxr_drop(store, content):
     present = content.cxr["present"].to_numpy()
-    ds = store.torch_dataset("mortality", 0, "test")
+    ds = StayDataset(store, "mortality", 0, "test")
     for j, pos in enumerate(ds.positions):
         item = ds[j]
         assert item["cxr_present"] == bool(present[pos])
@@ -139,29 +135,29 @@ def test_images_and_cxr_drop(store, content):
             assert not item["cxr"].any()
         assert float(item["cxr"].min()) >= -1024 and float(item["cxr"].max()) <= 1024
     drop = present.copy()  # hide every film
-    dropped = store.torch_dataset("mortality", 0, "test", cxr_drop=drop)
+    dropped = StayDataset(store, "mortality", 0, "test", cxr_drop=drop)
     assert len(dropped) == len(ds)
     assert not any(dropped[j]["cxr_present"] or dropped[j]["cxr"].any() for j in range(len(dropped)))
     with pytest.raises(StoreError, match=r"cxr_drop must be a bool mask of shape \(48,\)"):
-        store.torch_dataset("mortality", 0, "test", cxr_drop=np.zeros(5, bool))
+        StayDataset(store, "mortality", 0, "test", cxr_drop=np.zeros(5, bool))
 
 
 def test_matched_cohort(store, content):
     present = content.cxr["present"].to_numpy()
-    ds = store.torch_dataset("mortality", 0, "train", cohort="matched")
+    ds = StayDataset(store, "mortality", 0, "train", cohort="matched")
     want = np.flatnonzero((content.splits[:, 0] == TRAIN) & present)
     np.testing.assert_array_equal(ds.positions, want)
     assert all(ds[j]["cxr_present"] for j in range(len(ds)))
     # dropping films inside the matched cohort keeps the stays but hides their films
-    dropped = store.torch_dataset("mortality", 0, "train", cohort="matched", cxr_drop=present)
+    dropped = StayDataset(store, "mortality", 0, "train", cohort="matched", cxr_drop=present)
     assert len(dropped) == len(ds) and not dropped.cxr_present.any()
     with pytest.raises(StoreError, match="unknown cohort 'paired'"):
-        store.torch_dataset("mortality", 0, "train", cohort="paired")
+        StayDataset(store, "mortality", 0, "train", cohort="paired")
 
 
 def test_import_cbstore_does_not_import_torch():
     code = ("import sys, cbstore; from cbstore import open_store, FORMAT_VERSION, __version__; "
-            "import cbstore.store, cbstore.preprocess, cbstore.testing; print('torch' in sys.modules)")
+            "import cbstore.store.reader, cbstore.inputs.preprocess, cbstore.testing; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

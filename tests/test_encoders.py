@@ -309,7 +309,7 @@ def test_ehr_stats_is_deterministic_and_checks_shape():
 # ------------------------------------------------------------------------------------- ehr-lstm
 
 def _stats(values):
-    from cbstore.preprocess import training_stats
+    from cbstore.format.stats import training_stats
 
     return training_stats(values, np.ones(len(values), dtype=bool))
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from cbstore.errors import StoreError, StoreReadOnlyError
-from cbstore.store import EmbeddingWriter, open_store, write_store
+from cbstore.store.embeddings import EmbeddingWriter
+from cbstore.store.reader import open_store
+from cbstore.store.writer import write_store
 from cbstore.testing import random_content
 from encoders.cxr import CxrEncoder
 from encoders.errors import (
@@ -263,7 +265,7 @@ def test_ehr_lstm_resume_skips_finished_folds(store_path, base_store, tmp_path, 
 
 def test_ehr_lstm_trains_only_on_the_folds_training_stays(store_path, monkeypatch):
     """Spy on every EHR read during fitting: only train (fit) and val (early stopping) stays."""
-    from cbstore.store import Store
+    from cbstore.store.reader import Store
     from encoders.ehr_seq import EhrLstmEncoder, LstmConfig
     from encoders.pass_ import fit_fold
 

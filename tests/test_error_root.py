@@ -14,7 +14,7 @@ from cli.errors import one_line, reports_errors
 from cli.main import cbstore
 from fusion_store import EHR_ID, make_fusion_store
 
-MODULES = ("cbstore.errors", "cbstore.config", "cbstore.masks", "cbstore.ehr", "cbstore.phenotypes",
+MODULES = ("cbstore.errors", "cbstore.build.config", "cbstore.inputs.masks", "cbstore.build.ehr", "cbstore.build.phenotypes",
            "encoders.errors", "fusion.registry", "fusion.config", "fusion.data",
            "fusion.evaluation.predictions")
 
@@ -30,10 +30,10 @@ def test_every_error_class_derives_from_cbstore_error(name):
 
 
 def test_one_config_error():
-    import cbstore.config
+    import cbstore.build.config
     import fusion.config
 
-    assert cbstore.config.ConfigError is fusion.config.ConfigError is ConfigError
+    assert cbstore.build.config.ConfigError is fusion.config.ConfigError is ConfigError
     assert issubclass(ConfigError, ValueError)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cbstore.store import Store
+from cbstore.store.reader import Store
 from cli.fuse_cmd import fuse
 from fusion.evaluation import load_predictions
 from fusion.runs import COMPLETE_MARKER, DEMOGRAPHICS

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cbstore.masks import cxr_drop_mask
+from cbstore.inputs.masks import cxr_drop_mask
 from fusion.data import FusionDataError, load_fusion_data
 from fusion.modules import EmbeddingInput
 from fusion_store import CXR_ID, EHR_ID, EHR_PERFOLD_ID, make_fusion_store

@@ -133,10 +133,10 @@ def test_config_hyperparameters_and_file_overrides(store_path, tmp_path):
 
 
 def test_named_preset_gives_the_run_id_of_cbstore_fuse_preset(store_path, tmp_path, monkeypatch):
-    import fusion.presets as presets
+    from cbstore.store.reader import open_store
     from fusion.config import make_config
+    import fusion.presets as presets
     from fusion.runs import resolve, run_id_of
-    from cbstore.store import open_store
 
     folder = tmp_path / "presets"
     folder.mkdir()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cbstore.masks import MaskError, apply_cxr_mask, cxr_drop_mask, stay_uniforms
+from cbstore.inputs.masks import MaskError, apply_cxr_mask, cxr_drop_mask, stay_uniforms
 
 IDS = np.arange(30_000_000, 30_004_000, dtype=np.int64)
 

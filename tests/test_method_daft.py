@@ -7,8 +7,8 @@ from torchvision.models.resnet import Bottleneck
 
 from fusion.data import load_fusion_data
 from fusion.methods.daft import DAFT, DaftBottleneck, DaftInput
-from fusion.trainer import PartBatches
 from fusion.tasks import task_loss
+from fusion.trainer import PartBatches
 from fusion_store import EHR_ID, make_fusion_store
 
 torch.set_num_threads(1)

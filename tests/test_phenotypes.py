@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cbstore.phenotypes import (
+from cbstore.build.phenotypes import (
     PhenotypeDefinitionError,
     derive_definitions,
     load_phenotypes,

@@ -6,10 +6,10 @@ import pathlib
 import pytest
 from click.testing import CliRunner
 
-import fusion.presets as presets
 from cli.fuse_cmd import fuse
 from fusion.config import make_config
 from fusion.presets import PresetError, check_preset_file, list_presets, preset_hyperparameters
+import fusion.presets as presets
 from fusion_store import EHR_ID, make_fusion_store
 
 SHIPPED = sorted(pathlib.Path(presets.__file__).parent.glob("*.yaml"))

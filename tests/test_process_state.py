@@ -114,7 +114,7 @@ FUSE = ["--method", "latefusion", "--n-boot", "10", "--no-progress", "--ehr-enco
 
 
 def test_a_method_fit_save_and_load_leave_the_process_as_it_was(busy_process, store_path, tmp_path):
-    from cbstore.store import open_store
+    from cbstore.store.reader import open_store
     from fusion.data import load_fusion_data
     from fusion.registry import get_method, load_method
 

@@ -1,4 +1,4 @@
-"""The one read path (cbstore.inputs) and the one task object (cbstore.tasks, fusion.tasks)."""
+"""The one read path (cbstore.inputs.reader) and the one task object (cbstore.format.tasks, fusion.tasks)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from cbstore import schema
-from cbstore.dataset import PartBatches, StayDataset
 from cbstore.errors import CbstoreError, InputsError, UnknownTaskError
-from cbstore.inputs import EhrPreprocessor, FoldReader, read_inputs, select_stays
-from cbstore.tasks import TASK_SPECS, TASKS, get_task
+from cbstore.format.tasks import TASK_SPECS, TASKS, get_task
+from cbstore.inputs.dataset import PartBatches, StayDataset
+from cbstore.inputs.reader import EhrPreprocessor, FoldReader, read_inputs, select_stays
 from fusion import tasks as ftasks
 from fusion.data import load_fusion_data
 from fusion.trainer import choose_monitor, monitor_score, probabilities, task_loss

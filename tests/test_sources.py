@@ -8,9 +8,9 @@ import shutil
 import pytest
 from tiny_mimic import HEADERS, write_tiny_source
 
+from cbstore.build.extract import Extractor
+from cbstore.build.sources import locate_mimic_cxr, locate_mimic_iv, read_header
 from cbstore.errors import SourceError
-from cbstore.extract import Extractor
-from cbstore.sources import locate_mimic_cxr, locate_mimic_iv, read_header
 
 
 @pytest.fixture()

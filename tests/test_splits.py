@@ -1,12 +1,12 @@
-"""Tests of cbstore.splits.assign_folds."""
+"""Tests of cbstore.build.splits.assign_folds."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cbstore.content import TEST, TRAIN, VAL
-from cbstore.splits import assign_folds
+from cbstore.build.splits import assign_folds
+from cbstore.format.content import TEST, TRAIN, VAL
 
 
 def cohort(n_patients=400, seed=0):

@@ -1,4 +1,4 @@
-"""Tests of cbstore.stats.fold_statistics."""
+"""Tests of cbstore.build.stats.fold_statistics."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pytest
 
-import cbstore.stats
+import cbstore.build.stats
 
-from cbstore.content import STAT_NAMES, TEST, TRAIN, VAL
-from cbstore.stats import fold_statistics
+from cbstore.build.stats import fold_statistics
+from cbstore.format.content import STAT_NAMES, TEST, TRAIN, VAL
 
 
 def tensor(seed=0, n_stays=37, n_time=6, n_features=4):
@@ -25,7 +25,7 @@ def tensor(seed=0, n_stays=37, n_time=6, n_features=4):
 @pytest.mark.parametrize("chunk_stays, gather_cells", [(1, None), (5, 1), (1024, 200), (1024, None)])
 def test_matches_numpy_on_training_rows(chunk_stays, gather_cells, monkeypatch):
     if gather_cells is not None:  # gather the features in several groups
-        monkeypatch.setattr(cbstore.stats, "_GATHER_CELLS", gather_cells)
+        monkeypatch.setattr(cbstore.build.stats, "_GATHER_CELLS", gather_cells)
     values, parts = tensor()
     stats = fold_statistics(values, parts, chunk_stays=chunk_stays)
     assert set(stats) == set(STAT_NAMES)

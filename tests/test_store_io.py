@@ -15,10 +15,7 @@ import pandas as pd
 import pytest
 import zarr
 
-import cbstore.store as store_mod
-import cbstore.store_write as write_mod
 from cbstore import FORMAT_VERSION
-from cbstore.content import CXR_COLUMNS, STAT_NAMES, STAY_COLUMNS
 from cbstore.errors import (
     EmbeddingError,
     StoreContentError,
@@ -27,8 +24,13 @@ from cbstore.errors import (
     StoreReadOnlyError,
     StoreVersionError,
 )
-from cbstore.schema import ARRAYS, DATETIME_COLUMNS, MANIFEST_NAME
-from cbstore.store import EmbeddingWriter, StoreWriter, open_store, write_store
+from cbstore.format.content import CXR_COLUMNS, STAT_NAMES, STAY_COLUMNS
+from cbstore.format.schema import ARRAYS, DATETIME_COLUMNS, MANIFEST_NAME
+from cbstore.store.embeddings import EmbeddingWriter
+from cbstore.store.reader import open_store
+import cbstore.store.reader as store_mod
+from cbstore.store.writer import StoreWriter, write_store
+import cbstore.store.writer as write_mod
 from cbstore.testing import random_content
 
 # every warning is an error here: the store code must stay warning-clean (it silences the zarr
@@ -343,7 +345,7 @@ def test_image_shards_are_those_zarr_writes(tmp_path):
 
 
 def test_shard_writer_refuses_other_codecs(tmp_path):
-    from cbstore.image_shards import ShardWriter
+    from cbstore.store.image_shards import ShardWriter
 
     plain = zarr.create_array(str(tmp_path / "a.zarr"), shape=(4, 8, 8), dtype="uint8", chunks=(1, 8, 8),
                               shards=(2, 8, 8), compressors=(zarr.codecs.ZstdCodec(level=1),))
@@ -574,7 +576,7 @@ def test_embedding_regions_from_separate_processes(fresh):
     assert w.n_regions == 5
     code = textwrap.dedent("""
         import sys, numpy as np
-        from cbstore.store import EmbeddingWriter
+        from cbstore.store.embeddings import EmbeddingWriter
         w = EmbeddingWriter.open(sys.argv[1], "cxr", "parallel")
         for r in map(int, sys.argv[2].split(",")):
             k = w.region(r).stop - w.region(r).start

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cbstore.phenotypes import load_phenotypes
+from cbstore.build.phenotypes import load_phenotypes
 from cbstore.synth import SynthError, write_synthetic_source
 from cbstore.synth._chunks import default_chunk_stays, patient_chunks
 from cbstore.synth._draws import STREAMS, UnitDraws

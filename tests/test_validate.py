@@ -11,12 +11,13 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from cbstore.content import TEST, TRAIN
-from cbstore.info import store_summary
-from cbstore.schema import FORMAT_VERSION, MANIFEST_NAME, ROOT_ATTRS_SCHEMA, check_schema
-from cbstore.store import open_store, write_store
+from cbstore.format.content import TEST, TRAIN
+from cbstore.format.schema import FORMAT_VERSION, MANIFEST_NAME, ROOT_ATTRS_SCHEMA, check_schema
+from cbstore.store.info import store_summary
+from cbstore.store.reader import open_store
+from cbstore.store.validate import validate_store
+from cbstore.store.writer import write_store
 from cbstore.testing import random_content
-from cbstore.validate import validate_store
 from cli.store_cmds import info, validate
 
 pytestmark = pytest.mark.filterwarnings("error")

@@ -91,12 +91,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cbstore.build.phenotypes import load_phenotypes
 from cbstore.errors import CbstoreError
-from cbstore.phenotypes import load_phenotypes
 from cbstore.synth import cxr as _cxr
 from cbstore.synth import ehr as _ehr
-from cbstore.synth.model import simulate_cohort
 from cbstore.synth._chunks import default_chunk_stays, patient_chunks, patients_by_subject
+from cbstore.synth.model import simulate_cohort
 from cbstore.synth.truth import write_truth
 
 __all__ = ["write_synthetic_source", "SynthSummary", "SynthError", "MIMIC_IV_DIR", "MIMIC_CXR_DIR", "TRUTH_FILE"]

@@ -5,7 +5,7 @@ means come from the latent factors, each charted or measured value adds a time d
 The event tables are generated and written chunk by chunk; each stay (chartevents, outputevents)
 or patient (labevents) draws from its own generator (:mod:`cbstore.synth._draws`), so the files
 do not depend on the chunk size.
-Which itemids exist comes from ``cbstore/resources/variables.yaml`` (read with yaml, so the two stay
+Which itemids exist comes from ``cbstore/build/resources/variables.yaml`` (read with yaml, so the two stay
 in sync) plus a few unrelated items, as in the real dictionaries.
 """
 
@@ -23,7 +23,7 @@ import yaml
 #: libyaml's safe loader when available (much faster), else the pure-Python one.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-from cbstore.phenotypes import Phenotypes
+from cbstore.build.phenotypes import Phenotypes
 from cbstore.synth._chunks import patient_chunks, patients_by_subject, stay_chunks
 from cbstore.synth._draws import STREAMS, UnitDraws, unit_generator
 from cbstore.synth._io import GzipCsvWriter, datetime_strings, float_strings, take_strings, write_table
@@ -178,7 +178,7 @@ def variable_itemids(path=None) -> dict[str, list[int]]:
     Parameters
     ----------
     path : path-like, optional
-        A variables YAML file; default the packaged ``cbstore/resources/variables.yaml``.
+        A variables YAML file; default the packaged ``cbstore/build/resources/variables.yaml``.
 
     Returns
     -------
@@ -187,7 +187,7 @@ def variable_itemids(path=None) -> dict[str, list[int]]:
         An itemid of a variable with several sources is placed by the MIMIC-IV numbering
         (hosp lab items are below 100000, ICU items above).
     """
-    raw = (resources.files("cbstore") / "resources" / "variables.yaml").read_bytes() if path is None \
+    raw = (resources.files("cbstore.build") / "resources" / "variables.yaml").read_bytes() if path is None \
         else Path(path).read_bytes()
     out = {"chartevents": set(), "labevents": set(), "outputevents": set()}
     for var in yaml.load(raw, Loader=_YAML_LOADER)["variables"]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cbstore.phenotypes import Phenotypes
+from cbstore.build.phenotypes import Phenotypes
 
 HOUR = 3600
 DAY = 86400

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from cbstore.phenotypes import Phenotypes
+from cbstore.build.phenotypes import Phenotypes
 from cbstore.synth.cxr import ELIGIBLE_VIEWS, WINDOW_HOURS
 from cbstore.synth.model import (
     ADMISSION_FACTORS, DISPARITY_RACE_PREFIX, DISPARITY_SPO2_SHIFT, HOSP_DEATH_MODEL, HOUR,

@@ -243,7 +243,7 @@ def expand_grid(experiment: Experiment, *, store: str, out, name: str,
     GridError
         A cell cannot be resolved against the store (e.g. a missing embedding).
     """
-    from cbstore.store import open_store
+    from cbstore.store.reader import open_store
 
     src = str(source or name)
     base = source.parent if source is not None else pathlib.Path.cwd()

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cbstore.tasks import get_task
+from cbstore.format.tasks import get_task
 
 __all__ = [
     "RankedScores", "STRATA_DESCRIPTION", "THRESHOLD_RULE", "binary_statistic", "bootstrap_strata",

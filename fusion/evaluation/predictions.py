@@ -30,8 +30,8 @@ import secrets
 import numpy as np
 import pandas as pd
 
-from cbstore.tasks import TASKS as STORE_TASKS
-from cbstore.tasks import get_task
+from cbstore.format.tasks import TASKS as STORE_TASKS
+from cbstore.format.tasks import get_task
 from fusion.registry import FusionError
 
 __all__ = [
@@ -40,7 +40,7 @@ __all__ = [
     "prob_columns", "task_arrays", "select_test", "validate_predictions", "write_predictions",
 ]
 
-#: Tasks the evaluator knows (:data:`cbstore.tasks.TASKS`); their kind comes from their TaskSpec.
+#: Tasks the evaluator knows (:data:`cbstore.format.tasks.TASKS`); their kind comes from their TaskSpec.
 TASKS = STORE_TASKS
 BINARY_TASKS = tuple(name for name in TASKS if get_task(name).kind == "binary")
 #: Values of the ``part`` column.

@@ -27,7 +27,7 @@ import pathlib
 
 import numpy as np
 
-from cbstore.tasks import get_task
+from cbstore.format.tasks import get_task
 from fusion.methods.base import label_prior
 from fusion.registry import FusionMethod, HyperparameterError, MethodStateError, register
 
@@ -49,7 +49,7 @@ class BoosterSet:
     Parameters
     ----------
     task : str
-        Task name; its :class:`cbstore.tasks.TaskSpec` kind picks per-label binary boosters or
+        Task name; its :class:`cbstore.format.tasks.TaskSpec` kind picks per-label binary boosters or
         one multiclass booster.
     n_outputs : int
     params : dict

@@ -24,7 +24,7 @@ import pathlib
 
 import yaml
 
-from cbstore.inputs import cohort_of_part
+from cbstore.inputs.reader import cohort_of_part
 from fusion.registry import TASKS, HyperparameterError, get_method
 
 __all__ = ["COHORT_KEYS", "PRESET_DIR", "PresetError", "check_preset_file", "list_presets",

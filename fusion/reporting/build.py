@@ -92,7 +92,7 @@ class ReportOptions:
 
 
 def _kind(task: str) -> str:
-    """``binary``, ``multilabel`` or ``multiclass`` (the task's :class:`cbstore.tasks.TaskSpec`)."""
+    """``binary``, ``multilabel`` or ``multiclass`` (the task's :class:`cbstore.format.tasks.TaskSpec`)."""
     return task_kind(task)
 
 

@@ -2,14 +2,14 @@
 
 Every consumer of a store's model inputs reads them here: the fusion data loader
 (:func:`fusion.data.load_fusion_data`) and its batches, the torch Dataset adaptor
-(:class:`cbstore.dataset.StayDataset`, :meth:`cbstore.store.Store.torch_dataset`) and the EHR
+(:class:`cbstore.inputs.dataset.StayDataset`, :meth:`cbstore.store.reader.Store.torch_dataset`) and the EHR
 encoders of ``cbstore encode``. So EHR preprocessing, X-ray flags and labels are assembled once:
 
 * :func:`select_stays` -- the stays of a part of a fold that a task and a cohort use;
 * :func:`read_inputs` (or, to read several sets of stays of one fold, a :class:`FoldReader`) --
   a :class:`StayInputs` for given store positions:
 
-  - ``y``: the task's targets (:meth:`cbstore.tasks.TaskSpec.targets`);
+  - ``y``: the task's targets (:meth:`cbstore.format.tasks.TaskSpec.targets`);
   - ``cxr_present`` (the X-ray is available: natural presence minus ``cxr_hidden``),
     ``cxr_masked`` (present but hidden), ``cxr_hours`` (hours from the film to the prediction
     time, NaN where not available);
@@ -46,8 +46,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from cbstore.errors import EmbeddingError, InputsError, StoreError
-from cbstore.preprocess import cxr_to_float, impute_and_normalise
-from cbstore.tasks import get_task
+from cbstore.format.tasks import get_task
+from cbstore.inputs.preprocess import cxr_to_float, impute_and_normalise
 
 __all__ = ["COHORTS", "EMBEDDING_KINDS", "INPUT_KINDS", "PARTS", "EhrPreprocessor", "FoldReader",
            "StayInputs", "available_encoders", "cohort_of_part", "encode_command", "read_inputs",
@@ -73,7 +73,7 @@ class EhrPreprocessor:
     Attributes
     ----------
     stats : dict
-        The fold's training statistics (:meth:`cbstore.store.Store.fold_stats`).
+        The fold's training statistics (:meth:`cbstore.store.reader.Store.fold_stats`).
     normalize : numpy.ndarray
         bool ``[F]``: features scaled to ``(x - median) / scale`` (``ehr/normalize``).
     binary : numpy.ndarray or None
@@ -102,7 +102,7 @@ class EhrPreprocessor:
         Returns
         -------
         values : numpy.ndarray
-            float32 ``[k, T, F]`` without NaN (:func:`cbstore.preprocess.impute_and_normalise`).
+            float32 ``[k, T, F]`` without NaN (:func:`cbstore.inputs.preprocess.impute_and_normalise`).
         mask : numpy.ndarray
             float32 ``[k, T, F]``, 1 where a value was observed (the store guarantees
             ``ehr/observed`` is exactly the non-NaN entries of ``ehr/values``).
@@ -247,7 +247,7 @@ def resolve_encoder(store, modality: str, encoder_id: str | None, kind: str | No
 
     Parameters
     ----------
-    store : cbstore.store.Store
+    store : cbstore.store.reader.Store
     modality : str
         ``ehr`` or ``cxr``.
     encoder_id : str or None
@@ -314,7 +314,7 @@ class FoldReader:
 
     Parameters
     ----------
-    store : cbstore.store.Store
+    store : cbstore.store.reader.Store
     fold : int
     task : str or TaskSpec, optional
         Task whose targets fill ``StayInputs.y`` (None: no targets).
@@ -412,7 +412,7 @@ class FoldReader:
             Part name recorded in the result.
         cxr_hidden : array-like of bool, optional
             ``[k]``, aligned with ``positions``: X-rays hidden by a simulated mask
-            (:func:`cbstore.masks.apply_cxr_mask`). A hidden film counts as absent everywhere: no
+            (:func:`cbstore.inputs.masks.apply_cxr_mask`). A hidden film counts as absent everywhere: no
             image, NaN embedding, NaN time, ``cxr_present`` False, ``cxr_masked`` True.
 
         Returns
@@ -489,7 +489,7 @@ def read_inputs(store, fold: int, positions, *, task=None, inputs: Iterable[str]
 
     Parameters
     ----------
-    store : cbstore.store.Store
+    store : cbstore.store.reader.Store
     fold : int
     positions : array-like of int
         Store positions.

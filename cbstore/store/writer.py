@@ -1,9 +1,9 @@
 """Writing a store: :func:`write_store` and :class:`StoreWriter` (the layout of ``store_layout.md``).
 
-The writer checks a :class:`~cbstore.content.StoreContent` against the layout, writes it into a
+The writer checks a :class:`~cbstore.format.content.StoreContent` against the layout, writes it into a
 temporary sibling ``<path>.partial-<random>``, consolidates the root metadata once, writes
 ``cbstore_manifest.json`` last and renames the folder into place, so nothing half-written ever
-sits at the final path. Image shards are written by :class:`cbstore.image_shards.ShardWriter`,
+sits at the final path. Image shards are written by :class:`cbstore.store.image_shards.ShardWriter`,
 only for shards holding at least one film.
 """
 
@@ -22,10 +22,9 @@ import pandas as pd
 import zarr
 import zarr.api.asynchronous
 
-from cbstore.content import CXR_COLUMNS, FEATURE_COLUMNS, PART_CODES, STAT_NAMES, STAY_COLUMNS, StoreContent
 from cbstore.errors import StoreContentError, StoreError, StoreExistsError
-from cbstore.image_shards import ShardWriter
-from cbstore.schema import (
+from cbstore.format.content import CXR_COLUMNS, FEATURE_COLUMNS, PART_CODES, STAT_NAMES, STAY_COLUMNS, StoreContent
+from cbstore.format.schema import (
     ARRAYS,
     DATETIME_ATTRS,
     DATETIME_COLUMNS,
@@ -39,7 +38,8 @@ from cbstore.schema import (
     check_schema,
     config_sha256,
 )
-from cbstore.zarr_io import MAX_1D_CHUNK, array_options, consolidate, jsonable, now, package_version, run_async
+from cbstore.store.image_shards import ShardWriter
+from cbstore.store.zarr_io import MAX_1D_CHUNK, array_options, consolidate, jsonable, now, package_version, run_async
 
 __all__ = ["PartitionedStoreWriter", "StoreWriter", "write_store"]
 
@@ -577,7 +577,7 @@ class PartitionedStoreWriter:
     same shapes, is reopened: an interrupted build resumes there). :meth:`write_ehr` and
     :meth:`write_images` write whole chunks and shards of the stays of one block;
     rewriting a block gives the same bytes. :meth:`finish` writes every other array from a
-    :class:`~cbstore.content.StoreContent` whose ``ehr_values`` and ``images`` are None,
+    :class:`~cbstore.format.content.StoreContent` whose ``ehr_values`` and ``images`` are None,
     consolidates, writes the manifest last and renames ``partial`` to the final path.
 
     Parameters

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cbstore.content import STAT_NAMES, TEST, TRAIN, VAL
+from cbstore.format.content import STAT_NAMES, TEST, TRAIN, VAL
 
 
 def fold_statistics(
@@ -42,7 +42,7 @@ def fold_statistics(
     Returns
     -------
     dict of str to numpy.ndarray
-        Keys :data:`cbstore.content.STAT_NAMES`: ``median``, ``iqr`` (q75 - q25), ``mean``,
+        Keys :data:`cbstore.format.content.STAT_NAMES`: ``median``, ``iqr`` (q75 - q25), ``mean``,
         ``std`` (ddof=0), ``min``, ``max`` as float32 [fold, feature] (NaN where a feature has
         no training observation) and ``n_observed`` int64 [fold, feature]. Quantiles use
         linear interpolation (numpy's default ``method="linear"``); sums are in float64.

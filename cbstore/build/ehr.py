@@ -1,6 +1,6 @@
 """Hourly EHR tensor of each cohort stay, from the variables file and DuckDB.
 
-Semantics (also in the header of ``cbstore/resources/variables.yaml``):
+Semantics (also in the header of ``cbstore/build/resources/variables.yaml``):
 
 * hour ``h`` of a stay covers ``[intime + h, intime + h + 1)``, ``0 <= h < window_hours``; events
   before ``intime`` or at/after the prediction time (``intime + window_hours``) are not used;
@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from cbstore.build.extract import Extractor, load_sql
 from cbstore.errors import CbstoreError
-from cbstore.extract import Extractor, load_sql
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Variables:
 
 def default_variables_path() -> Path:
     """Path of the packaged ``variables.yaml``."""
-    return Path(str(resources.files("cbstore").joinpath("resources", "variables.yaml")))
+    return Path(str(resources.files("cbstore.build").joinpath("resources", "variables.yaml")))
 
 
 def load_variables(path: str | Path | None = None) -> Variables:

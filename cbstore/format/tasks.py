@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbstore.errors import UnknownTaskError
-from cbstore.schema import LOS_CLASS_NAMES
+from cbstore.format.schema import LOS_CLASS_NAMES
 
 __all__ = ["KINDS", "TASKS", "TASK_SPECS", "TaskSpec", "get_task"]
 

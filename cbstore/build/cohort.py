@@ -28,9 +28,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cbstore.content import STAY_COLUMNS
+from cbstore.build.extract import Extractor
 from cbstore.errors import SourceError
-from cbstore.extract import Extractor
+from cbstore.format.content import STAY_COLUMNS
 
 #: MIMIC-IV ``admissions.race`` strings -> five groups (the reference toolkit's table; strings are
 #: compared upper-cased with spaces stripped; anything else, and empty, is OTHER).
@@ -118,7 +118,7 @@ def select_cohort(all_stays: pd.DataFrame, *, min_age: float, window_hours: int)
 def keep_with_ehr(stays: pd.DataFrame, with_ehr: np.ndarray, flow: list[dict]) -> pd.DataFrame:
     """Cohort step 5: keep the stays at positions ``with_ehr`` (those with an EHR value); appends to ``flow``.
 
-    ``with_ehr`` holds sorted row positions of ``stays`` (see :func:`cbstore.ehr.stays_with_ehr`).
+    ``with_ehr`` holds sorted row positions of ``stays`` (see :func:`cbstore.build.ehr.stays_with_ehr`).
     """
     kept = stays.iloc[np.asarray(with_ehr, dtype=np.int64)].reset_index(drop=True)
     flow.append(_step("ehr_in_window", kept, "at least one EHR measurement in [intime, prediction_time)"))
@@ -143,7 +143,7 @@ def age_groups(age: np.ndarray, min_age: float = 18) -> np.ndarray:
 
 
 def stays_table(stays: pd.DataFrame, min_age: float = 18) -> pd.DataFrame:
-    """The store's ``stays`` table (index ``stay_id``; columns :data:`cbstore.content.STAY_COLUMNS`)."""
+    """The store's ``stays`` table (index ``stay_id``; columns :data:`cbstore.format.content.STAY_COLUMNS`)."""
     out = pd.DataFrame(index=pd.Index(stays["stay_id"].to_numpy(np.int64), name="stay_id"))
     out["subject_id"] = stays["subject_id"].to_numpy(np.int64)
     out["hadm_id"] = stays["hadm_id"].to_numpy(np.int64)

@@ -2,7 +2,7 @@
 
 Checks are cheap: file presence and each table's header line (never the data). Errors name the
 file or the column and say what to do. Reading errors inside the data (a truncated or corrupt
-gzip file) surface later, when DuckDB reads the file; :mod:`cbstore.extract` turns them into
+gzip file) surface later, when DuckDB reads the file; :mod:`cbstore.build.extract` turns them into
 :class:`~cbstore.errors.SourceError` naming the file.
 
 Accepted MIMIC-IV layouts: the release root of v2.x or v3.x (folders ``hosp/`` and ``icu/``),

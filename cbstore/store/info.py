@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cbstore.content import PART_CODES
-from cbstore.schema import LOS_CLASS_NAMES
-from cbstore.store import Store
+from cbstore.format.content import PART_CODES
+from cbstore.format.schema import LOS_CLASS_NAMES
+from cbstore.store.reader import Store
 
 
 def _pct(k: int, n: int) -> str:
@@ -115,7 +115,7 @@ def tree_listing(path: str | os.PathLike) -> str:
     """
     import zarr
 
-    from cbstore.store import quiet_zarr_warnings
+    from cbstore.store.zarr_io import quiet_zarr_warnings
 
     with quiet_zarr_warnings():
         root = zarr.open_group(str(path), mode="r", use_consolidated=True)

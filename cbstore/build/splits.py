@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbstore.content import TEST, TRAIN, VAL
+from cbstore.format.content import TEST, TRAIN, VAL
 
 
 def assign_folds(

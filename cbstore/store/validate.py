@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cbstore.content import PART_CODES, STAT_NAMES, TRAIN
-from cbstore.preprocess import training_stats
-from cbstore.schema import (
+from cbstore.format.content import PART_CODES, STAT_NAMES, TRAIN
+from cbstore.format.schema import (
     ARRAYS,
     EMBEDDING_ATTRS_SCHEMA,
     EMBEDDINGS_GROUP,
@@ -34,7 +33,8 @@ from cbstore.schema import (
     config_sha256,
     major,
 )
-from cbstore.store import quiet_zarr_warnings
+from cbstore.format.stats import training_stats
+from cbstore.store.zarr_io import quiet_zarr_warnings
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,10 @@
-"""Reading cbstore stores (the layout of ``store_layout.md``), and the public names of the store API.
+"""Reading cbstore stores (the layout of ``store_layout.md``).
 
-:func:`open_store` returns a :class:`Store` with numpy/pandas accessors, lazy xarray views and
-(via :meth:`Store.torch_dataset`) a torch Dataset. Embeddings are added to an existing store
-through :meth:`Store.create_embedding` and the :class:`EmbeddingWriter` it returns.
-
-Writing lives in :mod:`cbstore.store_write` (:func:`write_store`, :class:`StoreWriter`) and
-:mod:`cbstore.embeddings` (:class:`EmbeddingWriter`); they are re-exported here, so
-``from cbstore.store import write_store, StoreWriter, EmbeddingWriter, open_store`` keeps working.
+:func:`open_store` returns a :class:`Store` with numpy/pandas accessors and lazy xarray views.
+Embeddings are added to an existing store through :meth:`Store.create_embedding` and the
+:class:`~cbstore.store.embeddings.EmbeddingWriter` it returns; writing a new store is
+:func:`cbstore.store.writer.write_store`. A torch Dataset of a store is
+:class:`cbstore.inputs.dataset.StayDataset` (the model-input layer sits above this one).
 """
 
 from __future__ import annotations
@@ -22,10 +20,9 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from cbstore.content import CXR_COLUMNS, PART_CODES, STAT_NAMES, STAY_COLUMNS
-from cbstore.embeddings import EmbeddingWriter
 from cbstore.errors import EmbeddingError, StoreError, StoreVersionError, UnknownTaskError
-from cbstore.schema import (
+from cbstore.format.content import CXR_COLUMNS, PART_CODES, STAT_NAMES, STAY_COLUMNS
+from cbstore.format.schema import (
     ARRAYS,
     DATETIME_COLUMNS,
     EMBEDDINGS_GROUP,
@@ -37,17 +34,14 @@ from cbstore.schema import (
     TASKS,
     major,
 )
-from cbstore.store_write import StoreWriter, write_store
-from cbstore.tasks import TaskSpec, get_task
-from cbstore.zarr_io import consolidate, package_version, quiet_zarr_warnings
+from cbstore.format.tasks import TaskSpec, get_task
+from cbstore.store.embeddings import EmbeddingWriter, create_embedding
+from cbstore.store.zarr_io import package_version
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
 
-__all__ = [
-    "EmbeddingWriter", "Store", "StoreError", "StoreWriter", "open_store", "write_store",
-    "FORMAT_VERSION", "consolidate", "quiet_zarr_warnings",
-]
+__all__ = ["Store", "open_store"]
 
 
 def _take_sharded(arr: zarr.Array, uniq: np.ndarray) -> np.ndarray:
@@ -281,7 +275,7 @@ class Store:
     def labels(self, task: str) -> np.ndarray:
         """Labels of ``task`` as stored: int8 [n] (binary, multiclass) or [n, P] (multilabel).
 
-        The array is ``labels/<TaskSpec.labels_array>`` (:mod:`cbstore.tasks`).
+        The array is ``labels/<TaskSpec.labels_array>`` (:mod:`cbstore.format.tasks`).
         """
         spec = self._check_task(task)
         return np.asarray(self._array(f"labels/{spec.labels_array}")[:], dtype=np.int8)
@@ -370,17 +364,6 @@ class Store:
         import xarray as xr
 
         return xr.open_datatree(str(self.path), engine="zarr", consolidated=True, zarr_format=3)
-
-    def torch_dataset(self, task: str, fold: int, part: str, *, cohort: str = "full",
-                      with_images: bool = True, cxr_drop: np.ndarray | None = None):
-        """torch Dataset of ``part`` of ``fold`` for ``task`` (:class:`cbstore.dataset.StayDataset`).
-
-        EHR inputs are imputed and normalised with ``fold``'s training statistics from ``stats/``;
-        torch is imported only when this is called.
-        """
-        from cbstore.dataset import StayDataset
-
-        return StayDataset(self, task, fold, part, cohort=cohort, with_images=with_images, cxr_drop=cxr_drop)
 
     # -- embeddings ----------------------------------------------------------------------------
 
@@ -513,8 +496,6 @@ class Store:
         EmbeddingError
             The embedding is complete and ``overwrite`` is false, or an incomplete one has another shape.
         """
-        from cbstore.embeddings import create_embedding
-
         return create_embedding(self, modality, encoder_id, dim, per_fold=per_fold, sequence_dim=sequence_dim,
                                 attrs=attrs, overwrite=overwrite, region_stays=region_stays,
                                 map_shape=map_shape)

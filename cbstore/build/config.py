@@ -1,7 +1,7 @@
 """Build configuration: the settings of ``cbstore build``, their defaults and validation.
 
 The defaults live in :class:`BuildConfig` and are documented, key by key, in
-``cbstore/resources/build.yaml`` (a test keeps the two equal). A configuration file (YAML or
+``cbstore/build/resources/build.yaml`` (a test keeps the two equal). A configuration file (YAML or
 TOML) holds a flat mapping of these keys; command-line options override file values.
 
 Settings split in two:
@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from cbstore.errors import ConfigError
-from cbstore.schema import config_sha256 as schema_config_sha256
+from cbstore.format.schema import config_sha256 as schema_config_sha256
 
 #: Keys that change how a build runs but not what it produces.
 RUNTIME_KEYS = ("memory_limit", "threads", "workers", "work_dir", "partitions")
@@ -36,7 +36,7 @@ _MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)\s*$"
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Settings of ``cbstore build`` (see ``cbstore/resources/build.yaml`` for each key).
+    """Settings of ``cbstore build`` (see ``cbstore/build/resources/build.yaml`` for each key).
 
     Attributes
     ----------
@@ -70,7 +70,7 @@ class BuildConfig:
         uses the system temporary folder. The resume state lives beside the output instead.
     partitions : int or None
         Number of partitions the stays are processed in (each a run of whole 256-stay chunks, so
-        at most one per chunk); ``None`` chooses one per :data:`cbstore.build.PARTITION_STAYS`
+        at most one per chunk); ``None`` chooses one per :data:`cbstore.build.pipeline.PARTITION_STAYS`
         cohort stays.
     """
 
@@ -118,7 +118,7 @@ class BuildConfig:
 def config_sha256(config: BuildConfig) -> str:
     """SHA-256 of the canonical JSON of ``config.content_dict()``.
 
-    Canonical JSON as in :func:`cbstore.schema.canonical_json`. Runtime settings are excluded, so
+    Canonical JSON as in :func:`cbstore.format.schema.canonical_json`. Runtime settings are excluded, so
     the hash identifies what a store holds, not how fast it was built.
     """
     return schema_config_sha256(config.content_dict())

@@ -1,7 +1,7 @@
 """In-memory content of a store, handed from the build pipeline to the store writer.
 
-The build (`cbstore.build`) assembles one :class:`StoreContent`; the writer
-(`cbstore.store.write_store`) turns it into the on-disk layout of ``store_layout.md``.
+The build (`cbstore.build.pipeline`) assembles one :class:`StoreContent`; the writer
+(`cbstore.store.writer.write_store`) turns it into the on-disk layout of ``store_layout.md``.
 Keeping this hand-over explicit lets either side be tested on its own.
 """
 
@@ -58,7 +58,7 @@ class StoreContent:
         Aligned with ``stays``; columns :data:`CXR_COLUMNS`.
     images : numpy.ndarray or None
         uint8 [stay, y, x]; zeros where ``cxr.present`` is false. ``None`` when the writer is
-        given images region by region instead (see ``cbstore.store.StoreWriter``).
+        given images region by region instead (see ``cbstore.store.writer.StoreWriter``).
     splits : numpy.ndarray
         uint8 [stay, fold] with codes :data:`TRAIN`, :data:`VAL`, :data:`TEST`.
     stats : dict of str to numpy.ndarray

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from cbstore.build.extract import Extractor
 from cbstore.errors import CbstoreError
-from cbstore.extract import Extractor
 
 #: Left edges of the LoS classes in days; class k covers [edge_k, edge_{k+1}).
 LOS_EDGES = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 14.0)
@@ -28,7 +28,7 @@ LOS_CLASS_NAMES = ("2-3d", "3-4d", "4-5d", "5-6d", "6-7d", "7-14d", "14+d")
 
 
 def mortality_labels(stays: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """ICU and in-hospital mortality (int8 0/1) from the columns of :func:`cbstore.cohort.read_stays`."""
+    """ICU and in-hospital mortality (int8 0/1) from the columns of :func:`cbstore.build.cohort.read_stays`."""
     intime, outtime = stays["intime"], stays["outtime"]
     deathtime = stays["deathtime"]
     dod = pd.to_datetime(stays["dod"])
@@ -94,7 +94,7 @@ def phenotype_labels(extractor: Extractor, stays: pd.DataFrame, code_table: pd.D
 
 def compute_labels(extractor: Extractor, stays: pd.DataFrame, code_table: pd.DataFrame,
                    names: list[str]) -> dict[str, np.ndarray]:
-    """All labels of ``stays`` as the dict :class:`cbstore.content.StoreContent` expects."""
+    """All labels of ``stays`` as the dict :class:`cbstore.format.content.StoreContent` expects."""
     mortality, mortality_hosp = mortality_labels(stays)
     los = los_days(stays)
     return {

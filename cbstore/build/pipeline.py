@@ -2,21 +2,21 @@
 
 Order of work (each step in its own module; store_layout.md, "How the build bounds memory"):
 
-1. check the sources (:mod:`cbstore.sources`) and the definition files; open (or start over)
-   the resume state ``<out>.build/`` beside the output (:mod:`cbstore.resume`);
+1. check the sources (:mod:`cbstore.build.sources`) and the definition files; open (or start over)
+   the resume state ``<out>.build/`` beside the output (:mod:`cbstore.build.resume`);
 2. open DuckDB over the raw files with its spill files in a fresh work folder (outside the
-   sources; removed at the end and on failure) (:mod:`cbstore.extract`); cohort steps 1-4
-   (:mod:`cbstore.cohort`);
+   sources; removed at the end and on failure) (:mod:`cbstore.build.extract`); cohort steps 1-4
+   (:mod:`cbstore.build.cohort`);
 3. read each event table once, keeping the cohort's events of the variables' items inside each
-   stay's window, into Parquet in the resume state, bucketed by stay (:mod:`cbstore.ehr`);
-   cohort step 5 (stays with an EHR value) from those events; labels (:mod:`cbstore.labels`),
-   film selection (:mod:`cbstore.cxr`) and patient-level splits (:mod:`cbstore.splits`), all
+   stay's window, into Parquet in the resume state, bucketed by stay (:mod:`cbstore.build.ehr`);
+   cohort step 5 (stays with an EHR value) from those events; labels (:mod:`cbstore.build.labels`),
+   film selection (:mod:`cbstore.build.cxr`) and patient-level splits (:mod:`cbstore.build.splits`), all
    per stay and small;
 4. per partition (a run of whole 256-stay chunks of the store, in store order): the hourly EHR
    tensor of its stays and, in a thread alongside, its films decoded shard by shard; both are
-   written into the unfinished store (:class:`cbstore.store.PartitionedStoreWriter`), then the
+   written into the unfinished store (:class:`cbstore.store.writer.PartitionedStoreWriter`), then the
    partition is recorded as finished, so an interrupted build continues after it;
-5. per-fold training statistics read back from the written tensor (:mod:`cbstore.stats`); the
+5. per-fold training statistics read back from the written tensor (:mod:`cbstore.build.stats`); the
    other arrays and the attributes; the manifest last; the unfinished store is renamed to
    ``out`` and the resume state removed, so a failed build leaves nothing at ``out``.
 """
@@ -37,20 +37,20 @@ import numpy as np
 import pandas as pd
 
 from cbstore import __version__
-from cbstore.cohort import keep_with_ehr, read_stays, select_cohort, stays_table
-from cbstore.config import BuildConfig, ConfigError, config_sha256
-from cbstore.content import StoreContent
-from cbstore.cxr import NO_ELIGIBLE_FILM, iter_image_batches, read_cxr_metadata, select_films
-from cbstore.ehr import Variables, hourly_values, load_ehr_tables, load_variables, stays_with_ehr, write_events
+from cbstore.build.cohort import keep_with_ehr, read_stays, select_cohort, stays_table
+from cbstore.build.config import BuildConfig, ConfigError, config_sha256
+from cbstore.build.cxr import NO_ELIGIBLE_FILM, iter_image_batches, read_cxr_metadata, select_films
+from cbstore.build.ehr import Variables, hourly_values, load_ehr_tables, load_variables, stays_with_ehr, write_events
+from cbstore.build.extract import Extractor
+from cbstore.build.labels import compute_labels
+from cbstore.build.phenotypes import PhenotypeDefinitionError, Phenotypes, load_phenotypes
+from cbstore.build.resume import BuildState, source_files, state_folder
+from cbstore.build.sources import MimicCxrSource, MimicIVSource, locate_mimic_cxr, locate_mimic_iv
+from cbstore.build.splits import assign_folds
+from cbstore.build.stats import fold_statistics
 from cbstore.errors import SourceError, StoreExistsError
-from cbstore.extract import Extractor
-from cbstore.labels import compute_labels
-from cbstore.phenotypes import PhenotypeDefinitionError, Phenotypes, load_phenotypes
-from cbstore.resume import BuildState, source_files, state_folder
-from cbstore.sources import MimicCxrSource, MimicIVSource, locate_mimic_cxr, locate_mimic_iv
-from cbstore.splits import assign_folds
-from cbstore.stats import fold_statistics
-from cbstore.store_write import PartitionedStoreWriter
+from cbstore.format.content import StoreContent
+from cbstore.store.writer import PartitionedStoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def _xray_table(selection: pd.DataFrame, present: np.ndarray,
                 reasons: np.ndarray) -> tuple[pd.DataFrame, dict[str, int]]:
     """The ``cxr`` table of the stays and the skip counts.
 
-    ``selection`` is :func:`cbstore.cxr.select_films` of the stays (indexed by stay id);
+    ``selection`` is :func:`cbstore.build.cxr.select_films` of the stays (indexed by stay id);
     ``present`` and ``reasons`` say, per stay, whether its film was decoded and why not. Returns
     the table and the counts of selected films that could not be used, by reason.
     """

@@ -1,6 +1,6 @@
 """Cached embeddings: creating an embedding group and writing it region by region.
 
-:func:`create_embedding` (called through :meth:`cbstore.store.Store.create_embedding`) creates
+:func:`create_embedding` (called through :meth:`cbstore.store.reader.Store.create_embedding`) creates
 ``embeddings/<modality>/<encoder-id>/`` and returns an :class:`EmbeddingWriter`, which writes
 chunk-aligned regions, keeps one ``done`` flag per region and marks the group complete at the end
 (``store_layout.md``, "Embeddings").
@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from cbstore.errors import EmbeddingError, StoreReadOnlyError
-from cbstore.schema import (
+from cbstore.format.schema import (
     ARRAYS,
     EMBEDDING_ATTRS_SCHEMA,
     EMBEDDING_CALLER_ATTRS,
@@ -27,10 +27,10 @@ from cbstore.schema import (
     ArraySpec,
     check_schema,
 )
-from cbstore.zarr_io import MAX_1D_CHUNK, consolidate, create_array, jsonable, now, package_version
+from cbstore.store.zarr_io import MAX_1D_CHUNK, consolidate, create_array, jsonable, now, package_version
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cbstore.store import Store
+    from cbstore.store.reader import Store
 
 __all__ = ["EmbeddingWriter", "create_embedding"]
 
@@ -48,7 +48,7 @@ def create_embedding(
     region_stays: int,
     map_shape: tuple | None = None,
 ) -> "EmbeddingWriter":
-    """Create (or resume) an embedding group of ``store``; see :meth:`cbstore.store.Store.create_embedding`."""
+    """Create (or resume) an embedding group of ``store``; see :meth:`cbstore.store.reader.Store.create_embedding`."""
     if modality not in MODALITIES:
         raise EmbeddingError(f"unknown modality {modality!r}; choose one of {list(MODALITIES)}")
     if not isinstance(dim, (int, np.integer)) or dim < 1:

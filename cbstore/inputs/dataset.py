@@ -1,12 +1,12 @@
 """torch views of the one read path (imports torch; load lazily).
 
-* :func:`tensor_batch` -- rows of a :class:`cbstore.inputs.StayInputs` as a dict of tensors;
+* :func:`tensor_batch` -- rows of a :class:`cbstore.inputs.reader.StayInputs` as a dict of tensors;
 * :class:`PartBatches` -- whole batches of a ``StayInputs`` (what the fusion trainer iterates);
 * :class:`StayDataset` -- one stay per item, for plain ``DataLoader`` use
-  (:meth:`cbstore.store.Store.torch_dataset`).
+  (:meth:`cbstore.store.reader.Store.torch_dataset`).
 
-Both read their stays through :class:`cbstore.inputs.FoldReader` (its ``select`` is
-:func:`cbstore.inputs.select_stays`), so a stay gets the same EHR values (imputed and normalised with
+Both read their stays through :class:`cbstore.inputs.reader.FoldReader` (its ``select`` is
+:func:`cbstore.inputs.reader.select_stays`), so a stay gets the same EHR values (imputed and normalised with
 the fold's *training* statistics), masks, labels and X-ray flags whichever view reads it.
 
 Keys (a batch has a leading batch dimension; a :class:`StayDataset` item has none):
@@ -36,10 +36,10 @@ import torch
 from torch.utils.data import Dataset
 
 from cbstore.errors import StoreError
-from cbstore.inputs import FoldReader, StayInputs
+from cbstore.inputs.reader import FoldReader, StayInputs
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cbstore.store import Store
+    from cbstore.store.reader import Store
 
 __all__ = ["COHORTS", "PartBatches", "StayDataset", "tensor_batch"]
 
@@ -79,7 +79,7 @@ def tensor_batch(inputs: StayInputs, rows, kinds) -> dict:
 
 
 class PartBatches(Dataset):
-    """Batches of a :class:`cbstore.inputs.StayInputs` (a fusion part) as dicts of tensors.
+    """Batches of a :class:`cbstore.inputs.reader.StayInputs` (a fusion part) as dicts of tensors.
 
     Indexing with a list of rows returns one batch (used with ``DataLoader(batch_size=None)``).
 
@@ -138,7 +138,7 @@ class StayDataset(Dataset):
     -----
     Item keys: see the module docstring (``index``, ``stay_id``, ``y`` and its alias ``label``,
     ``cxr_present``, ``cxr_hours``, ``ehr``, ``ehr_mask``, and ``cxr`` with ``with_images``).
-    Everything is read at construction, through :class:`cbstore.inputs.FoldReader`;
+    Everything is read at construction, through :class:`cbstore.inputs.reader.FoldReader`;
     ``__getitem__`` only slices memory.
     """
 

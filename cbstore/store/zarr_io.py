@@ -22,7 +22,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from cbstore.errors import StoreContentError
-from cbstore.schema import MANIFEST_NAME, ArraySpec
+from cbstore.format.schema import MANIFEST_NAME, ArraySpec
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Phenotype definitions: the 25 benchmark CCS groups with version-tagged diagnosis codes.
 
-The packaged file ``cbstore/resources/phenotypes.yaml`` lists, for each of the 25 HCUP CCS
+The packaged file ``cbstore/build/resources/phenotypes.yaml`` lists, for each of the 25 HCUP CCS
 single-level groups used by the MIMIC benchmarks, its CCS number, whether it is acute or chronic,
 and two separate code lists, ``icd9`` and ``icd10``. Diagnosis rows must be matched on the pair
 (``icd_code``, ``icd_version``): a few codes (for example ``V420`` or ``E870``) are valid in both
@@ -46,7 +46,7 @@ __all__ = [
     "DEFAULT_PHENOTYPES_RESOURCE",
 ]
 
-#: Name of the packaged definitions file inside ``cbstore/resources``.
+#: Name of the packaged definitions file inside ``cbstore/build/resources``.
 DEFAULT_PHENOTYPES_RESOURCE = "phenotypes.yaml"
 
 #: Allowed values of a group's ``type``.
@@ -175,7 +175,7 @@ PACKAGED_HEADER = """\
 cbstore phenotype definitions: the 25 HCUP CCS single-level groups of the MIMIC benchmarks,
 with diagnosis codes split by ICD version. Match diagnoses_icd rows on (icd_code, icd_version).
 
-Derived (cbstore.phenotypes.derive_definitions) from two public fact files that both carry
+Derived (cbstore.build.phenotypes.derive_definitions) from two public fact files that both carry
 codes from AHRQ HCUP Clinical Classifications Software (CCS):
   * hcup_ccs_2015_definitions.yaml (MIMIC-III benchmark resources, MIT licence): ICD-9-CM codes;
     the groups with use_in_benchmark true, in this file's order, are the 25 phenotypes here;
@@ -330,7 +330,7 @@ def load_phenotypes(path=None) -> Phenotypes:
     Parameters
     ----------
     path : str or path-like, optional
-        A definitions YAML file; by default the packaged ``cbstore/resources/phenotypes.yaml``.
+        A definitions YAML file; by default the packaged ``cbstore/build/resources/phenotypes.yaml``.
 
     Returns
     -------
@@ -345,7 +345,7 @@ def load_phenotypes(path=None) -> Phenotypes:
         the entry, e.g. ``phenotypes[3] ('Shock'): duplicate icd10 code(s) ['R570']``).
     """
     if path is None:
-        ref = resources.files("cbstore") / "resources" / DEFAULT_PHENOTYPES_RESOURCE
+        ref = resources.files("cbstore.build") / "resources" / DEFAULT_PHENOTYPES_RESOURCE
         raw, where = ref.read_bytes(), str(ref)
     else:
         where = str(path)

@@ -25,9 +25,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from cbstore.cxr import CXR_METADATA, find_cxr_file
-from cbstore.sources import MimicCxrSource, MimicIVSource
-from cbstore.zarr_io import now
+from cbstore.build.cxr import CXR_METADATA, find_cxr_file
+from cbstore.build.sources import MimicCxrSource, MimicIVSource
+from cbstore.store.zarr_io import now
 
 log = logging.getLogger(__name__)
 

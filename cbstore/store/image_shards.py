@@ -72,7 +72,7 @@ class ShardWriter:
             raise StoreError(
                 f"cannot write image shards of {folder}: its layout or codecs ({codecs}) differ from "
                 "the uint8 (1, y, x) chunks in (k, y, x) shards with [bytes, blosc] inner codecs that "
-                "cbstore.image_shards implements (a zarr release with other sharding defaults?)"
+                "cbstore.store.image_shards implements (a zarr release with other sharding defaults?)"
             )
         self.array = array
         self.folder = Path(folder)

@@ -5,8 +5,8 @@ An :class:`Extractor` opens an in-memory DuckDB database whose spill files go to
 a view ``mimiciv_<module>.<table>`` over its ``.csv.gz`` (or ``.csv``) file, read with explicit
 column types (identifiers BIGINT, times TIMESTAMP, ``dod`` DATE, numbers DOUBLE, everything
 else VARCHAR; the empty string is NULL; no type sniffing). Queries are SQL files in
-``cbstore/resources/sql/``; the large event tables are only ever read by DuckDB, once, into
-Parquet files of the cohort's events (:func:`cbstore.ehr.write_events`).
+``cbstore/build/resources/sql/``; the large event tables are only ever read by DuckDB, once, into
+Parquet files of the cohort's events (:func:`cbstore.build.ehr.write_events`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from cbstore.build.sources import MimicIVSource, SourceTable
 from cbstore.errors import SourceError
-from cbstore.sources import MimicIVSource, SourceTable
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ def column_types(table: SourceTable) -> dict[str, str]:
 
 
 def load_sql(name: str) -> str:
-    """Text of ``cbstore/resources/sql/<name>.sql``."""
-    return resources.files("cbstore").joinpath("resources", "sql", f"{name}.sql").read_text(encoding="utf-8")
+    """Text of ``cbstore/build/resources/sql/<name>.sql``."""
+    return resources.files("cbstore.build").joinpath("resources", "sql", f"{name}.sql").read_text(encoding="utf-8")
 
 
 def _quote(text: str) -> str:
@@ -71,7 +71,7 @@ class Extractor:
     Parameters
     ----------
     source : MimicIVSource
-        The checked release (see :func:`cbstore.sources.locate_mimic_iv`).
+        The checked release (see :func:`cbstore.build.sources.locate_mimic_iv`).
     work_dir : Path
         Folder for DuckDB's spill files; must not lie inside the source.
     memory_limit : str

@@ -1,7 +1,7 @@
 """The store contract in code: format version, groups, arrays and the attrs JSON Schema.
 
-``store_layout.md`` is the prose form of this module; the writer (:mod:`cbstore.store`), the
-reader and the validator (:mod:`cbstore.validate`) all take names, dtypes and dimensions from here.
+``store_layout.md`` is the prose form of this module; the writer (:mod:`cbstore.store.reader`), the
+reader and the validator (:mod:`cbstore.store.validate`) all take names, dtypes and dimensions from here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from cbstore.content import CXR_COLUMNS, STAT_NAMES, STAY_COLUMNS
+from cbstore.format.content import CXR_COLUMNS, STAT_NAMES, STAY_COLUMNS
 
 #: Version of the on-disk format (semver). Readers refuse another major version.
 FORMAT_VERSION = "1.1.0"
