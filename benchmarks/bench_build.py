@@ -90,7 +90,8 @@ def _synth_fingerprint() -> str:
     """SHA-256 of the synthetic generator's code and the definition files it reads."""
     digest = hashlib.sha256()
     files = sorted((REPO / "cbstore" / "synth").glob("*.py"))
-    files += [REPO / "cbstore" / "resources" / "variables.yaml", REPO / "cbstore" / "resources" / "phenotypes.yaml"]
+    files += [REPO / "cbstore" / "build" / "resources" / "variables.yaml",
+              REPO / "cbstore" / "build" / "resources" / "phenotypes.yaml"]
     for path in files:
         if path.is_file():
             digest.update(path.name.encode())
