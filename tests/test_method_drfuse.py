@@ -105,7 +105,7 @@ def test_ranking_term_is_positive_when_the_better_head_has_less_attention():
     assert float(loss.detach()) > 0
     loss.backward()
     assert logits.grad[0, 0, 2] < 0, "descending the loss raises the X-ray weight"
-    assert float(ranking_loss(attention, losses, torch.tensor([False]))) == 0.0
+    assert float(ranking_loss(attention, losses, torch.tensor([False])).detach()) == 0.0
     swapped = torch.softmax(torch.tensor([[[-1.0, 0.0, 2.0]]]), dim=-1)  # a_cxr > a_ehr
     cxr_vs_ehr = ranking_loss(swapped, {**losses, "shared": torch.tensor([[5.0]])},
                               torch.tensor([True]))
