@@ -45,6 +45,10 @@ class SourceError(CbstoreError, ValueError):
     """A source file (MIMIC-IV, MIMIC-CXR-JPG or synthetic) is missing, truncated or malformed."""
 
 
+class SchemaDefinitionError(CbstoreError, ValueError):
+    """A JSON Schema is not valid draft 2020-12 or uses a keyword the draft does not define."""
+
+
 class ConfigError(CbstoreError, ValueError):
     """A configuration (build settings, a fusion run's options or file) is invalid."""
 
