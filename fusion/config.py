@@ -18,15 +18,15 @@ method later, when the method is known (:mod:`fusion.runs`).
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import pathlib
 import tomllib
 from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
-from cbstore.errors import ConfigError
+from cbstore.errors import ConfigError, first_invalid_field
 from cbstore.inputs.reader import COHORTS, PARTS
 from fusion.registry import FEATURE_MODES, TASKS
 
@@ -35,8 +35,44 @@ __all__ = ["COHORTS", "PARTS", "ConfigError", "RunConfig", "load_config_file", "
 
 
 
-@dataclasses.dataclass
-class RunConfig:
+def _parts(value) -> tuple:
+    """Part names of ``missing_at`` in :data:`PARTS` order; ValueError saying what is wrong."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Iterable):
+        raise ValueError(f"part names, got {value!r}")
+    parts = set()
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"part names, got {item!r}")
+        for name in item.split(","):
+            name = name.strip()
+            if name and name not in PARTS:
+                raise ValueError(f"unknown part {name!r}; valid parts: {', '.join(PARTS)}")
+            parts.add(name)
+    parts.discard("")
+    if not parts:
+        raise ValueError(f"name at least one of {', '.join(PARTS)}")
+    return tuple(p for p in PARTS if p in parts)
+
+
+def _text(value):
+    return str(value) if isinstance(value, pathlib.Path) else value
+
+
+def _no_bool(value):
+    if isinstance(value, bool):
+        raise ValueError("an integer, not true or false")
+    return value
+
+
+_Count = Annotated[int, BeforeValidator(_no_bool), Field(ge=0, description="an integer >= 0")]
+_OptionalCount = Annotated[_Count | None, Field(description="an integer >= 0 or null")]
+_OptionalName = Annotated[Annotated[StrictStr, Field(min_length=1)] | None,
+                          Field(description="a non-empty string or null")]
+
+
+class RunConfig(BaseModel):
     """Everything that defines one fusion run.
 
     The fields that change results (all but ``out``, ``overwrite``, ``device``, ``progress`` and
@@ -89,90 +125,41 @@ class RunConfig:
         Show a progress bar per epoch.
     """
 
-    store: str
-    method: str
-    task: str = "mortality"
-    fold: int = 0
-    seed: int = 0
-    features: str = "cached"
-    ehr_encoder: str | None = None
-    cxr_encoder: str | None = None
-    cxr_map_encoder: str | None = None
-    cohort: str = "full"
-    cxr_missing_rate: float = 0.0
-    missing_at: tuple = PARTS
-    mask_seed: int | None = None
-    hyperparameters: dict = dataclasses.field(default_factory=dict)
-    preset: str | None = None
-    n_boot: int = 1000
-    out: str = "runs"
-    overwrite: bool = False
-    weights_dir: str | None = None
-    device: str | None = None
-    progress: bool = True
+    model_config = ConfigDict(extra="forbid")
 
-    def __post_init__(self) -> None:
-        self.validate()
+    store: Annotated[StrictStr, BeforeValidator(_text)] = Field(min_length=1, description="a store path")
+    method: StrictStr = Field(min_length=1, description="a method name (see `cbstore fuse --help`)")
+    task: Literal[TASKS] = "mortality"
+    fold: _Count = 0
+    seed: _Count = 0
+    features: Literal[FEATURE_MODES] = "cached"
+    ehr_encoder: _OptionalName = None
+    cxr_encoder: _OptionalName = None
+    cxr_map_encoder: _OptionalName = None
+    cohort: Literal[COHORTS] = "full"
+    cxr_missing_rate: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="a number in [0, 1]")
+    missing_at: Annotated[tuple[str, ...], BeforeValidator(_parts)] = PARTS
+    mask_seed: _OptionalCount = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="a mapping of name to value")
+    preset: _OptionalName = None
+    n_boot: _Count = 1000
+    out: Annotated[StrictStr, BeforeValidator(_text)] = "runs"
+    overwrite: StrictBool = Field(False, description="true or false")
+    weights_dir: _OptionalName = None
+    device: _OptionalName = None
+    progress: StrictBool = Field(True, description="true or false")
 
-    def validate(self) -> None:
-        """Check every field; raise :class:`ConfigError` naming the field, the value and the fix."""
-        if not isinstance(self.store, (str, pathlib.Path)) or not str(self.store):
-            raise ConfigError("store: a store path is required")
-        self.store = str(self.store)
-        if not isinstance(self.method, str) or not self.method:
-            raise ConfigError("method: a method name is required (see `cbstore fuse --help`)")
-        if self.task not in TASKS:
-            raise ConfigError(f"task: unknown task {self.task!r}; valid tasks: {', '.join(TASKS)}")
-        if self.features not in FEATURE_MODES:
-            raise ConfigError(f"features: {self.features!r} is not one of "
-                              f"{', '.join(FEATURE_MODES)}")
-        if self.cohort not in COHORTS:
-            raise ConfigError(f"cohort: {self.cohort!r} is not one of {', '.join(COHORTS)}")
-        for name in ("fold", "seed", "n_boot"):
-            setattr(self, name, _as_int(name, getattr(self, name), minimum=0))
-        if self.mask_seed is not None:
-            self.mask_seed = _as_int("mask_seed", self.mask_seed, minimum=0)
+    def __init__(self, **values: Any) -> None:
         try:
-            rate = float(self.cxr_missing_rate)
-        except (TypeError, ValueError):
-            raise ConfigError(f"cxr_missing_rate: must be a number in [0, 1], got "
-                              f"{self.cxr_missing_rate!r}") from None
-        if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
-            raise ConfigError(f"cxr_missing_rate: must be in [0, 1], got {self.cxr_missing_rate!r}")
-        self.cxr_missing_rate = rate
-        self.missing_at = parse_missing_at(self.missing_at)
-        for name in ("ehr_encoder", "cxr_encoder", "cxr_map_encoder", "weights_dir", "device",
-                     "preset"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(f"{name}: must be a non-empty string, got {value!r}")
-        if not isinstance(self.hyperparameters, Mapping):
-            raise ConfigError(f"hyperparameters: must be a mapping of name to value, got "
-                              f"{type(self.hyperparameters).__name__}")
-        self.hyperparameters = dict(self.hyperparameters)
-        for name in ("overwrite", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
-        self.out = str(self.out)
+            super().__init__(**values)
+        except ValidationError as err:
+            bad = first_invalid_field(RunConfig, err.errors(include_url=False))
+            raise ConfigError(f"{bad.key}: got {bad.value!r}; allowed: {bad.allowed}") from None
 
     @classmethod
     def field_names(cls) -> list[str]:
         """Names of the configurable fields."""
-        return [f.name for f in dataclasses.fields(cls)]
-
-
-def _as_int(name: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-        raise ConfigError(f"{name}: must be an integer, got {value!r}")
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{name}: must be an integer, got {value!r}") from None
-    if isinstance(value, float) and not value.is_integer():
-        raise ConfigError(f"{name}: must be an integer, got {value!r}")
-    if number < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {number}")
-    return number
+        return list(cls.model_fields)
 
 
 def parse_missing_at(value) -> tuple:
@@ -183,25 +170,10 @@ def parse_missing_at(value) -> tuple:
     ConfigError
         For a name that is not a part.
     """
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, Iterable):
-        raise ConfigError(f"missing_at: expected part names, got {value!r}")
-    parts = set()
-    for item in value:
-        if not isinstance(item, str):
-            raise ConfigError(f"missing_at: expected part names, got {item!r}")
-        for name in item.split(","):
-            name = name.strip()
-            if not name:
-                continue
-            if name not in PARTS:
-                raise ConfigError(f"missing_at: unknown part {name!r}; valid parts: "
-                                  f"{', '.join(PARTS)}")
-            parts.add(name)
-    if not parts:
-        raise ConfigError(f"missing_at: name at least one of {', '.join(PARTS)}")
-    return tuple(p for p in PARTS if p in parts)
+    try:
+        return _parts(value)
+    except ValueError as err:
+        raise ConfigError(f"missing_at: {err}") from None
 
 
 def load_config_file(path) -> dict:

@@ -70,6 +70,33 @@ def test_invalid_config_names_key_and_value(tmp_path, text, words):
     assert str(path) in str(err.value)
 
 
+def test_config_hash_and_canonical_values_are_stable():
+    # the hash of the defaults identifies every store built with them; it must not change
+    assert config_sha256(BuildConfig()) == "70a95db446a662a3bec576e4ee66530a74b4ec35b6dba3c67dceb1b1bfbd5cda"
+    config = BuildConfig(min_age=16, views=[" ap", "pa "], memory_limit=" 8 GB ", variables=Path("v.yaml"))
+    assert (config.min_age, config.views, config.memory_limit, config.variables) == (16.0, ("AP", "PA"), "8GB", "v.yaml")
+    assert isinstance(config.to_dict()["min_age"], float) and config.to_dict()["views"] == ["AP", "PA"]
+    assert config_sha256(config) == "15028588d31ac01e6915481b65f5e30960267e69b43739642767918ccff9ae2e"
+
+
+@pytest.mark.parametrize("values, key, value, allowed", [
+    ({"window_hours": 0}, "window_hours", "0", "an integer in [1, 720]"),
+    ({"window_hours": 2.0}, "window_hours", "2.0", "an integer in [1, 720]"),
+    ({"threads": True}, "threads", "True", "an integer in [1, 1024]"),
+    ({"min_age": "18"}, "min_age", "'18'", "a number in [0, 120]"),
+    ({"val_fraction": 1}, "val_fraction", "1", "a number in [0, 1)"),
+    ({"views": []}, "views", "[]", "a non-empty list of view positions"),
+    ({"views": ["AP", "ap"]}, "views", "['AP', 'ap']", "a list without repeated views"),
+    ({"work_dir": " "}, "work_dir", "' '", "a path"),
+    ({"partitions": 0}, "partitions", "0", "an integer in [1, 1000000]"),
+    ({"colour": 1}, "colour", "1", "one of the keys window_hours, min_age"),
+])
+def test_build_config_error_names_key_value_and_allowed(values, key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        BuildConfig(**values)
+    assert str(err.value).startswith(f"setting {key!r} = {value} is invalid: expected {allowed}")
+
+
 def test_config_hash_ignores_runtime_settings():
     base = BuildConfig()
     assert config_sha256(base) == config_sha256(base.replace(threads=8, workers=1, memory_limit="8GB"))

@@ -71,7 +71,7 @@ def test_cli_unknown_task_lists_the_tasks(store_path, tmp_path):
     config.write_text("task: survival\n")
     line = _one_clear_line(_run("fuse", store_path, "--method", "lgbm-early", "--config", str(config),
                                 "--out", str(tmp_path / "runs")))
-    assert "unknown task 'survival'; valid tasks: mortality, mortality_hosp, phenotype, los" in line
+    assert "task: got 'survival'; allowed: 'mortality', 'mortality_hosp', 'phenotype' or 'los'" in line
 
 
 def test_cli_store_errors_are_one_line(tmp_path):

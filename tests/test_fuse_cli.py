@@ -242,8 +242,8 @@ def test_error_bad_hyperparameters(store_path, tmp_path):
 
 @pytest.mark.parametrize("rate", ["1.5", "-0.2", "nan"])
 def test_error_missing_rate_outside_unit_interval(store_path, tmp_path, rate):
-    assert "cxr_missing_rate: must be in [0, 1]" in _error(store_path, tmp_path,
-                                                            "--cxr-missing-rate", rate)
+    output = _error(store_path, tmp_path, "--cxr-missing-rate", rate)
+    assert "cxr_missing_rate: got " in output and "allowed: a number in [0, 1]" in output
 
 
 def test_error_bad_missing_at_and_config_key(store_path, tmp_path):

@@ -100,5 +100,5 @@ def test_run_records_the_preset_and_set_overrides_it(preset_dir, tmp_path):
 def test_config_field_and_file(tmp_path):
     cfg = make_config(options={"store": "s", "method": "m", "preset": "carebench"})
     assert cfg.preset == "carebench"
-    with pytest.raises(Exception, match="preset: must be a non-empty string"):
+    with pytest.raises(Exception, match="preset: got 3; allowed: a non-empty string"):
         make_config(options={"store": "s", "method": "m"}, set_pairs=["preset=3"])

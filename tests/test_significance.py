@@ -36,6 +36,31 @@ def test_benjamini_hochberg_hand_example():
         benjamini_hochberg([0.2, 1.5])
 
 
+@pytest.mark.parametrize("p, expected", [
+    # ties: m p / rank = 0.06, 0.03, 0.02 -> cumulative minimum from the top 0.02 everywhere
+    ([0.02, 0.02, 0.02], [0.02, 0.02, 0.02]),
+    # ten p-values, m = 10: m p / rank = .01 .04 .13 .1025 .084 .1 .10571.. .25625 .23556.. .216
+    ([0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205, 0.212, 0.216],
+     [0.01, 0.04, 0.084, 0.084, 0.084, 0.1, 0.74 / 7, 0.216, 0.216, 0.216]),
+    ([0.0, 1.0], [0.0, 1.0]),
+    ([0.3], [0.3]),
+    ([], []),
+])
+def test_benjamini_hochberg_hand_computed(p, expected):
+    np.testing.assert_allclose(benjamini_hochberg(p), expected, rtol=1e-15, atol=0)
+
+
+def test_benjamini_hochberg_non_finite_p_values_stay_nan_and_leave_m():
+    # only 0.01 and 0.02 count (m = 2): 0.01 * 2 / 1 = 0.02, 0.02 * 2 / 2 = 0.02
+    q = benjamini_hochberg([np.nan, 0.01, np.inf, 0.02, -np.inf])
+    np.testing.assert_allclose(q, [np.nan, 0.02, np.nan, 0.02, np.nan], rtol=1e-15, atol=0)
+    # the shape is kept; m counts the finite values of the whole array
+    q = benjamini_hochberg([[0.01, 0.5], [np.nan, 0.02]])
+    np.testing.assert_allclose(q, [[0.03, 0.5], [np.nan, 0.03]], rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        benjamini_hochberg([np.nan, -0.1])
+
+
 def test_permutation_p_value_formula():
     assert permutation_p_value(0.5, np.array([0.1, -0.6, 0.5, 0.2])) == pytest.approx(3 / 5)
     assert np.isnan(permutation_p_value(np.nan, np.zeros(3)))

@@ -401,7 +401,7 @@ def test_writer_works_inside_a_running_event_loop(content, tmp_path):
         (lambda c: setattr(c, "stays", c.stays.iloc[::-1]), "sorted ascending"),
         (lambda c: c.splits.__setitem__((0, 0), 5), r"codes must be 0 \(train\)"),
         (lambda c: setattr(c, "ehr_values", c.ehr_values[:, :, :3]), r"content.ehr_values: expected shape"),
-        (lambda c: c.attrs.pop("cohort_flow"), "missing required key 'cohort_flow'"),
+        (lambda c: c.attrs.pop("cohort_flow"), "content.attrs: 'cohort_flow' is a required property"),
         (lambda c: c.labels.__setitem__("mortality", (c.labels["mortality"] + 2).astype("int8")), "values must be 0/1"),
         (lambda c: c.stays.__setitem__("intime", c.stays["intime"].where(c.stays.index != c.stays.index[3])),
          r"content.stays\['intime'\]: missing datetimes at rows \[3\]"),

@@ -178,7 +178,7 @@ def _deleted_group(path):
         (_manifest_shape, r"ehr/values: shape \[40, 8, 5\] differs from the manifest's \[41, 8, 5\]"),
         (_observed_mismatch, r"ehr/observed is not exactly the non-NaN entries"),
         (_stats_not_training, r"stats/median of fold 1 is not the statistic of that fold's training stays"),
-        (_attrs_schema, r"attrs\.cbstore: missing required key 'cohort_flow'"),
+        (_attrs_schema, r"attrs\.cbstore: 'cohort_flow' is a required property"),
         (_config_hash, r"config_sha256 is not the SHA-256 of attrs\.config"),
         (_group_encoding, r"group labels/ has no attr 'encoding-type'"),
         (_wrong_dtype, r"labels/mortality: dtype int32, expected int8"),
@@ -229,18 +229,18 @@ def test_missing_path_and_plain_folder(tmp_path):
 
 
 def test_schema_checker():
-    assert check_schema({"a": 1}, {"type": "object", "required": ["a", "b"]}) == ["attrs: missing required key 'b'"]
-    assert check_schema(True, {"type": "integer"})[0].startswith("attrs: expected integer")
+    assert check_schema({"a": 1}, {"type": "object", "required": ["a", "b"]}) == ["attrs: 'b' is a required property"]
+    assert check_schema(True, {"type": "integer"}) == ["attrs: True is not of type 'integer'"]
     assert check_schema(None, {"type": ["string", "null"]}) == []
     assert check_schema([1, -1], {"type": "array", "items": {"type": "integer", "minimum": 0}}) == [
-        "attrs[1]: -1 is below the minimum 0"]
+        "attrs[1]: -1 is less than the minimum of 0"]
     assert check_schema({"x": "ab"}, {"additionalProperties": {"pattern": "^a$"}}) == [
         "attrs.x: 'ab' does not match '^a$'"]
     assert check_schema("c", {"enum": ["a", "b"]}) == ["attrs: 'c' is not one of ['a', 'b']"]
     bad = {"format_version": "one", "n_stays": -1}
     problems = check_schema(bad, ROOT_ATTRS_SCHEMA, "attrs.cbstore")
     assert "attrs.cbstore.format_version: 'one' does not match '^\\\\d+\\\\.\\\\d+\\\\.\\\\d+$'" in problems
-    assert "attrs.cbstore.n_stays: -1 is below the minimum 0" in problems
+    assert "attrs.cbstore.n_stays: -1 is less than the minimum of 0" in problems
 
 
 def test_cli_validate(base, copy):

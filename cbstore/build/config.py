@@ -16,26 +16,46 @@ Settings split in two:
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, field_validator)
 
-from cbstore.errors import ConfigError
+from cbstore.errors import ConfigError, first_invalid_field
 from cbstore.format.schema import config_sha256 as schema_config_sha256
 
 #: Keys that change how a build runs but not what it produces.
 RUNTIME_KEYS = ("memory_limit", "threads", "workers", "work_dir", "partitions")
 
-_MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)\s*$", re.IGNORECASE)
+_MEMORY_PATTERN = r"(?i)^\s*\d+(\.\d+)?\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)\s*$"
 
 
-@dataclass(frozen=True)
-class BuildConfig:
+def _views(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("a non-empty list of view positions such as [AP, PA]")
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError("a list of non-empty strings")
+    views = tuple(v.strip().upper() for v in value)
+    if len(set(views)) != len(views):
+        raise ValueError("a list without repeated views")
+    return views
+
+
+def _path(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise ValueError("a path")
+    return str(value)
+
+
+_Path = Annotated[str | None, BeforeValidator(_path)]
+
+
+class BuildConfig(BaseModel):
     """Settings of ``cbstore build`` (see ``cbstore/build/resources/build.yaml`` for each key).
 
     Attributes
@@ -74,35 +94,45 @@ class BuildConfig:
         cohort stays.
     """
 
-    window_hours: int = 48
-    min_age: float = 18
-    views: tuple[str, ...] = ("AP", "PA")
-    cxr_lookback_hours: float = 0.0
-    image_size: int = 224
-    n_folds: int = 5
-    val_fraction: float = 0.125
-    seed: int = 0
-    variables: str | None = None
-    phenotypes: str | None = None
-    memory_limit: str = "2GB"
-    threads: int = 2
-    workers: int = 2
-    work_dir: str | None = None
-    partitions: int | None = None
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _validate(f.name, getattr(self, f.name)))
+    window_hours: StrictInt = Field(48, ge=1, le=24 * 30, description="an integer in [1, 720]")
+    min_age: StrictFloat = Field(18.0, ge=0, le=120, description="a number in [0, 120]")
+    views: Annotated[tuple[str, ...], BeforeValidator(_views)] = ("AP", "PA")
+    cxr_lookback_hours: StrictFloat = Field(0.0, ge=0, le=24 * 365, description="a number in [0, 8760]")
+    image_size: StrictInt = Field(224, ge=8, le=4096, description="an integer in [8, 4096]")
+    n_folds: StrictInt = Field(5, ge=2, le=100, description="an integer in [2, 100]")
+    val_fraction: StrictFloat = Field(0.125, ge=0, lt=1, description="a number in [0, 1)")
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1, description="an integer in [0, 4294967295]")
+    variables: _Path = None
+    phenotypes: _Path = None
+    memory_limit: StrictStr = Field("2GB", pattern=_MEMORY_PATTERN, description='a size such as "2GB" or "500MB"')
+    threads: StrictInt = Field(2, ge=1, le=1024, description="an integer in [1, 1024]")
+    workers: StrictInt = Field(2, ge=0, le=1024, description="an integer in [0, 1024]")
+    work_dir: _Path = None
+    partitions: StrictInt | None = Field(None, ge=1, le=1_000_000, description="an integer in [1, 1000000]")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            bad = first_invalid_field(BuildConfig, err.errors(include_url=False))
+            raise ConfigError(f"setting {bad.key!r} = {bad.value!r} is invalid: expected {bad.allowed}") from None
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _compact_size(cls, value: str) -> str:
+        return value.strip().replace(" ", "")
 
     def replace(self, **changes: Any) -> "BuildConfig":
         """Return a copy with ``changes`` applied (``None`` values are ignored); validated."""
         changes = {k: v for k, v in changes.items() if v is not None}
         _check_keys(changes, "options")
-        return dataclasses.replace(self, **changes)
+        return BuildConfig(**{**self.model_dump(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
         """All settings as plain JSON types."""
-        out = dataclasses.asdict(self)
+        out = self.model_dump()
         out["views"] = list(self.views)
         return out
 
@@ -184,76 +214,10 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 
 
 def _check_keys(values: dict[str, Any], where: str) -> None:
-    known = [f.name for f in dataclasses.fields(BuildConfig)]
+    known = list(BuildConfig.model_fields)
     for key in values:
         if key not in known:
             raise ConfigError(f"{where}: unknown setting {key!r}; valid settings are {', '.join(known)}")
-
-
-def _validate(key: str, value: Any) -> Any:
-    """Check one setting and return it in canonical form; ConfigError naming key and value."""
-
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"setting {key!r} = {value!r} is invalid: expected {expected}")
-
-    def integer(low: int, high: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad(f"an integer >= {low}")
-        if value < low or (high is not None and value > high):
-            raise bad(f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}")
-        return int(value)
-
-    def number(low: float, high: float) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad(f"a number in [{low}, {high}]")
-        if not low <= float(value) <= high:
-            raise bad(f"a number in [{low}, {high}]")
-        return float(value)
-
-    if key == "window_hours":
-        return integer(1, 24 * 30)
-    if key == "min_age":
-        return number(0, 120)
-    if key == "views":
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
-            raise bad("a non-empty list of view positions such as [AP, PA]")
-        views = []
-        for v in value:
-            if not isinstance(v, str) or not v.strip():
-                raise bad("a list of non-empty strings")
-            views.append(v.strip().upper())
-        if len(set(views)) != len(views):
-            raise bad("a list without repeated views")
-        return tuple(views)
-    if key == "cxr_lookback_hours":
-        return number(0, 24 * 365)
-    if key == "image_size":
-        return integer(8, 4096)
-    if key == "n_folds":
-        return integer(2, 100)
-    if key == "val_fraction":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise bad("a number in [0, 1)")
-        return float(value)
-    if key == "seed":
-        return integer(0, 2**32 - 1)
-    if key in ("variables", "phenotypes", "work_dir"):
-        if value is None:
-            return None
-        if not isinstance(value, (str, Path)) or not str(value).strip():
-            raise bad("a path")
-        return str(value)
-    if key == "memory_limit":
-        if not isinstance(value, str) or not _MEMORY_RE.match(value):
-            raise bad('a size such as "2GB" or "500MB"')
-        return value.strip().replace(" ", "")
-    if key == "threads":
-        return integer(1, 1024)
-    if key == "workers":
-        return integer(0, 1024)
-    if key == "partitions":
-        return None if value is None else integer(1, 1_000_000)
-    raise ConfigError(f"unknown setting {key!r}")  # pragma: no cover - fields are all handled above
 
 
 #: Default settings file shipped with the package.

@@ -1,4 +1,4 @@
-"""The store contract in code: format version, groups, arrays and the attrs JSON Schema.
+"""The store contract in code: format version, groups, arrays and the attrs JSON Schemas.
 
 ``store_layout.md`` is the prose form of this module; the writer (:mod:`cbstore.store.reader`), the
 reader and the validator (:mod:`cbstore.store.validate`) all take names, dtypes and dimensions from here.
@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
+from importlib import resources
 
+from jsonschema import Draft202012Validator, ValidationError
+
+from cbstore.errors import SchemaDefinitionError
 from cbstore.format.content import CXR_COLUMNS, STAT_NAMES, STAY_COLUMNS
 
 #: Version of the on-disk format (semver). Readers refuse another major version.
@@ -142,138 +145,88 @@ MAP_SPEC = ArraySpec("float16", ("stay", "channel", "map_y", "map_x"), float("na
 #: Attributes of ``embeddings/<modality>/<encoder-id>`` that the caller of ``create_embedding`` must give.
 EMBEDDING_CALLER_ATTRS = ("weights", "preprocessing")
 
-_SHA256 = {"type": "string", "pattern": r"^[0-9a-f]{64}$"}
-_SOURCE = {
-    "type": "object",
-    "required": ["path", "version", "synthetic"],
-    "properties": {
-        "path": {"type": "string"},
-        "version": {"type": "string"},
-        "synthetic": {"type": "boolean"},
-    },
-}
+#: Folder of :mod:`cbstore.format` (package data) holding the JSON Schema files (draft 2020-12).
+SCHEMA_FOLDER = "schemas"
 
-#: JSON Schema (draft 2020-12 subset) of ``attrs["cbstore"]`` on the root group.
-ROOT_ATTRS_SCHEMA: dict = {
+#: Metaschema that accepts the JSON Schemas of draft 2020-12 which use no keyword the draft lacks:
+#: every subschema is checked against it too (``$dynamicAnchor``), so a misspelt keyword is an
+#: error instead of being ignored.
+STRICT_METASCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "cbstore root attributes",
-    "type": "object",
-    "required": [
-        "format_version", "created_by", "created_at", "sources", "config", "config_sha256",
-        "variables_sha256", "phenotypes_sha256", "cohort_flow", "n_stays", "window_hours",
-        "n_folds", "image_size", "cxr_skips", "chunks",
-    ],
-    "properties": {
-        "format_version": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
-        "created_by": {"type": "string", "pattern": r"^cbstore \S+$"},
-        "created_at": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}"},
-        "sources": {
-            "type": "object",
-            "required": ["mimic-iv", "mimic-cxr-jpg"],
-            "properties": {"mimic-iv": _SOURCE, "mimic-cxr-jpg": _SOURCE},
-        },
-        "config": {"type": "object"},
-        "config_sha256": _SHA256,
-        "variables_sha256": _SHA256,
-        "phenotypes_sha256": _SHA256,
-        "cohort_flow": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["step", "n", "note"],
-                "properties": {
-                    "step": {"type": "string"},
-                    "n": {"type": "integer", "minimum": 0},
-                    "note": {"type": "string"},
-                },
-            },
-        },
-        "n_stays": {"type": "integer", "minimum": 0},
-        "window_hours": {"type": "integer", "minimum": 1},
-        "n_folds": {"type": "integer", "minimum": 1},
-        "image_size": {"type": "integer", "minimum": 1},
-        "cxr_skips": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
-        "chunks": {
-            "type": "object",
-            "additionalProperties": {"type": "array", "items": {"type": "integer", "minimum": 1}},
-        },
-        "shards": {
-            "type": "object",
-            "additionalProperties": {"type": "array", "items": {"type": "integer", "minimum": 1}},
-        },
-    },
+    "$id": "urn:cbstore:strict-metaschema",
+    "$dynamicAnchor": "meta",
+    "$ref": "https://json-schema.org/draft/2020-12/schema",
+    "unevaluatedProperties": False,
 }
 
-#: JSON Schema of the attributes of one embedding group.
-EMBEDDING_ATTRS_SCHEMA: dict = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "cbstore embedding attributes",
-    "type": "object",
-    "required": [
-        "encoding-type", "encoding-version", "encoder_id", "modality", "per_fold", "dim",
-        "region_stays", "weights", "weights_sha256", "library_versions", "preprocessing",
-        "created_at", "complete",
-    ],
-    "properties": {
-        "encoder_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
-        "modality": {"enum": list(MODALITIES)},
-        "per_fold": {"type": "boolean"},
-        "dim": {"type": "integer", "minimum": 1},
-        "sequence_dim": {"type": ["integer", "null"], "minimum": 1},
-        "region_stays": {"type": "integer", "minimum": 1},
-        "weights": {"type": ["string", "null"]},
-        "weights_sha256": {"type": ["string", "null"]},
-        "library_versions": {"type": "object", "additionalProperties": {"type": "string"}},
-        "preprocessing": {"type": ["object", "string"]},
-        "image_size": {"type": ["integer", "null"], "minimum": 1},
-        "nan_allowed": {"type": "boolean"},
-        "map_shape": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 1}},
-        "map_stage": {"type": "string"},
-        "created_at": {"type": "string"},
-        "complete": {"type": "boolean"},
-    },
-}
+#: Longest repr of a bad value quoted in a problem message.
+_MAX_REPR = 80
 
-#: JSON Schema of ``cbstore_manifest.json``.
-MANIFEST_SCHEMA: dict = {
-    "type": "object",
-    "required": ["format_version", "n_stays", "arrays", "complete", "created_at"],
-    "properties": {
-        "format_version": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
-        "n_stays": {"type": "integer", "minimum": 0},
-        "complete": {"const": True},
-        "created_at": {"type": "string"},
-        "arrays": {
-            "type": "object",
-            "additionalProperties": {
-                "type": "object",
-                "required": ["shape", "dtype"],
-                "properties": {
-                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                    "dtype": {"type": "string"},
-                },
-            },
-        },
-    },
-}
 
-_JSON_TYPES = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "null": lambda v: v is None,
-}
+def schema_problems(schema: dict) -> list[str]:
+    """Why a JSON Schema is not a valid draft 2020-12 schema made of the draft's keywords.
+
+    Parameters
+    ----------
+    schema : dict
+        The schema.
+
+    Returns
+    -------
+    list of str
+        One message per problem (``schema.<path>: <what is wrong>``); empty when the schema is valid.
+    """
+    errors = Draft202012Validator(STRICT_METASCHEMA).iter_errors(schema)
+    problems = [(tuple(e.absolute_path), e.message) for e in errors]
+    # An unknown keyword deep down also fails every schema above it; report only the deepest.
+    deepest = [(path, msg) for path, msg in problems
+               if not any(other[: len(path)] == path and len(other) > len(path) for other, _ in problems)]
+    return [f"schema{_json_path(path)}: {msg}" for path, msg in deepest]
+
+
+def load_schema(name: str) -> dict:
+    """Read a JSON Schema shipped with cbstore (``cbstore/format/schemas/<name>.schema.json``).
+
+    Parameters
+    ----------
+    name : str
+        ``root_attrs``, ``embedding_attrs`` or ``manifest``.
+
+    Returns
+    -------
+    dict
+        The schema.
+
+    Raises
+    ------
+    SchemaDefinitionError
+        If the file is missing, not JSON, or not a valid draft 2020-12 schema.
+    """
+    filename = f"{name}.schema.json"
+    try:
+        text = (resources.files("cbstore.format") / SCHEMA_FOLDER / filename).read_text(encoding="utf-8")
+        schema = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise SchemaDefinitionError(f"cannot read the JSON Schema cbstore/format/{SCHEMA_FOLDER}/{filename}: "
+                                    f"{exc}") from None
+    problems = schema_problems(schema)
+    if problems:
+        raise SchemaDefinitionError(f"{filename} is not a valid JSON Schema: " + "; ".join(problems))
+    return schema
+
+
+#: JSON Schema of ``attrs["cbstore"]`` on the root group (``schemas/root_attrs.schema.json``).
+ROOT_ATTRS_SCHEMA: dict = load_schema("root_attrs")
+
+#: JSON Schema of the attributes of one embedding group (``schemas/embedding_attrs.schema.json``).
+EMBEDDING_ATTRS_SCHEMA: dict = load_schema("embedding_attrs")
+
+#: JSON Schema of ``cbstore_manifest.json`` (``schemas/manifest.schema.json``).
+MANIFEST_SCHEMA: dict = load_schema("manifest")
 
 
 def check_schema(instance: object, schema: dict, where: str = "attrs") -> list[str]:
-    """Check a JSON value against a JSON Schema subset.
-
-    Supports ``type`` (str or list), ``enum``, ``const``, ``required``, ``properties``,
-    ``additionalProperties`` (bool or schema), ``items``, ``minimum`` and ``pattern``, which is
-    all the cbstore schemas use. Unknown keywords are ignored.
+    """Check a JSON value against a JSON Schema (draft 2020-12, with format checks).
 
     Parameters
     ----------
@@ -287,39 +240,32 @@ def check_schema(instance: object, schema: dict, where: str = "attrs") -> list[s
     Returns
     -------
     list of str
-        One message per violation; empty when the value is valid.
+        One message per violation, ``<where><path of the bad value>: <what is wrong>`` (e.g.
+        ``attrs.cbstore.n_stays: -1 is less than the minimum of 0``); empty when the value is valid.
+
+    Raises
+    ------
+    SchemaDefinitionError
+        If ``schema`` itself is invalid or uses a keyword draft 2020-12 does not define.
     """
-    problems: list[str] = []
-    types = schema.get("type")
-    if types is not None:
-        names = [types] if isinstance(types, str) else list(types)
-        if not any(_JSON_TYPES[t](instance) for t in names):
-            return [f"{where}: expected {' or '.join(names)}, got {type(instance).__name__} {instance!r:.80}"]
-    if "enum" in schema and instance not in schema["enum"]:
-        problems.append(f"{where}: {instance!r} is not one of {schema['enum']}")
-    if "const" in schema and instance != schema["const"]:
-        problems.append(f"{where}: must be {schema['const']!r}, got {instance!r}")
-    if "minimum" in schema and _JSON_TYPES["number"](instance) and instance < schema["minimum"]:
-        problems.append(f"{where}: {instance} is below the minimum {schema['minimum']}")
-    if "pattern" in schema and isinstance(instance, str) and not re.search(schema["pattern"], instance):
-        problems.append(f"{where}: {instance!r} does not match {schema['pattern']!r}")
-    if isinstance(instance, dict):
-        for key in schema.get("required", []):
-            if key not in instance:
-                problems.append(f"{where}: missing required key {key!r}")
-        properties = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        for key, value in instance.items():
-            if key in properties:
-                problems += check_schema(value, properties[key], f"{where}.{key}")
-            elif extra is False:
-                problems.append(f"{where}: unexpected key {key!r}")
-            elif isinstance(extra, dict):
-                problems += check_schema(value, extra, f"{where}.{key}")
-    if isinstance(instance, list) and "items" in schema:
-        for i, item in enumerate(instance):
-            problems += check_schema(item, schema["items"], f"{where}[{i}]")
-    return problems
+    problems = schema_problems(schema)
+    if problems:
+        raise SchemaDefinitionError("invalid JSON Schema: " + "; ".join(problems))
+    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return [f"{where}{_json_path(e.absolute_path)}: {_message(e)}" for e in validator.iter_errors(instance)]
+
+
+def _json_path(path) -> str:
+    """``.key`` for an object key and ``[i]`` for an array index, joined."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+
+
+def _message(error: ValidationError) -> str:
+    """The error's message with a long quoted value cut short (the message starts with its repr)."""
+    quoted = repr(error.instance)
+    if len(quoted) <= _MAX_REPR or not error.message.startswith(quoted):
+        return error.message
+    return quoted[: _MAX_REPR - 3] + "..." + error.message[len(quoted):]
 
 
 def canonical_json(value: object) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+from cbstore.errors import invalid_values
 from fusion.config import COHORTS, PARTS, ConfigError, load_config_file
 from fusion.registry import FEATURE_MODES, TASKS
 
@@ -191,34 +192,19 @@ _KEY_WORDS = {
 }
 
 
-def _key_of(loc: tuple) -> str:
-    key = ""
-    for part in loc:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    return key
-
-
-def _allowed(error: dict) -> str:
-    """What the key of a pydantic error accepts, in words."""
-    loc = error["loc"]
-    if error["type"] == "extra_forbidden":
-        model = _SUB_MODELS.get(loc[0], Experiment) if len(loc) > 1 else Experiment
-        return f"one of the keys {', '.join(model.model_fields)} ({error['msg'].lower()})"
-    message = error["msg"]
-    if message.startswith("Value error, "):
-        return message[len("Value error, "):]
-    words = _KEY_WORDS.get(loc[0]) if loc else None
-    return f"{words} ({message})" if words else message
+def _keys_of(loc: tuple) -> list[str]:
+    """The keys valid at a location of the experiment mapping."""
+    model = _SUB_MODELS.get(loc[0], Experiment) if len(loc) > 1 else Experiment
+    return list(model.model_fields)
 
 
 def _wrap(source: str, err: ValidationError) -> ExperimentError:
     """The first error of ``err`` as an :class:`ExperimentError` (the rest are summarised)."""
-    errors = err.errors(include_url=False)
-    first = errors[0]
-    wrapped = ExperimentError(source, _key_of(first["loc"]), first.get("input"), _allowed(first))
-    if len(errors) > 1:
-        others = "; ".join(f"{_key_of(e['loc'])}: {_allowed(e)}" for e in errors[1:4])
-        wrapped.args = (f"{wrapped.args[0]} (also: {others})",)
+    first, *others = invalid_values(err.errors(include_url=False), _KEY_WORDS, _keys_of)
+    wrapped = ExperimentError(source, first.key, first.value, first.allowed)
+    if others:
+        also = "; ".join(f"{p.key}: {p.allowed}" for p in others[:3])
+        wrapped.args = (f"{wrapped.args[0]} (also: {also})",)
     return wrapped
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from fusion.evaluation.metrics import MAX_ELEMENTS, task_statistic
 from fusion.evaluation.predictions import EvaluationError, align_test_parts, as_validated, task_kind
@@ -45,7 +46,8 @@ def benjamini_hochberg(pvalues) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (q-values) controlling the false discovery rate.
 
     ``q_(i) = min_{j >= i} min(1, m * p_(j) / j)`` over the ``m`` finite p-values sorted
-    ascending; NaN p-values stay NaN and do not count in ``m``.
+    ascending, computed by :func:`scipy.stats.false_discovery_control`; NaN (and infinite)
+    p-values stay NaN and do not count in ``m``.
 
     Parameters
     ----------
@@ -58,8 +60,8 @@ def benjamini_hochberg(pvalues) -> np.ndarray:
 
     Raises
     ------
-    ValueError
-        If a finite p-value lies outside [0, 1].
+    EvaluationError
+        If a finite p-value lies outside [0, 1] (a ``ValueError``).
 
     Examples
     --------
@@ -71,16 +73,9 @@ def benjamini_hochberg(pvalues) -> np.ndarray:
     finite = np.isfinite(p)
     if np.any((p[finite] < 0) | (p[finite] > 1)):
         raise EvaluationError("p-values must lie in [0, 1]")
-    m = int(finite.sum())
-    if m == 0:
-        return q
-    values = p[finite]
-    order = np.argsort(values, kind="stable")
-    scaled = values[order] * m / np.arange(1, m + 1)
-    scaled = np.minimum.accumulate(scaled[::-1])[::-1]
-    adjusted = np.empty(m)
-    adjusted[order] = np.minimum(scaled, 1.0)
-    q[finite] = adjusted
+    if finite.any():
+        # scipy refuses NaN; adjusting the finite p-values alone keeps NaN out of m.
+        q[finite] = stats.false_discovery_control(p[finite], method="bh")
     return q
 
 
