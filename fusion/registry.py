@@ -2,7 +2,7 @@
 
 A method is a class registered with :func:`register`. It declares, as class attributes, what it
 needs and what it can do (see :class:`FusionMethod`); the contract test suite
-(``tests/test_method_contract.py``) reads these declarations to test every registered method the
+(``tests/fusion/test_method_contract.py``) reads these declarations to test every registered method the
 same way.
 
 Importing this module is light (no torch, no LightGBM). A method's module, which may import

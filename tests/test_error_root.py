@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cbstore.errors import CbstoreError, ConfigError
 from cli.errors import one_line, reports_errors
 from cli.main import cbstore
-from fusion_store import EHR_ID, make_fusion_store
+from support import EHR_ID, make_fusion_store
 
 MODULES = ("cbstore.errors", "cbstore.build.config", "cbstore.inputs.masks", "cbstore.build.ehr", "cbstore.build.phenotypes",
            "encoders.errors", "fusion.registry", "fusion.config", "fusion.data",

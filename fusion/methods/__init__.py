@@ -6,8 +6,8 @@ up one method imports only its module (LightGBM methods never import torch).
 
 To add a method: write ``fusion/methods/<family>.py`` with a class decorated by
 ``@fusion.registry.register("<name>")`` and add its name here. The contract test suite
-(``tests/test_method_contract.py``) then tests it with no further change, and
-``tests/test_registry.py`` checks that this map and the registrations agree.
+(``tests/fusion/test_method_contract.py``) then tests it with no further change, and
+``tests/fusion/test_registry.py`` checks that this map and the registrations agree.
 """
 
 import importlib

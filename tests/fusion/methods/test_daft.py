@@ -1,0 +1,130 @@
+"""DAFT: the EHR vector changes the conditioned block's feature maps; identity start; absent films."""
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.resnet import Bottleneck
+
+from fusion.data import load_fusion_data
+from fusion.methods.daft import DAFT, DaftBottleneck, DaftInput
+from fusion.tasks import task_loss
+from fusion.trainer import PartBatches
+from support import EHR_ID, make_fusion_store
+
+torch.set_num_threads(1)
+SMALL = {**DAFT.test_hyperparameters, "max_epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_fusion_store(tmp_path_factory.mktemp("daft") / "store.zarr", n_stays=80)
+
+
+@pytest.fixture(scope="module")
+def raw(store):
+    return load_fusion_data(store, "mortality", 0, features="raw", inputs=DAFT.inputs["raw"])
+
+
+def _net(data, **params):
+    method = DAFT(seed=0, features=data.features, **{**SMALL, **params})
+    torch.manual_seed(0)
+    return method.build_module(method._spec(data)).eval()
+
+
+def _batch(data):
+    item = data.part("train")
+    idx = np.arange(12)
+    idx = idx[np.argsort(~item.cxr_present[idx], kind="stable")]
+    return PartBatches(item, data.inputs)[idx]
+
+
+@pytest.mark.parametrize("mode", ["raw", "cached"])
+def test_ehr_input_changes_the_conditioned_maps_and_logits(store, raw, mode):
+    data = raw if mode == "raw" else load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
+                                                     inputs=DAFT.inputs["cached"])
+    net = _net(data, daft_identity_init=False)
+    batch = _batch(data)
+    key = "ehr" if mode == "raw" else "ehr_emb"
+    other = {**batch, key: batch[key] + 1.0 + torch.randn_like(batch[key])}
+    with torch.no_grad():
+        x, _ = net.block_input(batch)
+        e_a, e_b = net.ehr(batch), net.ehr(other)
+        e_a, e_b = getattr(e_a, "pooled", e_a), getattr(e_b, "pooled", e_b)
+        assert not torch.allclose(net.daft.conditioned(x, e_a), net.daft.conditioned(x, e_b))
+        assert not torch.allclose(net(batch)["logits"], net(other)["logits"])
+        # the image statistics enter the aux net too
+        assert not torch.allclose(net.daft.conditioned(x, e_a), net.daft.conditioned(x.flip(0), e_a).flip(0))
+
+
+def _bottleneck():
+    torch.manual_seed(1)
+    block = Bottleneck(16, 4).eval()
+    for bn in (block.bn1, block.bn2, block.bn3):
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    return block
+
+
+def test_identity_start_reproduces_the_unconditioned_block():
+    block = _bottleneck()
+    x, e = torch.randn(3, 16, 5, 5), torch.randn(3, 6)
+    daft = DaftBottleneck(block, 6, 7.0, "linear", True, True, identity=True).eval()
+    torch.testing.assert_close(daft(x, e), block(x))
+    assert daft.affine.net[0].out_features == int((16 + 6) / 7), "code's rule: the block's input width"
+    tail = torch.nn.Conv2d(16, 4, 1)
+    torch.testing.assert_close(DaftInput(tail, 16, 6, 7.0, "linear", True, True, True)(x, e), tail(x))
+
+
+def test_scale_only_and_shift_only():
+    torch.manual_seed(2)
+    f, e = torch.randn(4, 8, 3, 3), torch.randn(4, 5)
+    scale_only = DaftInput(torch.nn.Identity(), 8, 5, 2.0, "linear", True, False, identity=False)
+    shift_only = DaftInput(torch.nn.Identity(), 8, 5, 2.0, "linear", False, True, identity=False)
+    alpha, beta = scale_only.affine(f, e)
+    assert torch.equal(beta, torch.zeros_like(beta)) and not torch.allclose(alpha, torch.ones_like(alpha))
+    alpha, beta = shift_only.affine(f, e)
+    assert torch.equal(alpha, torch.ones_like(alpha)) and not torch.allclose(beta, torch.zeros_like(beta))
+    sig = DaftInput(torch.nn.Identity(), 8, 5, 2.0, "sigmoid", True, True, identity=False)
+    alpha, _ = sig.affine(f, e)
+    assert (alpha > 0).all() and (alpha < 1).all()
+
+
+def test_paper_mode_bn_has_no_affine_and_identity_mode_folds_it():
+    block = _bottleneck()
+    x, e = torch.randn(2, 16, 4, 4), torch.randn(2, 3)
+    paper = DaftBottleneck(block, 3, 7.0, "linear", True, True, identity=False).eval()
+    normalised = (block.conv1(x) - block.bn1.running_mean[None, :, None, None]) / torch.sqrt(
+        block.bn1.running_var[None, :, None, None] + block.bn1.eps)
+    alpha, beta = paper.affine(normalised, e)
+    torch.testing.assert_close(paper.conditioned(x, e),
+                               alpha[:, :, None, None] * normalised + beta[:, :, None, None])
+
+
+def test_loss_reaches_the_ehr_encoder_through_the_aux_net(raw):
+    net = _net(raw, daft_identity_init=False).train()
+    batch = _batch(raw)
+    out = net(batch)
+    task_loss(out["logits"], batch["y"], "mortality").backward()
+    grads = [p.grad for p in net.ehr.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    names = {n.split(".")[0] for n, _ in net.named_parameters()}
+    assert names <= {"image_input", "pre", "daft", "ehr", "absent", "head"}, "no EHR head"
+    # the EHR vector enters only through the aux net: cut it and no gradient reaches the encoder
+    net.zero_grad()
+    with torch.no_grad():
+        net.daft.affine.net[2].weight.zero_()
+    out = net(batch)
+    task_loss(out["logits"], batch["y"], "mortality").backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.ehr.parameters())
+
+
+def test_hiding_every_xray_at_test_changes_predictions(store, raw):
+    method = DAFT(seed=0, features="raw", **SMALL).fit(raw, device="cpu")
+    hidden = load_fusion_data(store, "mortality", 0, features="raw", inputs=DAFT.inputs["raw"],
+                              cxr_missing_rate=1.0, missing_at=("test",))
+    with_film = raw.part("test").cxr_present
+    a, b = method.predict_proba(raw, "test"), method.predict_proba(hidden, "test")
+    assert not np.allclose(a[with_film], b[with_film])
+    np.testing.assert_allclose(a[~with_film], b[~with_film], rtol=1e-6)

@@ -1,0 +1,148 @@
+"""ShaSpec: generation of the absent feature, gradient routing of the two losses, per-stay handling."""
+
+import numpy as np
+import pytest
+import torch
+
+from fusion.data import load_fusion_data
+from fusion.methods.shaspec import ShaSpec
+from fusion.registry import HyperparameterError
+from support import CXR_DIM, EHR_DIM, EHR_ID, make_fusion_store, toy_module
+
+torch.set_num_threads(1)
+
+def _module(features, seed=0, **params):
+    return toy_module(ShaSpec, features, seed, **params)
+
+
+def _batch(features, present, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(present)
+    present = torch.tensor(present)
+    batch = {"cxr_present": present, "y": torch.randint(0, 2, (n, 1), generator=g).float()}
+    if features == "cached":
+        batch["ehr_emb"] = torch.randn(n, EHR_DIM, generator=g)
+        cxr = torch.randn(n, CXR_DIM, generator=g)
+        batch["cxr_emb"] = torch.where(present[:, None], cxr, torch.nan)
+    else:
+        batch["ehr"] = torch.randn(n, 8, 4, generator=g)
+        batch["ehr_mask"] = (torch.rand(n, 8, 4, generator=g) > 0.5).float()
+        batch["cxr"] = torch.randn(n, 1, 16, 16, generator=g) * 500 * present[:, None, None, None]
+    return batch
+
+
+SHARED = ("shared_ehr", "shared_cxr", "trunk")
+SPECIFIC = ("specific_ehr", "specific_cxr")
+
+
+def _grads(module, loss, prefixes):
+    module.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return {n: p.grad for n, p in module.named_parameters() if n.startswith(prefixes)}
+
+
+def _nonzero(grads):
+    return any(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("features", ["cached", "raw"])
+def test_domain_loss_reaches_specific_encoders_only_and_alignment_shared_only(features):
+    module = _module(features)
+    module.train()
+    out = module(_batch(features, [True, True, False, True]))
+    assert out["cxr_used"].tolist() == [True, True, False, True]
+    domain_shared = _grads(module, out["loss_domain"], SHARED)
+    domain_specific = _grads(module, out["loss_domain"], SPECIFIC)
+    assert not _nonzero(domain_shared), "the domain loss must not reach the shared branch"
+    for prefix in SPECIFIC:
+        assert _nonzero({n: g for n, g in domain_specific.items() if n.startswith(prefix)}), prefix
+    align_specific = _grads(module, out["loss_align"], SPECIFIC)
+    align_shared = _grads(module, out["loss_align"], SHARED)
+    assert not _nonzero(align_specific), "the alignment loss must not reach the specific branch"
+    for prefix in SHARED:
+        assert _nonzero({n: g for n, g in align_shared.items() if n.startswith(prefix)}), prefix
+
+
+@pytest.mark.parametrize("features", ["cached", "raw"])
+def test_absent_film_feature_is_the_ehr_shared_feature_and_ignores_the_image(features):
+    module = _module(features).eval()
+    batch = _batch(features, [True, False, True, False])
+    out = module(batch)
+    absent = ~batch["cxr_present"]
+    torch.testing.assert_close(out["f_cxr"][absent], out["r_ehr"][absent], rtol=0, atol=0)
+    noisy = dict(batch)
+    key = "cxr_emb" if features == "cached" else "cxr"
+    noisy[key] = batch[key].clone()
+    noisy[key][absent] = 1e3 * torch.randn_like(noisy[key][absent])
+    changed = module(noisy)["logits"]
+    torch.testing.assert_close(changed[absent], out["logits"][absent], rtol=0, atol=0)
+    # a stay with a film depends on it
+    shifted = dict(batch)
+    shifted[key] = batch[key].clone()
+    shifted[key][0] = shifted[key][0] + 3.0 * (1000 if features == "raw" else 1)
+    assert (module(shifted)["logits"][0] - out["logits"][0]).abs().max() > 1e-5
+
+
+def test_mixed_batch_equals_single_stay_runs():
+    module = _module("cached").eval()
+    batch = _batch("cached", [True, False, True, False, True])
+    out = module(batch)["logits"]
+    for i in range(5):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        torch.testing.assert_close(module(one)["logits"], out[i:i + 1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("features", ["cached", "raw"])
+def test_batch_without_films_has_no_alignment_and_no_xray_gradient(features):
+    module = _module(features)
+    module.train()
+    out = module(_batch(features, [False, False, False]))
+    assert out["loss_align"].item() == 0.0
+    assert torch.isfinite(out["loss_domain"]) and torch.isfinite(out["logits"]).all()
+    loss = out["logits"].sum() + out["aux_loss"]
+    grads = _grads(module, loss, ("shared_cxr", "specific_cxr"))
+    assert not _nonzero(grads)
+
+
+def test_film_dropout_one_is_the_no_film_path():
+    module = _module("cached", film_dropout=1.0, dropout=0.0)  # no dropout noise to compare
+
+    class Ctx:
+        epoch = 1
+    module.on_train_epoch_start(Ctx())
+    module.train()
+    batch = _batch("cached", [True, True, False])
+    dropped = module(batch)
+    assert not dropped["cxr_used"].any()
+    no_films = dict(batch, cxr_present=torch.zeros(3, dtype=torch.bool))
+    torch.testing.assert_close(dropped["logits"], module(no_films)["logits"], rtol=0, atol=0)
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(HyperparameterError, match="divisible by n_heads"):
+        _module("cached", hidden=6, n_heads=4)
+    with pytest.raises(HyperparameterError, match="film_dropout"):
+        _module("cached", film_dropout=1.5)
+
+
+def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(tmp_path):
+    store = make_fusion_store(tmp_path / "s.zarr", n_stays=60)
+    data = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID)
+    masked = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
+                              cxr_missing_rate=1.0, missing_at=("test",))
+    method = ShaSpec(**ShaSpec.test_hyperparameters).fit(data, device="cpu")
+    had = data.part("test").cxr_present
+    before = method.predict_proba(data, "test")
+    after = method.predict_proba(masked, "test")
+    assert np.abs(before[had] - after[had]).min() > 0
+    np.testing.assert_array_equal(before[~had], after[~had])
+
+
+def test_hours_since_observed_counts_back_to_the_last_observation():
+    from fusion.modules import hourly_tokens, hours_since_observed
+
+    mask = torch.tensor([[[0.0], [1.0], [0.0], [0.0], [1.0]]])  # one stay, 5 hours, 1 variable
+    assert hours_since_observed(mask)[0, :, 0].tolist() == [1.0, 0.0, 1.0, 2.0, 0.0]
+    tokens = hourly_tokens({"ehr": torch.ones(1, 5, 1), "ehr_mask": mask})
+    assert tokens.shape == (1, 5, 3)
+    torch.testing.assert_close(tokens[0, :, 2], torch.tensor([0.2, 0.0, 0.2, 0.4, 0.0]))

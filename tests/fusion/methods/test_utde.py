@@ -1,0 +1,93 @@
+"""UTDE: time attention over the observed hours, the gate, the film's time, absent films."""
+
+import numpy as np
+import pytest
+import torch
+
+from fusion.data import load_fusion_data
+from fusion.methods.utde import UTDE
+from fusion.trainer import PartBatches
+from support import make_fusion_store
+
+torch.set_num_threads(1)
+SMALL = {**UTDE.test_hyperparameters, "max_epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_fusion_store(tmp_path_factory.mktemp("utde") / "store.zarr", n_stays=80)
+
+
+@pytest.fixture(scope="module")
+def raw(store):
+    return load_fusion_data(store, "mortality", 0, features="raw", inputs=UTDE.inputs["raw"])
+
+
+@pytest.fixture(scope="module")
+def net(raw):
+    method = UTDE(seed=0, features="raw", **SMALL)
+    torch.manual_seed(0)
+    return method.build_module(method._spec(raw)).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(raw):
+    item = raw.part("train")
+    idx = np.arange(12)
+    idx = idx[np.argsort(~item.cxr_present[idx], kind="stable")]
+    out = PartBatches(item, raw.inputs)[idx]
+    assert out["cxr_present"][:2].all() and not out["cxr_present"].all()
+    return out
+
+
+def test_moving_observed_hours_changes_the_time_attention(net, batch):
+    with torch.no_grad():
+        e_int, e_imp = net.ehr_streams(batch)
+        moved = {**batch, "ehr": batch["ehr"].roll(2, dims=1), "ehr_mask": batch["ehr_mask"].roll(2, dims=1)}
+        assert not torch.allclose(net.ehr_streams(moved)[0], e_int)
+        # values where nothing was observed do not enter the time attention
+        noise = torch.randn_like(batch["ehr"]) * (1 - batch["ehr_mask"])
+        same = net.ehr_streams({**batch, "ehr": batch["ehr"] + noise})[0]
+        torch.testing.assert_close(same, e_int)
+
+
+def test_gate_extremes_give_each_branch(net, batch):
+    with torch.no_grad():
+        e_int, e_imp = net.ehr_streams(batch)
+        torch.testing.assert_close(net.mix(e_int, e_imp, torch.ones(1)), e_int)
+        torch.testing.assert_close(net.mix(e_int, e_imp, torch.zeros(1)), e_imp)
+        g = torch.sigmoid(net.gate(torch.cat([e_int, e_imp], -1)))
+        assert g.shape == (*e_int.shape[:2], 1), "batch_seq: one gate per stay and hour"
+
+
+def test_hours_are_used_and_the_films_time_matters(net, batch):
+    with torch.no_grad():
+        logits = net(batch)["logits"]
+        flipped = {**batch, "ehr": batch["ehr"].flip(1), "ehr_mask": batch["ehr_mask"].flip(1)}
+        assert not torch.allclose(net(flipped)["logits"], logits)
+        stream, _ = net.film_stream(batch)
+        later = {**batch, "cxr_hours": batch["cxr_hours"] - 3.0}
+        moved, _ = net.film_stream(later)
+        assert not torch.allclose(moved[:2], stream[:2]), "moving the film's time changes its stream"
+        torch.testing.assert_close(moved[~batch["cxr_present"]], stream[~batch["cxr_present"]])
+
+
+def test_absent_film_ignores_any_placeholder_image(net, batch):
+    absent = ~batch["cxr_present"]
+    scrambled = {**batch, "cxr": batch["cxr"].clone()}
+    scrambled["cxr"][absent] = torch.randn_like(scrambled["cxr"][absent]) * 1000
+    with torch.no_grad():
+        torch.testing.assert_close(net(scrambled)["logits"], net(batch)["logits"])
+        stream, used = net.film_stream(batch)
+    assert torch.equal(used, batch["cxr_present"])
+    torch.testing.assert_close(stream[absent], net.film.absent.expand_as(stream[absent]))
+
+
+def test_hiding_every_xray_at_test_changes_predictions(store, raw):
+    method = UTDE(seed=0, features="raw", **SMALL).fit(raw, device="cpu")
+    hidden = load_fusion_data(store, "mortality", 0, features="raw", inputs=UTDE.inputs["raw"],
+                              cxr_missing_rate=1.0, missing_at=("test",))
+    with_film = raw.part("test").cxr_present
+    a, b = method.predict_proba(raw, "test"), method.predict_proba(hidden, "test")
+    assert not np.allclose(a[with_film], b[with_film])
+    np.testing.assert_allclose(a[~with_film], b[~with_film], rtol=1e-6)
