@@ -329,7 +329,7 @@ def _dask_client(scheduler: str | None, n_workers: int | None):
             client.close()
         return
     cluster = LocalCluster(n_workers=int(n_workers), threads_per_worker=1, processes=True,
-                           dashboard_address=None)
+                           dashboard_address=":0")
     client = Client(cluster)
     try:
         yield client

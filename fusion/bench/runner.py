@@ -265,7 +265,7 @@ def run_grid(grid: Grid, *, workers: int | None = None, scheduler: str | None = 
     # silence_logs: the nanny warns when it kills a worker that is slow to exit after the grid
     # (interpreter teardown with torch loaded); errors are still shown
     cluster = LocalCluster(n_workers=min(workers, len(pending)), threads_per_worker=1,
-                           processes=True, resources=resources or None, dashboard_address=None,
+                           processes=True, resources=resources or None, dashboard_address=":0",
                            silence_logs=logging.ERROR)
     try:
         with Client(cluster) as client:

@@ -319,7 +319,7 @@ def test_dask_pass_is_bit_identical_to_single_process(store_path, base_store, tm
     shutil.copytree(base_store, single)
     run_encoding_pass(single, DN, **FAST)
     run_encoding_pass(single, "ehr-lstm", region_stays=8, progress=False, lstm_config=config, threads=1)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         summary = run_encoding_pass(store_path, DN, dask_scheduler=cluster.scheduler_address, **FAST)
         run_encoding_pass(store_path, "ehr-lstm", region_stays=8, progress=False, lstm_config=config,
                           threads=1, dask_scheduler=cluster.scheduler_address)

@@ -156,6 +156,7 @@ def test_a_run_never_changes_the_umask(store_path, tmp_path, monkeypatch):
 FIT_AND_PREDICT = """
 import sys, numpy as np, torch
 from fusion.trainer import Trainer
+from support import GrowingNet, toy_sources
 
 seed, out = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(seed)

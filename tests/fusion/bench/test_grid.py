@@ -356,7 +356,7 @@ def test_existing_scheduler(store_path, tmp_path):
 
     path, out = _write(tmp_path, _doc(seeds=[0, 1])), tmp_path / "runs"
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=None) as cluster:
+                      dashboard_address=":0") as cluster:
         result = _bench(path, store_path, out, "--scheduler", cluster.scheduler_address)
     assert result.exit_code == 0, result.output
     assert "2 of 2 cells complete, 0 failed, 2 run now" in result.output
