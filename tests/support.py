@@ -605,6 +605,38 @@ class InnerLoopNet(nn.Module):
         return {"loss": loss, "out": out}
 
 
+class Interrupted(Exception):
+    """Stands for a kill in the middle of a training epoch."""
+
+
+def interrupt_during(monkeypatch, epoch: int, stage_index: int = 0) -> None:
+    """Make training epoch ``epoch`` of stage ``stage_index`` raise :class:`Interrupted` halfway."""
+    from fusion import trainer as trainer_module
+
+    original = trainer_module._Fit._train_epoch
+
+    def train_epoch(fit):
+        if (fit.ctx.stage_index, fit.ctx.epoch) == (stage_index, epoch):
+            raise Interrupted(f"killed in epoch {epoch}")
+        return original(fit)
+    monkeypatch.setattr(trainer_module._Fit, "_train_epoch", train_epoch)
+
+
+def fit_interrupted_and_resumed(make_method, data, checkpoint, monkeypatch, epoch: int = 3):
+    """An uninterrupted fit, and a fit killed in ``epoch`` then resumed from ``checkpoint``.
+
+    ``make_method()`` returns a fresh, unfitted method; returns ``(whole, resumed)``, both fitted.
+    """
+    import pytest
+
+    whole = make_method().fit(data, device="cpu")
+    with monkeypatch.context() as patch:
+        interrupt_during(patch, epoch)
+        with pytest.raises(Interrupted):
+            make_method().fit(data, device="cpu", checkpoint=checkpoint)
+    return whole, make_method().fit(data, device="cpu", checkpoint=checkpoint)
+
+
 # --------------------------------------------------------------------------------------------------
 # Tiny run folders for the report tests, written directly in the run-folder format.
 #

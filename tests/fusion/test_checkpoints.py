@@ -19,27 +19,13 @@ from click.testing import CliRunner
 
 from fusion import trainer as trainer_module
 from fusion.trainer import CheckpointError, Trainer
-from support import BankNet, GrowingNet, StagedNet, TwoOptimiserNet, toy_sources
+from support import (BankNet, GrowingNet, Interrupted, StagedNet, TwoOptimiserNet, interrupt_during,
+                     toy_sources)
 
 torch.set_num_threads(1)
 
 TOYS = {"growing": lambda: GrowingNet(grow_at=(2, 3)), "staged": StagedNet,
         "two-optimisers": TwoOptimiserNet, "bank": BankNet}
-
-
-class Interrupted(Exception):
-    """Stands for a kill in the middle of an epoch."""
-
-
-def _interrupt_during(monkeypatch, stage_index, epoch):
-    """Make the training epoch ``epoch`` of stage ``stage_index`` fail halfway."""
-    original = trainer_module._Fit._train_epoch
-
-    def train_epoch(fit):
-        if (fit.ctx.stage_index, fit.ctx.epoch) == (stage_index, epoch):
-            raise Interrupted(f"killed in epoch {epoch}")
-        return original(fit)
-    monkeypatch.setattr(trainer_module._Fit, "_train_epoch", train_epoch)
 
 
 def _trainer():
@@ -76,7 +62,7 @@ def test_an_interrupted_fit_resumes_bit_identical(name, stage, epoch, tmp_path, 
 
     path = tmp_path / "checkpoint.pt"
     with monkeypatch.context() as patch:
-        _interrupt_during(patch, stage, epoch)
+        interrupt_during(patch, epoch, stage)
         with pytest.raises(Interrupted):
             _fit(name, path)
     assert path.is_file() and not path.with_name("checkpoint.pt.tmp").exists()
@@ -183,7 +169,7 @@ def test_a_run_interrupted_in_training_resumes_from_its_work_folder(store_path, 
 
     out = tmp_path / "twice"
     with monkeypatch.context() as patch:
-        _interrupt_during(patch, 0, 3)
+        interrupt_during(patch, 3)
         with pytest.raises(Interrupted):
             _fuse(store_path, out)
     (work,) = out.iterdir()
@@ -201,7 +187,7 @@ def test_a_run_interrupted_in_training_resumes_from_its_work_folder(store_path, 
 
 def test_overwrite_discards_the_checkpoint(store_path, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
-        _interrupt_during(patch, 0, 2)
+        interrupt_during(patch, 2)
         with pytest.raises(Interrupted):
             _fuse(store_path, tmp_path)
     result = _fuse(store_path, tmp_path, "--overwrite")
@@ -212,7 +198,7 @@ def test_overwrite_discards_the_checkpoint(store_path, tmp_path, monkeypatch):
 
 def test_a_run_failing_before_any_checkpoint_leaves_nothing(store_path, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
-        _interrupt_during(patch, 0, 1)
+        interrupt_during(patch, 1)
         with pytest.raises(Interrupted):
             _fuse(store_path, tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ from fusion.methods.aug import (
 from fusion.modules import EmbeddingInput
 from fusion.registry import HyperparameterError
 from fusion.trainer import FitContext, PartBatches, Trainer
-from support import EHR_ID, make_fusion_store
+from support import EHR_ID, fit_interrupted_and_resumed, make_fusion_store
 
 torch.set_num_threads(1)
 CACHED = {"ehr_emb", "cxr_emb"}
@@ -267,28 +267,11 @@ def test_bad_settings_are_refused_by_name(data, setting):
         AUG(aca_score="median")
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_an_interrupted_fit_resumes_with_its_learners_bit_identical(data, tmp_path, monkeypatch):
-    from fusion import trainer as trainer_module
-
     settings = {**AUG.test_hyperparameters, "max_epochs": 4, "patience": 4, "margin": 0.0}
-    whole = AUG(seed=0, features="cached", **settings).fit(data, device="cpu")
-    original = trainer_module._Fit._train_epoch
-
-    def killed_in_epoch_3(fit):
-        if fit.ctx.epoch == 3:
-            raise _Killed()
-        return original(fit)
-    monkeypatch.setattr(trainer_module._Fit, "_train_epoch", killed_in_epoch_3)
-    checkpoint = tmp_path / "checkpoint.pt"
-    with pytest.raises(_Killed):
-        AUG(seed=0, features="cached", **settings).fit(data, device="cpu", checkpoint=checkpoint)
-    monkeypatch.setattr(trainer_module._Fit, "_train_epoch", original)
-    resumed = AUG(seed=0, features="cached", **settings).fit(data, device="cpu",
-                                                             checkpoint=checkpoint)
+    whole, resumed = fit_interrupted_and_resumed(
+        lambda: AUG(seed=0, features="cached", **settings), data, tmp_path / "checkpoint.pt",
+        monkeypatch)
 
     def learners(method):
         return [e["aug_learners_cxr"] + e["aug_learners_ehr"] for e in method.history_["epochs"]]

@@ -14,7 +14,7 @@ from fusion.methods.inforeg import (
 from fusion.modules import build_encoder
 from fusion.registry import HyperparameterError
 from fusion.trainer import FitContext, PartBatches, Trainer
-from support import EHR_ID, make_fusion_store
+from support import EHR_ID, fit_interrupted_and_resumed, make_fusion_store
 
 torch.set_num_threads(1)
 CACHED = {"ehr_emb", "cxr_emb"}
@@ -207,30 +207,12 @@ def test_bad_settings_are_refused_by_name(data, setting):
         InfoReg(window_modality="cxr")
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_an_interrupted_fit_resumes_with_its_fisher_history_bit_identical(data, tmp_path,
                                                                           monkeypatch):
-    from fusion import trainer as trainer_module
-
     settings = {**InfoReg.test_hyperparameters, "max_epochs": 4, "patience": 4, "window_epochs": 2}
-    whole = InfoReg(seed=0, features="cached", **settings).fit(data, device="cpu")
-    original = trainer_module._Fit._train_epoch
-
-    def killed_in_epoch_3(fit):
-        if fit.ctx.epoch == 3:
-            raise _Killed()
-        return original(fit)
-    monkeypatch.setattr(trainer_module._Fit, "_train_epoch", killed_in_epoch_3)
-    checkpoint = tmp_path / "checkpoint.pt"
-    with pytest.raises(_Killed):
-        InfoReg(seed=0, features="cached", **settings).fit(data, device="cpu",
-                                                           checkpoint=checkpoint)
-    monkeypatch.setattr(trainer_module._Fit, "_train_epoch", original)
-    resumed = InfoReg(seed=0, features="cached", **settings).fit(data, device="cpu",
-                                                                 checkpoint=checkpoint)
+    whole, resumed = fit_interrupted_and_resumed(
+        lambda: InfoReg(seed=0, features="cached", **settings), data, tmp_path / "checkpoint.pt",
+        monkeypatch)
     keys = ("inforeg_k_ehr", "inforeg_k_cxr", "inforeg_fisher_ehr", "inforeg_regulated_batches_ehr")
     assert [[e[k] for k in keys] for e in whole.history_["epochs"]] == \
         [[e[k] for k in keys] for e in resumed.history_["epochs"]]
