@@ -374,6 +374,20 @@ def mixed_test_batch(data, name):
     return batch, present
 
 
+def mixed_setup(store, name, mode, prepare=None):
+    """Tiny ``mode`` data, the method's untrained module in eval mode and a mixed test batch.
+
+    ``prepare(module, data)``, if given, runs before eval mode (e.g. a neighbour bank or priors).
+    Returns ``(data, module, batch, present)`` as :func:`mixed_test_batch` gives the last two.
+    """
+    data = tiny_data(store, mode)
+    module = module_for(name, data)
+    if prepare is not None:
+        prepare(module, data)
+    batch, present = mixed_test_batch(data, name)
+    return data, module.eval(), batch, present
+
+
 def assert_batch_independent(module, batch, seed=0):
     """Each stay's logits are the same in the whole batch, in a shuffled batch and alone."""
     n = batch["y"].shape[0]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fusion.methods.drfuse import jsd_paired, pool_shared, ranking_loss
-from support import (assert_batch_independent, mixed_test_batch,
-    batch_of, fit_and_hide, module_for, randomise_xray, tiny_data, tiny_store, with_rows)
+from support import (assert_batch_independent, batch_of, fit_and_hide, mixed_setup, module_for,
+                     randomise_xray, tiny_data, with_rows)
 
 torch.set_num_threads(1)
 
@@ -16,17 +16,9 @@ class Ctx:
         self.task = task
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tiny_store(tmp_path_factory.mktemp("drfuse") / "store.zarr")
-
-
 @pytest.fixture(scope="module", params=["raw", "cached"])
 def setup(request, store):
-    data = tiny_data(store, request.param)
-    module = module_for("drfuse", data).eval()
-    batch, present = mixed_test_batch(data, "drfuse")
-    return data, module, batch, present
+    return mixed_setup(store, "drfuse", request.param)
 
 
 def test_pooling_is_the_logit_of_the_mean_probability():

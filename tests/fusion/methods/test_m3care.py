@@ -4,26 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from support import (mixed_test_batch,
-    fit_and_hide, method_for, module_for, randomise_xray, source_of, tiny_data,
-    tiny_store, with_rows)
+from support import fit_and_hide, method_for, mixed_setup, randomise_xray, source_of, tiny_data, with_rows
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tiny_store(tmp_path_factory.mktemp("m3care") / "store.zarr")
+def _with_bank(module, data):
+    module.build_bank(source_of(data, "train", "m3care"), seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module", params=["raw", "cached"])
 def setup(request, store):
-    data = tiny_data(store, request.param)
-    module = module_for("m3care", data)
-    module.build_bank(source_of(data, "train", "m3care"), seed=0, device="cpu")
-    module.eval()
-    batch, present = mixed_test_batch(data, "m3care")
-    return data, module, batch, present
+    return mixed_setup(store, "m3care", request.param, prepare=_with_bank)
 
 
 def test_bank_holds_training_stays_with_an_xray(setup):

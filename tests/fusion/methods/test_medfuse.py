@@ -4,24 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from support import (assert_batch_independent, mixed_test_batch,
-    fit_and_hide, method_for, module_for, randomise_xray, tiny_data, tiny_store,
-    with_rows)
+from support import (assert_batch_independent, fit_and_hide, method_for, mixed_setup, module_for,
+                     randomise_xray, source_of, tiny_data, with_rows)
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tiny_store(tmp_path_factory.mktemp("medfuse") / "store.zarr")
-
-
 @pytest.fixture(scope="module", params=["raw", "cached"])
 def setup(request, store):
-    data = tiny_data(store, request.param)
-    module = module_for("medfuse", data).eval()
-    batch, present = mixed_test_batch(data, "medfuse")
-    return data, module, batch, present
+    return mixed_setup(store, "medfuse", request.param)
 
 
 def test_absent_stay_runs_one_fusion_step_and_ignores_its_image(setup):
@@ -83,8 +74,6 @@ def test_staged_schedule_trains_the_ehr_encoder_first(store):
 
 def test_ehr_stage_leaves_the_fusion_untouched(store):
     from fusion.trainer import Trainer
-    from support import source_of
-
     data = tiny_data(store, "cached")
     module = module_for("medfuse", data)
     before = {k: v.clone() for k, v in module.state_dict().items()}

@@ -5,31 +5,26 @@ import pytest
 import torch
 
 from fusion.registry import MethodStateError
-from support import (assert_batch_independent, mixed_test_batch,
-    batch_of, fit_and_hide, method_for, module_for, randomise_xray, source_of, tiny_data,
-    tiny_store, with_rows)
+from support import (assert_batch_independent, batch_of, fit_and_hide, method_for, mixed_setup, module_for,
+                     randomise_xray, source_of, tiny_data, with_rows)
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tiny_store(tmp_path_factory.mktemp("smil") / "store.zarr")
+def _with_priors(module, data):
+    module.on_fit_start(type("Ctx", (), {"device": torch.device("cpu")})(),
+                        source_of(data, "train", "smil"))
 
 
 def _ready(data, **params):
     module = module_for("smil", data, **params)
-    module.on_fit_start(type("Ctx", (), {"device": torch.device("cpu")})(),
-                        source_of(data, "train", "smil"))
+    _with_priors(module, data)
     return module
 
 
 @pytest.fixture(scope="module", params=["raw", "cached"])
 def setup(request, store):
-    data = tiny_data(store, request.param)
-    module = _ready(data).eval()
-    batch, present = mixed_test_batch(data, "smil")
-    return data, module, batch, present
+    return mixed_setup(store, "smil", request.param, prepare=_with_priors)
 
 
 def test_priors_are_kmeans_of_training_xray_features_only(setup, store):
