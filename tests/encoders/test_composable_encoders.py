@@ -22,16 +22,6 @@ torch.set_num_threads(1)
 IMAGENET_FILE = "resnet50-0676ba61.pth"
 
 
-@pytest.fixture
-def no_weights_anywhere(tmp_path, monkeypatch):
-    """Empty library caches and no $CBSTORE_WEIGHTS_DIR: only an explicit weights_dir is searched."""
-    empty = tmp_path / "library-cache"
-    empty.mkdir()
-    monkeypatch.setattr(W, "library_cache_dir", lambda library: empty)
-    monkeypatch.delenv(W.WEIGHTS_DIR_ENV, raising=False)
-    return empty
-
-
 @pytest.fixture(scope="module")
 def imagenet_dir(tmp_path_factory):
     """A stand-in for torchvision's ImageNet file: a seeded random ResNet-50 state dict (3 channels)."""
@@ -94,7 +84,7 @@ def test_backbones_keep_the_parameter_names_of_saved_models():
     assert list(ResNet50Backbone().state_dict()) == names
 
 
-def test_imagenet_weights_load_offline_like_cbstore_encode(imagenet_dir, no_weights_anywhere):
+def test_imagenet_weights_load_offline_like_cbstore_encode(imagenet_dir, no_library_cache):
     spec = {"n_features": 4}
     enc = build_encoder("cxr", "cxr_img", spec, {"cxr_weights": "imagenet", "hidden": 8},
                         weights_dir=imagenet_dir)
@@ -112,13 +102,13 @@ def test_imagenet_weights_load_offline_like_cbstore_encode(imagenet_dir, no_weig
     assert not torch.equal(random.backbone.conv1.weight, backbone.conv1.weight)
 
 
-def test_missing_imagenet_file_names_file_places_and_the_random_setting(tmp_path, no_weights_anywhere):
+def test_missing_imagenet_file_names_file_places_and_the_random_setting(tmp_path, no_library_cache):
     mine = tmp_path / "mine"
     mine.mkdir()
     with pytest.raises(WeightsNotFoundError) as err:
         build_encoder("cxr", "cxr_img", {}, {"cxr_weights": "imagenet"}, weights_dir=mine)
     text = str(err.value)
-    assert IMAGENET_FILE in text and str(mine) in text and str(no_weights_anywhere) in text
+    assert IMAGENET_FILE in text and str(mine) in text and str(no_library_cache) in text
     assert "cxr_weights=random" in text and "download" in text.lower()
     assert isinstance(err.value, CbstoreError)
     # a saved model is rebuilt without the file: its saved state replaces every weight
@@ -135,7 +125,7 @@ def test_small_backbone_has_no_imagenet_weights():
 
 
 def test_resnet_method_fits_from_imagenet_and_restores_without_the_file(
-        tmp_path, imagenet_dir, no_weights_anywhere):
+        tmp_path, imagenet_dir, no_library_cache):
     from fusion.data import load_fusion_data
     from fusion.registry import get_method, load_method
     from support import make_fusion_store
@@ -210,7 +200,7 @@ def test_present_only_learns_the_vector_of_absent_xrays():
         PresentOnly(_Recorder(), 2, absent="mean")
 
 
-def test_cli_raw_run_finds_imagenet_weights_with_weights_dir(tmp_path, imagenet_dir, no_weights_anywhere):
+def test_cli_raw_run_finds_imagenet_weights_with_weights_dir(tmp_path, imagenet_dir, no_library_cache):
     import json
 
     from click.testing import CliRunner

@@ -17,16 +17,6 @@ from encoders.registry import ENCODERS, get_encoder
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture
-def no_library_cache(tmp_path, monkeypatch):
-    """Point the library caches at an empty folder and clear $CBSTORE_WEIGHTS_DIR."""
-    empty = tmp_path / "library-cache"
-    empty.mkdir()
-    monkeypatch.setattr(W, "library_cache_dir", lambda library: empty)
-    monkeypatch.delenv(W.WEIGHTS_DIR_ENV, raising=False)
-    return empty
-
-
 def _films(n=3, size=32, seed=0):
     rng = np.random.default_rng(seed)
     return torch.from_numpy(rng.integers(0, 256, (n, size, size), dtype=np.uint8))
