@@ -10,7 +10,6 @@ from torch import nn
 
 from cbstore.errors import CbstoreError
 from encoders.errors import WeightsNotFoundError
-import encoders.weights as W
 from fusion.modules import (
     IMAGENET_WEIGHTS, EHRLSTMEncoder, EHRTransformerEncoder, EncoderOutput, PresentOnly,
     ResNet50Backbone, SmallCNN, build_encoder, run_on_present,
