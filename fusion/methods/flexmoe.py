@@ -396,8 +396,8 @@ class FlexMoE(StartsFromPretrained, TorchMethod):
         if spec["features"] == "cached":
             ehr = nn.Sequential(EmbeddingInput("ehr_emb", spec["ehr_dim"]),
                                 PatchTokens(spec["ehr_dim"], n_tokens, dim))
-            _, h, w = self._map_shape(spec)
-            cxr, cxr_tokens = MapTokens(spec["cxr_map_shape"], dim), h * w
+            map_shape = self._map_shape(spec)
+            cxr, cxr_tokens = MapTokens(map_shape, dim), map_shape[1] * map_shape[2]
         else:
             ehr = _RawEHRTokens(spec["n_features"], spec["window_hours"], n_tokens, dim)
             backbone = image_backbone(p, **self.encoder_options())
