@@ -221,8 +221,9 @@ class UMSE(StartsFromPretrained, TorchMethod):
     default, ``freeze_backbone``; films augmented in training, :data:`AUGMENT_HYPERPARAMETERS`);
     cached, the cells of the stored spatial map (input ``cxr_map``, e.g. 2 x 2 x 512 from
     ``densenet121-res224-all-block3`` at 64 px, 7 x 7 at 224 px), each layer-normalised and
-    projected; both with learned 2-D positions. X-ray tokens get ``phi_t(-hours before prediction) + E[image]``. ``n_layers`` (>= 2) layers of
-    one pre-LN Transformer layer per stream and ``n_bottlenecks`` shared bottleneck tokens.
+    projected; both with learned 2-D positions. X-ray tokens get ``phi_t(-hours before
+    prediction) + E[image]``. ``n_layers`` (>= 2) layers of one pre-LN Transformer layer per
+    stream and ``n_bottlenecks`` shared bottleneck tokens.
     Readout: LayerNorm of the EHR CLS token, then the head.
 
     Each epoch's history records ``umse_cells_train``/``umse_cells_val`` (triplets used) and
