@@ -13,10 +13,13 @@ ehr-stats`` -> ``encode densenet121-res224-all --weights random --input-size 64`
 spatial maps ``densenet121-res224-all-block3`` (same weights and input) that the cached mode of
 ``mmtm`` and ``daft`` reads (DenseNet ``denseblock4`` runs live on them), once per size, and
 reused under ``--work-dir``. Raw fits use the small CNN (``backbone=small``, random weights) on
-the stored films. Only small sizes are meant for a shared 2-core machine::
+the stored films. ``--set METHOD.KEY=VALUE`` overrides one method's hyperparameter (e.g. a
+narrower UMSE where its defaults are too slow for the CPU). Only small sizes are meant for a
+shared 2-core machine::
 
     python benchmarks/bench_methods.py aug inforeg latefusion
     python benchmarks/bench_methods.py aug --raw-stays 500 1000 --json out.json
+    python benchmarks/bench_methods.py umse --set umse.n_layers=2 --set umse.hidden=64
 
 Sizes are *synthetic* ICU stays; the build keeps about 61 % of them (adults with at least 48 h in
 the ICU), so the defaults give stores of about 1,000 and 3,000 stays (cached) and 300 and 600
@@ -46,7 +49,8 @@ import json, os, sys, time
 from cbstore.store.reader import open_store
 from fusion.data import load_fusion_data
 from fusion.registry import get_method
-store, method, task, features, device, plan = sys.argv[1:6] + [json.loads(sys.argv[6])]
+store, method, task, features, device = sys.argv[1:6]
+plan, overrides = json.loads(sys.argv[6]), json.loads(sys.argv[7])
 cls = get_method(method)
 data = load_fusion_data(open_store(store), task, 0, features=features,
                         inputs=cls.inputs_for(features))
@@ -54,6 +58,8 @@ settings = {}
 if features == "raw":
     settings = {k: v for k, v in {"backbone": "small", "cxr_weights": "random"}.items()
                 if k in cls.hyperparameters}
+resolved = cls.resolve_hyperparameters(overrides, features=features)  # checks and converts
+settings.update({k: resolved[k] for k in overrides})
 def fit(epochs):
     model = cls(seed=0, features=features, max_epochs=epochs, patience=epochs, **settings)
     load = os.getloadavg()[0]
@@ -113,11 +119,24 @@ def _ensure_maps(store: Path, folder: Path) -> None:
         done.write_text("ready\n")
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["umse.hidden=64", ...]`` -> ``{"umse": {"hidden": "64"}}`` (values as text; the method
+    parses them as ``cbstore fuse --set`` does)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not (sep and dot and method and name):
+            raise SystemExit(f"--set {item!r}: expected METHOD.KEY=VALUE")
+        out.setdefault(method, {})[name] = value
+    return out
+
+
 def time_epoch(store: Path, method: str, features: str, task: str, device: str, extra: int,
-               logs: Path) -> dict:
+               logs: Path, overrides: dict | None = None) -> dict:
     """Seconds (wall and CPU) of one epoch of ``method`` in ``features`` mode on ``store``."""
     cmd = [sys.executable, "-c", _EPOCH_CHILD, str(store), method, task, features, device,
-           json.dumps([1, 1 + extra])]
+           json.dumps([1, 1 + extra]), json.dumps(overrides or {})]
     text = _run(cmd, logs / f"{method}-{features}-{store.parent.name}.log")
     short, long = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     if long["epochs"] - short["epochs"] != extra:
@@ -165,17 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-extra-epochs", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/cbstore-bench-methods"))
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a hyperparameter of one method (repeatable)")
     args = parser.parse_args(argv)
     logs = args.work_dir / "logs"
     sizes = {"cached": args.cached_stays, "raw": args.raw_stays}
     extra = {"cached": args.cached_extra_epochs, "raw": args.raw_extra_epochs}
+    overrides = parse_overrides(args.set)
     started = time.perf_counter()
     results: dict = {}
     for features in args.features:
         stores = [ensure_store(args.work_dir, n) for n in sizes[features]]
         for method in args.methods:
             results.setdefault(method, {})[features] = [
-                time_epoch(store, method, features, args.task, args.device, extra[features], logs)
+                time_epoch(store, method, features, args.task, args.device, extra[features], logs,
+                           overrides.get(method))
                 for store in stores]
     print_table(results)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")

@@ -811,7 +811,8 @@ def image_stream(spec: dict, params: dict, *, pretrained: bool, weights_dir) -> 
 
 
 # Token builders shared by the token-level fusion methods (ShaSpec, HEALNet, Flex-MoE, UMSE).
-__all__ += ["ImageTokens", "PatchTokens", "hourly_tokens", "hours_since_observed", "image_backbone"]
+__all__ += ["GridTokens", "ImageTokens", "MapTokens", "PatchTokens", "hourly_tokens",
+            "hours_since_observed", "image_backbone"]
 
 
 def hours_since_observed(mask: torch.Tensor) -> torch.Tensor:
@@ -903,7 +904,61 @@ def image_backbone(params: dict, *, pretrained: bool = True, weights_dir=None) -
     return backbone
 
 
-class ImageTokens(nn.Module):
+class GridTokens(nn.Module):
+    """The cells of a feature map ``[B, C, h, w]`` as tokens: ``Linear(C -> dim)`` + learned 2-D positions.
+
+    Parameters
+    ----------
+    channels : int
+        ``C``.
+    dim : int
+    max_side : int
+        Largest side of the map.
+    norm : bool
+        LayerNorm over each cell's channels before the projection (for stored maps, whose scale
+        depends on the encoder that wrote them).
+    """
+
+    def __init__(self, channels: int, dim: int, max_side: int, norm: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels) if norm else nn.Identity()
+        self.proj = nn.Linear(channels, dim)
+        self.row = nn.Parameter(torch.zeros(max_side, dim))
+        self.col = nn.Parameter(torch.zeros(max_side, dim))
+
+    def cells(self, fmap: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` -> tokens ``[B, h * w, dim]`` (row-major cells)."""
+        h, w = fmap.shape[-2:]
+        if h > self.row.shape[0] or w > self.col.shape[0]:
+            raise HyperparameterError(f"feature map {h}x{w} is larger than the {self.row.shape[0]} "
+                                      f"positions {type(self).__name__} was built for")
+        position = (self.row[:h, None, :] + self.col[None, :w, :]).reshape(h * w, -1)
+        return self.proj(self.norm(fmap.flatten(2).transpose(1, 2))) + position
+
+
+class MapTokens(GridTokens):
+    """The stored spatial map of a batch (input kind ``cxr_map``, ``[B, C, h, w]``) as tokens.
+
+    Each cell's channels are layer-normalised, projected to ``dim`` and given a learned 2-D
+    position (:class:`GridTokens`); rows without a film hold NaN, so a method runs it on the
+    stays with one only.
+
+    Parameters
+    ----------
+    map_shape : sequence of int
+        ``(C, h, w)`` of the stored maps (``spec["cxr_map_shape"]``).
+    dim : int
+    """
+
+    def __init__(self, map_shape, dim: int):
+        channels, h, w = (int(v) for v in map_shape)
+        super().__init__(channels, dim, max(h, w), norm=True)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.cells(batch["cxr_map"])
+
+
+class ImageTokens(GridTokens):
     """An image backbone's last feature map as tokens: ``Linear(C -> dim)`` + learned 2-D positions.
 
     Parameters
@@ -916,18 +971,9 @@ class ImageTokens(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, dim: int, max_side: int):
-        super().__init__()
+        super().__init__(backbone.stage_channels[-1], dim, max_side)
         self.backbone = backbone
-        self.proj = nn.Linear(backbone.stage_channels[-1], dim)
-        self.row = nn.Parameter(torch.zeros(max_side, dim))
-        self.col = nn.Parameter(torch.zeros(max_side, dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """xrv-range images ``[B, 1, H, W]`` -> tokens ``[B, h * w, dim]`` (row-major cells)."""
-        fmap = self.backbone.forward_stages(images)[-1]
-        h, w = fmap.shape[-2:]
-        if h > self.row.shape[0] or w > self.col.shape[0]:
-            raise HyperparameterError(f"feature map {h}x{w} is larger than the {self.row.shape[0]} "
-                                      "positions ImageTokens was built for")
-        position = (self.row[:h, None, :] + self.col[None, :w, :]).reshape(h * w, -1)
-        return self.proj(fmap.flatten(2).transpose(1, 2)) + position
+        return self.cells(self.backbone.forward_stages(images)[-1])

@@ -281,8 +281,9 @@ def _write(store, modality, encoder_id, dim, values_for_fold, present, per_fold=
 
 
 def make_fusion_store(path, *, n_stays: int = 60, image_size: int = 16, n_folds: int = 3,
-                      seed: int = 0, embeddings: bool = True):
-    """Write a tiny store (with fake embeddings unless ``embeddings`` is False) and open it."""
+                      seed: int = 0, embeddings: bool = True, maps: bool = True):
+    """Write a tiny store (with fake embeddings unless ``embeddings`` is False, with the spatial
+    map unless ``maps`` is False) and open it."""
     write_store(path, random_content(n_stays=n_stays, n_folds=n_folds, window=8, n_features=4,
                                      image_size=image_size, seed=seed))
     store = open_store(path)
@@ -299,6 +300,8 @@ def make_fusion_store(path, *, n_stays: int = 60, image_size: int = 16, n_folds:
     _write(store, "ehr", EHR_PERFOLD_ID, EHR_DIM, lambda fold: ehr + fold, np.ones(n, dtype=bool),
            per_fold=True)
     _write(store, "cxr", CXR_ID, CXR_DIM, lambda fold: cxr, present)
+    if not maps:
+        return open_store(path)
     maps = (rng.normal(size=(n, *MAP_SHAPE)) + signal[:, :, None, None]).astype(np.float16)
     maps[~present] = np.nan
     writer = store.create_embedding("cxr", CXR_MAP_ID, MAP_SHAPE[0], map_shape=MAP_SHAPE,
@@ -309,6 +312,12 @@ def make_fusion_store(path, *, n_stays: int = 60, image_size: int = 16, n_folds:
         writer.write(r, pooled, present[sl], spatial=maps[sl])
     writer.finish()
     return open_store(path)
+
+
+def toy_map(present, generator) -> torch.Tensor:
+    """Random spatial maps ``[n, *MAP_SHAPE]`` for a hand-made batch, NaN where ``present`` is False."""
+    maps = torch.randn(len(present), *MAP_SHAPE, generator=generator)
+    return torch.where(torch.as_tensor(present)[:, None, None, None], maps, torch.nan)
 
 
 #: Module specification matching the tiny stores (4 EHR features, 8 hours, 16 px images), for

@@ -134,6 +134,25 @@ class TorchMethod(FusionMethod):
         if p.get("lr", 1.0) <= 0:
             raise HyperparameterError(f"method {self.name!r}: lr must be > 0, got {p['lr']}")
 
+    def _map_shape(self, spec: dict) -> list:
+        """``[C, h, w]`` of the stored spatial map a cached mode reads (input ``cxr_map``).
+
+        Raises
+        ------
+        MethodStateError
+            If the data was loaded without one; the message gives the ``cbstore encode``
+            command that adds a map embedding.
+        """
+        from cbstore.inputs import EMBEDDING_KINDS
+
+        if not spec.get("cxr_map_shape"):
+            raise MethodStateError(
+                f"method {self.name!r} reads the X-ray as a stored spatial map (input cxr_map) in "
+                "cached mode, and the data has none: add one with `cbstore encode STORE --encoder "
+                f"{EMBEDDING_KINDS['cxr_map'][1]}` (or another -block3 / -layer3 encoder) and load "
+                "the data with the method's inputs")
+        return list(spec["cxr_map_shape"])
+
     def _check_heads(self) -> None:
         """Refuse a ``hidden`` width that attention heads (``n_heads``) cannot split evenly."""
         p = self.params

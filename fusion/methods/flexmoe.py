@@ -1,7 +1,8 @@
 """Flex-MoE: a missing-modality bank and a sparse mixture of experts routed by modality combination.
 
-Each modality becomes ``n_tokens`` tokens; an absent modality's tokens come from a learned bank
-indexed by the stay's modality combination. The tokens of both modalities go through
+Each modality becomes a set of tokens (``n_tokens`` chunks of a vector, or the cells of a stored
+spatial map); an absent modality's tokens come from a learned bank indexed by the stay's modality
+combination. The tokens of both modalities go through
 self-attention, then, per modality, a sparse mixture-of-experts feed-forward whose router is
 trained with a combination-aware gate loss: tokens of complete stays are balanced over every
 expert (generalised experts); tokens of a stay with a missing modality are tied to the expert of
@@ -19,7 +20,8 @@ from torch import nn
 from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import (
-    CXR_WEIGHTS, EmbeddingInput, MLPHead, PatchTokens, image_backbone, run_on_present,
+    AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, EmbeddingInput, MapTokens, MLPHead, PatchTokens,
+    RandomAffine, image_backbone, run_on_present,
 )
 from fusion.registry import HyperparameterError, register
 
@@ -168,7 +170,7 @@ class SparseMoE(nn.Module):
 
 
 class FlexMoELayer(nn.Module):
-    """Self-attention over all tokens, then a sparse MoE feed-forward per modality chunk.
+    """Self-attention over all tokens, then a sparse MoE feed-forward per modality's tokens.
 
     ``residual = "standard"``: ``x + MHA(LN(x))``; ``"compat"``: the official ``y + Dropout(y)``
     with ``y = MHA(LN(x))`` (no skip from the input).
@@ -183,12 +185,13 @@ class FlexMoELayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.residual = residual
 
-    def forward(self, x: torch.Tensor, combination: torch.Tensor, n_chunks: int):
+    def forward(self, x: torch.Tensor, combination: torch.Tensor, sizes: tuple):
+        """``x`` ``[B, sum(sizes), D]``, the modalities' tokens in order, ``sizes`` their counts."""
         h = self.norm_attn(x)
         y = self.attn(h, h, h, need_weights=False)[0]
         x = (x if self.residual == "standard" else y) + self.dropout(y)
         out, loss = [], x.new_zeros(())
-        for chunk in x.chunk(n_chunks, dim=1):
+        for chunk in x.split(list(sizes), dim=1):
             moe, chunk_loss = self.moe(self.norm_moe(chunk), combination)
             out.append(chunk + self.dropout(moe))
             loss = loss + chunk_loss
@@ -201,10 +204,12 @@ class FlexMoENet(nn.Module):
     Parameters
     ----------
     ehr_tokens : nn.Module
-        batch -> ``[B, P, D]``.
+        batch -> ``[B, P_E, D]``.
     cxr_encoder : nn.Module
-        batch -> ``[k, P * D]`` X-ray tokens (flattened), run on the stays with a film only.
-    dim, n_tokens, n_outputs : int
+        batch -> ``[k, P_C * D]`` X-ray tokens (flattened), run on the stays with a film only.
+    dim, n_outputs : int
+    n_tokens : tuple of int
+        ``(P_E, P_C)``: tokens per modality (the bank holds that many per modality and combination).
     n_heads, n_experts, top_k, fusion_layers : int
     gate_weight : float
     routing, residual : str
@@ -214,7 +219,7 @@ class FlexMoENet(nn.Module):
     dropout : float
     """
 
-    def __init__(self, ehr_tokens, cxr_encoder, *, dim: int, n_tokens: int, n_outputs: int,
+    def __init__(self, ehr_tokens, cxr_encoder, *, dim: int, n_tokens: tuple, n_outputs: int,
                  n_heads: int = 4, n_experts: int = 16, top_k: int = 4, fusion_layers: int = 1,
                  gate_weight: float = 0.01, routing: str = "paper", residual: str = "standard",
                  warmup_epochs: int = 5, head_layers: int = 0, hidden: int = 256,
@@ -222,13 +227,16 @@ class FlexMoENet(nn.Module):
         super().__init__()
         m = len(MODALITIES)
         self.ehr_tokens, self.cxr_encoder = ehr_tokens, cxr_encoder
-        self.bank = nn.Parameter(torch.randn(len(COMBINATIONS), m, n_tokens, dim))
-        self.position = nn.Parameter(torch.zeros(m * n_tokens, dim))
+        self.n_tokens = tuple(int(p) for p in n_tokens)
+        # one bank per modality (their token counts may differ): bank[m][c] = [P_m, D]
+        self.bank = nn.ParameterDict({name: nn.Parameter(torch.randn(len(COMBINATIONS), p, dim))
+                                      for name, p in zip(MODALITIES, self.n_tokens)})
+        self.position = nn.Parameter(torch.zeros(sum(self.n_tokens), dim))
         self.layers = nn.ModuleList(
             FlexMoELayer(dim, n_heads, n_experts, top_k, dropout, routing, residual)
             for _ in range(fusion_layers))
         self.head = MLPHead(m * dim, n_outputs, hidden, head_layers, dropout)
-        self.dim, self.n_tokens, self.gate_weight = dim, n_tokens, gate_weight
+        self.dim, self.gate_weight = dim, gate_weight
         self.warmup_epochs = warmup_epochs
 
     def train_batch_order(self, ctx, train):
@@ -240,33 +248,35 @@ class FlexMoENet(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         ehr = self.ehr_tokens(batch)
-        b, p, d = ehr.shape
-        flat, used = run_on_present(self.cxr_encoder, batch, batch["cxr_present"], p * d,
+        b, d = ehr.shape[0], self.dim
+        p_cxr = self.n_tokens[1]
+        flat, used = run_on_present(self.cxr_encoder, batch, batch["cxr_present"], p_cxr * d,
                                     min_rows=2 if self.training else 1)
         present = torch.stack([torch.ones_like(used), used], dim=1)
         combination = combination_index(present)
-        bank = self.bank[combination]                       # [B, M, P, D]
-        cxr = torch.where(used[:, None, None], flat.view(b, p, d), bank[:, 1])
-        ehr = torch.where(present[:, 0, None, None], ehr, bank[:, 0])
+        cxr = torch.where(used[:, None, None], flat.view(b, p_cxr, d),
+                          self.bank["cxr"][combination])
+        ehr = torch.where(present[:, 0, None, None], ehr, self.bank["ehr"][combination])
         x = torch.cat([ehr, cxr], dim=1) + self.position
         loss = x.new_zeros(())
         for layer in self.layers:
-            x, layer_loss = layer(x, combination, len(MODALITIES))
+            x, layer_loss = layer(x, combination, self.n_tokens)
             loss = loss + layer_loss
-        pooled = torch.cat([chunk.mean(dim=1) for chunk in x.chunk(len(MODALITIES), dim=1)], dim=1)
+        pooled = torch.cat([chunk.mean(dim=1) for chunk in x.split(list(self.n_tokens), dim=1)],
+                           dim=1)
         return {"logits": self.head(pooled), "aux_loss": self.gate_weight * loss,
                 "gate_loss": loss, "combination": combination, "cxr_tokens": cxr}
 
 
-class _CXRVectorTokens(nn.Module):
-    """X-ray vector (cached embedding or pooled backbone feature) -> flattened ``P x D`` tokens."""
+class _FlatTokens(nn.Module):
+    """X-ray tokens ``[k, P, D]`` flattened to ``[k, P * D]`` (the bank fills the other rows)."""
 
-    def __init__(self, vector: nn.Module, in_dim: int, n_tokens: int, dim: int):
+    def __init__(self, tokens: nn.Module):
         super().__init__()
-        self.vector, self.tokens = vector, PatchTokens(in_dim, n_tokens, dim)
+        self.tokens = tokens
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.tokens(self.vector(batch)).flatten(1)
+        return self.tokens(batch).flatten(1)
 
 
 class _RawEHRTokens(nn.Module):
@@ -280,25 +290,32 @@ class _RawEHRTokens(nn.Module):
         return self.tokens(torch.cat([batch["ehr"], batch["ehr_mask"]], dim=-1).flatten(1))
 
 
-class _Images(nn.Module):
-    def __init__(self, backbone: nn.Module):
+class _ImageVectorTokens(nn.Module):
+    """Films (augmented in training) -> the backbone's pooled feature cut into ``P`` tokens."""
+
+    def __init__(self, backbone: nn.Module, n_tokens: int, dim: int, augment: nn.Module | None):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.augment = backbone, augment
+        self.tokens = PatchTokens(backbone.out_dim, n_tokens, dim)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.backbone(batch["cxr"])
+        images = batch["cxr"] if self.augment is None else self.augment(batch["cxr"])
+        return self.tokens(self.backbone(images))
 
 
 @register("flexmoe")
 class FlexMoE(StartsFromPretrained, TorchMethod):
     """Flex-MoE: missing-modality bank plus a combination-routed sparse mixture of experts.
 
-    Tokens: raw EHR values and masks flattened time-major and cut into ``n_tokens`` blocks (each a
-    run of consecutive hours); raw X-ray: the backbone's pooled feature cut into ``n_tokens``
-    chunks; cached: each standardised embedding cut into ``n_tokens`` chunks; each chunk projected
-    to ``hidden`` by one Linear per modality. A stay's combination index c is 0 with a film, 1
+    Tokens: EHR, raw values and masks flattened time-major and cut into ``n_tokens`` blocks (each a
+    run of consecutive hours), cached the standardised embedding cut into ``n_tokens`` chunks,
+    each chunk projected to ``hidden`` by one Linear; X-ray, raw the backbone's pooled feature of
+    the film (augmented in training, :data:`AUGMENT_HYPERPARAMETERS`) cut into ``n_tokens``
+    chunks, cached the cells of the stored spatial map (input ``cxr_map``: h x w tokens, each
+    layer-normalised and projected, with learned 2-D positions). The bank holds, per modality,
+    as many tokens as that modality has. A stay's combination index c is 0 with a film, 1
     without (EHR is always present); the X-ray tokens of a stay without a film are the bank's
-    ``bank[c, cxr]``. ``fusion_layers`` Flex-MoE layers, then the mean of each modality's tokens,
+    ``bank["cxr"][c]``. ``fusion_layers`` Flex-MoE layers, then the mean of each modality's tokens,
     concatenated, into the head. Loss: task + ``gate_weight`` * gate loss (:func:`gate_loss`).
     One router per mixture of experts, all of them used.
 
@@ -325,8 +342,9 @@ class FlexMoE(StartsFromPretrained, TorchMethod):
     every stay), built extra routers that never route (not exposed here: one router per MoE),
     decayed the gate weight (here constant), ran the validation forward twice and reported logits.
 
-    Cached mode keeps the whole mechanism (bank, routing, gate loss); only encoder fine-tuning is
-    lost.
+    Cached mode keeps the whole mechanism (bank, routing, gate loss) and the image's spatial
+    layout (the card's map option, with a bank per modality of its own token count); only encoder
+    fine-tuning is lost.
 
     Absent X-ray (``absent_cxr_policy = "missing_bank"``): per stay, the learned bank tokens of
     its combination replace the X-ray tokens; the X-ray encoder never sees the stay, and its
@@ -336,14 +354,14 @@ class FlexMoE(StartsFromPretrained, TorchMethod):
     Mixture-of-Experts", NeurIPS 2024, arXiv 2410.08245.
     """
 
-    inputs = {"raw": frozenset({"ehr_ts", "cxr_img"}), "cached": frozenset({"ehr_emb", "cxr_emb"})}
+    inputs = {"raw": frozenset({"ehr_ts", "cxr_img"}), "cached": frozenset({"ehr_emb", "cxr_map"})}
     modalities = frozenset({"ehr", "cxr"})
     handles_missing_cxr = True
     absent_cxr_policy = "missing_bank"
     hyperparameters = {**TORCH_HYPERPARAMETERS, "n_tokens": 16, "n_experts": 16, "top_k": 4,
                        "n_heads": 4, "fusion_layers": 1, "gate_weight": 0.01, "routing": "paper",
                        "residual": "standard", "warmup_epochs": 5, "backbone": "resnet50",
-                       "cxr_weights": "imagenet"}
+                       "cxr_weights": "imagenet", **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"routing": ("paper", "code"), "residual": ("standard", "compat"),
                               "backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}
     test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "n_tokens": 2, "n_experts": 4,
@@ -378,14 +396,15 @@ class FlexMoE(StartsFromPretrained, TorchMethod):
         if spec["features"] == "cached":
             ehr = nn.Sequential(EmbeddingInput("ehr_emb", spec["ehr_dim"]),
                                 PatchTokens(spec["ehr_dim"], n_tokens, dim))
-            cxr = _CXRVectorTokens(EmbeddingInput("cxr_emb", spec["cxr_dim"]), spec["cxr_dim"],
-                                   n_tokens, dim)
+            map_shape = self._map_shape(spec)
+            cxr, cxr_tokens = MapTokens(map_shape, dim), map_shape[1] * map_shape[2]
         else:
             ehr = _RawEHRTokens(spec["n_features"], spec["window_hours"], n_tokens, dim)
             backbone = image_backbone(p, **self.encoder_options())
-            cxr = _CXRVectorTokens(_Images(backbone), backbone.out_dim, n_tokens, dim)
-        return FlexMoENet(ehr, cxr, dim=dim, n_tokens=n_tokens, n_outputs=spec["n_outputs"],
-                          n_heads=p["n_heads"], n_experts=p["n_experts"], top_k=p["top_k"],
+            cxr = _ImageVectorTokens(backbone, n_tokens, dim, RandomAffine.from_params(p))
+            cxr_tokens = n_tokens
+        return FlexMoENet(ehr, _FlatTokens(cxr), dim=dim, n_tokens=(n_tokens, cxr_tokens),
+                          n_outputs=spec["n_outputs"], n_heads=p["n_heads"], n_experts=p["n_experts"], top_k=p["top_k"],
                           fusion_layers=p["fusion_layers"], gate_weight=p["gate_weight"],
                           routing=p["routing"], residual=p["residual"],
                           warmup_epochs=p["warmup_epochs"], head_layers=p["head_layers"],

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
-from fusion.modules import XRV_SCALE, EmbeddingInput, MLPHead, hourly_tokens
+from fusion.modules import (
+    AUGMENT_HYPERPARAMETERS, XRV_SCALE, EmbeddingInput, MLPHead, RandomAffine, hourly_tokens,
+)
 from fusion.registry import HyperparameterError, register
 
 __all__ = ["HEALNet", "HEALNetNet", "fourier_positions", "image_patches"]
@@ -167,14 +169,18 @@ class _CachedEHR(nn.Module):
 
 
 class _RawCXR(nn.Module):
-    """Image patches (one channel, scaled to about [-1, 1]) + 2-D Fourier positions."""
+    """Image patches (films augmented in training, one channel, scaled to about [-1, 1]) + 2-D
+    Fourier positions."""
 
-    def __init__(self, patch: int, bands: int, max_freq: float, fourier: bool):
+    def __init__(self, patch: int, bands: int, max_freq: float, fourier: bool,
+                 augment: nn.Module | None):
         super().__init__()
         self.patch, self.bands, self.max_freq, self.fourier = patch, bands, max_freq, fourier
+        self.augment = augment
 
     def forward(self, sub: dict) -> torch.Tensor:
-        images = sub["cxr"] / XRV_SCALE
+        images = sub["cxr"] if self.augment is None else self.augment(sub["cxr"])
+        images = images / XRV_SCALE
         grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
         return _with_positions(image_patches(images, self.patch), grid, self)
 
@@ -273,7 +279,7 @@ class HEALNet(TorchMethod):
     EHR tokens: raw, one per hour (values, observed mask, hours since observation / T) with 1-D
     Fourier positions over the hours; cached, the standardised EHR embedding as the channels of
     one token (HEALNet's tabular input). X-ray tokens: raw, ``patch_size`` x ``patch_size``
-    one-channel patches (224 px / 16 = 196 tokens of 256 intensities) with 2-D Fourier positions;
+    one-channel patches of the film (augmented in training, :data:`AUGMENT_HYPERPARAMETERS`) (224 px / 16 = 196 tokens of 256 intensities) with 2-D Fourier positions;
     cached, the stored spatial map's cells (input ``cxr_map``, e.g. a 14 x 14 or 7 x 7 map) with
     2-D Fourier positions. ``depth`` layers, each an EHR step then an X-ray step (``cxr_first``
     swaps them); head on the LayerNorm of the mean latent. Loss: task + ``l1_weight`` * sum |theta|.
@@ -320,7 +326,8 @@ class HEALNet(TorchMethod):
                        "n_latents": 128, "cross_heads": 8, "cross_head_dim": 64, "latent_heads": 8,
                        "latent_head_dim": 64, "self_per_cross_attn": 0, "freq_bands": 2,
                        "max_freq": 10.0, "fourier": True, "snn": True, "weight_tie": "all",
-                       "cxr_first": False, "patch_size": 16, "l1_weight": 0.0}
+                       "cxr_first": False, "patch_size": 16, "l1_weight": 0.0,
+                       **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"weight_tie": WEIGHT_TIES}
     test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "depth": 2, "n_latents": 4,
                             "cross_heads": 2, "cross_head_dim": 4, "latent_heads": 2,
@@ -345,20 +352,17 @@ class HEALNet(TorchMethod):
         bands, max_freq, fourier = p["freq_bands"], p["max_freq"], p["fourier"]
         positions = 2 * bands + 1 if fourier else 0
         if spec["features"] == "cached":
-            if not spec.get("cxr_map_shape"):
-                raise HyperparameterError(f"method {self.name!r} reads the X-ray as a stored "
-                                          "spatial map (input cxr_map); the data has none: encode "
-                                          "one with a map encoder (cbstore encode)")
             ehr, ehr_channels = _CachedEHR(spec["ehr_dim"]), spec["ehr_dim"]
             cxr = _CachedCXR(bands, max_freq, fourier)
-            cxr_channels = spec["cxr_map_shape"][0] + 2 * positions
+            cxr_channels = self._map_shape(spec)[0] + 2 * positions
         else:
             size, patch = spec["image_size"], p["patch_size"]
             if size % patch:
                 raise HyperparameterError(f"method {self.name!r}: patch_size {patch} must divide "
                                           f"the image size {size}")
             ehr, ehr_channels = _RawEHR(bands, max_freq, fourier), 3 * spec["n_features"] + positions
-            cxr, cxr_channels = _RawCXR(patch, bands, max_freq, fourier), patch * patch + 2 * positions
+            cxr = _RawCXR(patch, bands, max_freq, fourier, RandomAffine.from_params(p))
+            cxr_channels = patch * patch + 2 * positions
         return HEALNetNet(ehr, cxr, ehr_channels=ehr_channels, cxr_channels=cxr_channels,
                           dim=p["hidden"], n_latents=p["n_latents"], depth=p["depth"],
                           n_outputs=spec["n_outputs"], weight_tie=p["weight_tie"],

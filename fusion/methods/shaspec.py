@@ -16,8 +16,9 @@ from torch import nn
 from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
 from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import (
-    CXR_WEIGHTS, EmbeddingInput, ImageTokens, MLPHead, PatchTokens, build_encoder, hourly_tokens,
-    image_backbone, run_on_present,
+    AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, EmbeddingInput, EncoderOutput, ImageTokens, MapTokens,
+    MLPHead, PatchTokens, RandomAffine, build_encoder, hourly_tokens, image_backbone,
+    run_on_present,
 )
 from fusion.registry import HyperparameterError, register
 
@@ -73,6 +74,17 @@ class ImageBatchTokens(nn.Module):
         return self.tokens(batch["cxr"])
 
 
+class SpecificTokens(nn.Module):
+    """A specific encoder over its own token adapter: a Transformer, mean-pooled (``pooled``)."""
+
+    def __init__(self, tokens: nn.Module, trunk: nn.Module):
+        super().__init__()
+        self.tokens, self.trunk = tokens, trunk
+
+    def forward(self, batch: dict) -> EncoderOutput:
+        return EncoderOutput(pooled=self.trunk(self.tokens(batch)))
+
+
 class ShaSpecNet(nn.Module):
     """Shared trunk + adapters, specific encoders, residual fusion, head and the two auxiliary losses.
 
@@ -93,13 +105,18 @@ class ShaSpecNet(nn.Module):
         Probability of hiding each available film in training (after ``film_dropout_warmup``
         epochs); a hidden film is absent for fusion and for the losses.
     film_dropout_warmup : int
+    augment : nn.Module, optional
+        Raw films: the augmentation (:class:`fusion.modules.RandomAffine`) applied once per film,
+        so that both X-ray branches see the same transformed image.
     """
 
     def __init__(self, shared_ehr, shared_cxr, specific_ehr, specific_cxr, *, dim: int,
                  n_outputs: int, n_heads: int = 4, shared_layers: int = 1, alpha: float = 0.1,
                  beta: float = 0.02, head_layers: int = 1, hidden: int = 256, dropout: float = 0.2,
-                 film_dropout: float = 0.0, film_dropout_warmup: int = 0):
+                 film_dropout: float = 0.0, film_dropout_warmup: int = 0,
+                 augment: nn.Module | None = None):
         super().__init__()
+        self.augment = augment
         self.shared_ehr, self.shared_cxr = shared_ehr, shared_cxr
         self.trunk = TokenTrunk(dim, n_heads, shared_layers, dropout)
         self.specific_ehr, self.specific_cxr = specific_ehr, specific_cxr
@@ -114,6 +131,8 @@ class ShaSpecNet(nn.Module):
         self.dropping_films = self.film_dropout > 0 and ctx.epoch > self.film_dropout_warmup
 
     def _cxr_features(self, sub: dict) -> torch.Tensor:
+        if self.augment is not None:
+            sub = {**sub, "cxr": self.augment(sub["cxr"])}
         return torch.cat([self.trunk(self.shared_cxr(sub)), self.specific_cxr(sub).pooled], dim=1)
 
     def forward(self, batch: dict) -> dict:
@@ -149,11 +168,14 @@ class ShaSpec(StartsFromPretrained, TorchMethod):
 
     Shared branch: per-modality token adapters (raw EHR: one token per hour of values, observed
     mask and hours since observation, with learned hour positions; raw X-ray: the backbone's last
-    feature map, one token per cell with learned 2-D positions; cached: the standardised
-    embedding cut into ``cxr_tokens`` / ``ehr_tokens`` chunks), then one Transformer trunk with the
-    same weights for both modalities, mean-pooled to ``r``. Specific encoders: a Transformer over
-    the hours (raw EHR), a second backbone (raw X-ray), an MLP on the embedding (cached). The shared
-    and specific branches share no parameter. ``f = r + g([r ; s])``; head on ``[f_E ; f_C]``;
+    feature map, one token per cell with learned 2-D positions; cached EHR: the standardised
+    embedding cut into ``ehr_tokens`` chunks; cached X-ray: the cells of the stored spatial map,
+    input ``cxr_map``, each layer-normalised and projected, with learned 2-D positions), then one
+    Transformer trunk with the same weights for both modalities, mean-pooled to ``r``. Specific
+    encoders: a Transformer over the hours (raw EHR), a second backbone (raw X-ray), an MLP on the
+    embedding (cached EHR), a Transformer of ``specific_layers`` over the map's cells through its
+    own adapter (cached X-ray). The shared and specific branches share no parameter. Raw films are
+    augmented in training (:data:`AUGMENT_HYPERPARAMETERS`), once per film for both branches. ``f = r + g([r ; s])``; head on ``[f_E ; f_C]``;
     loss = task + ``alpha`` * alignment + ``beta`` * domain.
 
     Notes
@@ -174,8 +196,8 @@ class ShaSpec(StartsFromPretrained, TorchMethod):
     label policy as every method).
 
     Cached mode keeps the whole mechanism (two branches, alignment, domain loss, generation of the
-    absent feature); both X-ray branches read the same frozen embedding, so end-to-end feature
-    learning is lost. ``film_dropout`` (default 0, natural missingness only) is the paper's second
+    absent feature) and the image's spatial layout: both X-ray branches read the same frozen
+    spatial map (the card's 49 map tokens at 224 px), so end-to-end feature learning is lost. ``film_dropout`` (default 0, natural missingness only) is the paper's second
     training stage analogue: each available film is hidden with that probability after
     ``film_dropout_warmup`` epochs.
 
@@ -186,17 +208,17 @@ class ShaSpec(StartsFromPretrained, TorchMethod):
     Feature Modelling", CVPR 2023, arXiv 2307.14126.
     """
 
-    inputs = {"raw": frozenset({"ehr_ts", "cxr_img"}), "cached": frozenset({"ehr_emb", "cxr_emb"})}
+    inputs = {"raw": frozenset({"ehr_ts", "cxr_img"}), "cached": frozenset({"ehr_emb", "cxr_map"})}
     modalities = frozenset({"ehr", "cxr"})
     handles_missing_cxr = True
     absent_cxr_policy = "generated_from_shared"
     hyperparameters = {**TORCH_HYPERPARAMETERS, "head_layers": 1, "alpha": 0.1, "beta": 0.02,
                        "n_heads": 4, "shared_layers": 1, "specific_layers": 1, "ehr_tokens": 16,
-                       "cxr_tokens": 16, "film_dropout": 0.0, "film_dropout_warmup": 0,
-                       "backbone": "resnet50", "cxr_weights": "imagenet"}
+                       "film_dropout": 0.0, "film_dropout_warmup": 0, "backbone": "resnet50",
+                       "cxr_weights": "imagenet", **AUGMENT_HYPERPARAMETERS}
     hyperparameter_choices = {"backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}
     test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "n_heads": 2, "ehr_tokens": 3,
-                            "cxr_tokens": 2, "backbone": "small", "cxr_weights": "random"}
+                            "backbone": "small", "cxr_weights": "random"}
     paper = ("Wang H., Chen Y., Ma C., Avery J., Hull L., Carneiro G., Multi-modal learning with "
              "missing modality via shared-specific feature modelling, CVPR 2023 (arXiv 2307.14126)")
 
@@ -204,7 +226,7 @@ class ShaSpec(StartsFromPretrained, TorchMethod):
         super()._check_params()
         p = self.params
         self._check_heads()
-        for key in ("shared_layers", "specific_layers", "ehr_tokens", "cxr_tokens"):
+        for key in ("shared_layers", "specific_layers", "ehr_tokens"):
             if p[key] < 1:
                 raise HyperparameterError(f"method {self.name!r}: {key} must be >= 1, got {p[key]}")
         if min(p["alpha"], p["beta"]) < 0:
@@ -218,11 +240,15 @@ class ShaSpec(StartsFromPretrained, TorchMethod):
         p = self.params
         dim = p["hidden"]
         options = self.encoder_options()
+        augment = None
         if spec["features"] == "cached":
+            map_shape = self._map_shape(spec)
             shared_ehr = EmbeddingTokens("ehr_emb", spec["ehr_dim"], p["ehr_tokens"], dim)
-            shared_cxr = EmbeddingTokens("cxr_emb", spec["cxr_dim"], p["cxr_tokens"], dim)
+            shared_cxr = MapTokens(map_shape, dim)
             specific_ehr = build_encoder("ehr", "ehr_emb", spec, p)
-            specific_cxr = build_encoder("cxr", "cxr_emb", spec, p)
+            specific_cxr = SpecificTokens(MapTokens(map_shape, dim),
+                                          TokenTrunk(dim, p["n_heads"], p["specific_layers"],
+                                                     p["dropout"]))
         else:
             shared_ehr = HourTokens(spec["n_features"], spec["window_hours"], dim)
             shared_cxr = ImageBatchTokens(ImageTokens(image_backbone(p, **options), dim,
@@ -230,10 +256,12 @@ class ShaSpec(StartsFromPretrained, TorchMethod):
             specific_ehr = build_encoder("ehr", "ehr_ts", spec,
                                          {**p, "ehr_model": "transformer",
                                           "num_layers": p["specific_layers"]})
-            specific_cxr = build_encoder("cxr", "cxr_img", spec, p, **options)
+            # one augmentation for both X-ray branches (ShaSpecNet applies it), none of its own
+            specific_cxr = build_encoder("cxr", "cxr_img", spec, {**p, "augment": False}, **options)
+            augment = RandomAffine.from_params(p)
         return ShaSpecNet(shared_ehr, shared_cxr, specific_ehr, specific_cxr, dim=dim,
                           n_outputs=spec["n_outputs"], n_heads=p["n_heads"],
                           shared_layers=p["shared_layers"], alpha=p["alpha"], beta=p["beta"],
                           head_layers=p["head_layers"], hidden=p["hidden"], dropout=p["dropout"],
                           film_dropout=p["film_dropout"],
-                          film_dropout_warmup=p["film_dropout_warmup"])
+                          film_dropout_warmup=p["film_dropout_warmup"], augment=augment)

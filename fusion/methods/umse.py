@@ -14,10 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion.methods.base import TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod
+from fusion.methods.base import (
+    TORCH_CACHED_HYPERPARAMETERS, TORCH_HYPERPARAMETERS, TORCH_TEST_HYPERPARAMETERS, TorchMethod,
+)
 from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import (
-    CXR_WEIGHTS, EmbeddingInput, ImageTokens, MLPHead, PatchTokens, image_backbone,
+    AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, ImageTokens, MapTokens, MLPHead, RandomAffine,
+    image_backbone,
 )
 from fusion.registry import HyperparameterError, register
 
@@ -73,11 +76,11 @@ class _Scalar(nn.Module):
 class UMSENet(nn.Module):
     """Unified embedding, per-modality streams, bottleneck exchange, EHR-CLS readout.
 
+    The EHR stream is always the observed cells of the hourly tensors (``batch["ehr"]`` and
+    ``batch["ehr_mask"]``), in both feature modes.
+
     Parameters
     ----------
-    ehr_source : str
-        ``triplets`` (raw hourly tensors) or ``embedding`` (a cached EHR embedding cut into
-        ``ehr_tokens`` tokens).
     cxr_tokens : nn.Module
         X-ray sub-batch -> ``[k, N, D]`` tokens.
     n_features : int
@@ -85,29 +88,23 @@ class UMSENet(nn.Module):
     dim, n_outputs, n_heads, n_layers, n_bottlenecks : int
     max_cells : int
         Triplet cap per stay (0: none).
-    ehr_dim, ehr_tokens : int
-        Cached EHR embedding size and token count (``ehr_source = "embedding"``).
     freeze_backbone : bool
         Keep the image backbone of ``cxr_tokens`` frozen (no gradient, eval mode).
     head_layers, hidden : int
     dropout : float
     """
 
-    def __init__(self, ehr_source: str, cxr_tokens: nn.Module, *, n_features: int, dim: int,
-                 n_outputs: int, n_heads: int = 4, n_layers: int = 6, n_bottlenecks: int = 4,
-                 max_cells: int = 0, ehr_dim: int = 0, ehr_tokens: int = 16,
+    def __init__(self, cxr_tokens: nn.Module, *, n_features: int, dim: int, n_outputs: int,
+                 n_heads: int = 4, n_layers: int = 6, n_bottlenecks: int = 4, max_cells: int = 0,
                  freeze_backbone: bool = False, head_layers: int = 1, hidden: int = 256,
                  dropout: float = 0.1):
         super().__init__()
         if n_layers < 2:
             raise HyperparameterError(f"UMSE needs n_layers >= 2, got {n_layers}: with one layer the "
                                       "bottleneck exchange is never read, so the X-ray cannot act")
-        self.ehr_source, self.n_features, self.max_cells = ehr_source, n_features, max_cells
+        self.n_features, self.max_cells = n_features, max_cells
         self.value, self.time = _Scalar(dim), _Scalar(dim)
         self.feature = nn.Embedding(n_features + 1, dim)
-        if ehr_source == "embedding":
-            self.ehr_input = nn.Sequential(EmbeddingInput("ehr_emb", ehr_dim),
-                                           PatchTokens(ehr_dim, ehr_tokens, dim))
         self.cxr_tokens = cxr_tokens
         self.freeze_backbone = freeze_backbone
         backbone = getattr(cxr_tokens, "backbone", None)
@@ -153,10 +150,6 @@ class UMSENet(nn.Module):
     # ----- streams -------------------------------------------------------------------------------
     def _ehr_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """EHR tokens ``[B, L, D]``, their validity ``[B, L]`` and dropped cells ``[B]``."""
-        if self.ehr_source == "embedding":
-            tokens = self.ehr_input(batch)
-            valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-            return tokens, valid, torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
         cells = observed_triplets(batch["ehr"], batch["ehr_mask"], self.max_cells)
         self._count(cells["valid"].sum(dim=1), cells["dropped"])
         tokens = (self.value(cells["value"]) + self.time(cells["time"])
@@ -197,42 +190,40 @@ class UMSENet(nn.Module):
                 z = z_ehr.index_copy(0, rows, (z_ehr[rows] + z_cxr) / 2)
                 trace.append({"z_ehr": z_ehr, "z_cxr": z_cxr, "z": z, "rows": rows})
         logits = self.head(self.out_norm(h_ehr[:, 0]))
-        return {"logits": logits, "dropped_cells": dropped, "bottleneck_trace": trace}
-
-
-class _CachedCXRTokens(nn.Module):
-    def __init__(self, cxr_dim: int, n_tokens: int, dim: int):
-        super().__init__()
-        self.input = EmbeddingInput("cxr_emb", cxr_dim)
-        self.tokens = PatchTokens(cxr_dim, n_tokens, dim)
-
-    def forward(self, sub: dict) -> torch.Tensor:
-        return self.tokens(self.input(sub))
+        return {"logits": logits, "dropped_cells": dropped, "n_cells": valid.sum(dim=1),
+                "bottleneck_trace": trace}
 
 
 class _RawCXRTokens(nn.Module):
-    def __init__(self, backbone: nn.Module, dim: int, max_side: int):
+    """Films (augmented in training) through the image backbone, its last map's cells as tokens."""
+
+    def __init__(self, backbone: nn.Module, dim: int, max_side: int, augment: nn.Module | None):
         super().__init__()
         self.image = ImageTokens(backbone, dim, max_side)
+        self.augment = augment
 
     @property
     def backbone(self) -> nn.Module:
         return self.image.backbone
 
     def forward(self, sub: dict) -> torch.Tensor:
-        return self.image(sub["cxr"])
+        images = sub["cxr"] if self.augment is None else self.augment(sub["cxr"])
+        return self.image(images)
 
 
 @register("umse")
 class UMSE(StartsFromPretrained, TorchMethod):
     """UMSE: unified (time, feature, value) embedding of observed cells, bottleneck fusion with the X-ray.
 
-    Raw mode: every observed hourly cell is a triplet (``max_cells`` caps a stay's triplets,
-    keeping its latest; 0 = no cap); the X-ray tokens are the cells of the image backbone's last
-    feature map (frozen by default, ``freeze_backbone``) with learned 2-D positions. Cached mode:
-    the X-ray embedding cut into ``cxr_tokens`` tokens and the EHR embedding into ``ehr_tokens``.
-    X-ray tokens get ``phi_t(-hours before prediction) + E[image]``. ``n_layers`` (>= 2) layers of
-    one pre-LN Transformer layer per stream and ``n_bottlenecks`` shared bottleneck tokens.
+    EHR, both modes: every observed hourly cell is a triplet (``max_cells`` caps a stay's triplets,
+    keeping its latest; 0 = no cap), read from the hourly tensors (input ``ehr_ts``, also in
+    cached mode). X-ray tokens: raw, the cells of the image backbone's last feature map (frozen by
+    default, ``freeze_backbone``; films augmented in training, :data:`AUGMENT_HYPERPARAMETERS`);
+    cached, the cells of the stored spatial map (input ``cxr_map``, e.g. 2 x 2 x 512 from
+    ``densenet121-res224-all-block3`` at 64 px, 7 x 7 at 224 px), each layer-normalised and
+    projected; both with learned 2-D positions. X-ray tokens get ``phi_t(-hours before
+    prediction) + E[image]``. ``n_layers`` (>= 2) layers of one pre-LN Transformer layer per
+    stream and ``n_bottlenecks`` shared bottleneck tokens.
     Readout: LayerNorm of the EHR CLS token, then the head.
 
     Each epoch's history records ``umse_cells_train``/``umse_cells_val`` (triplets used) and
@@ -257,8 +248,9 @@ class UMSE(StartsFromPretrained, TorchMethod):
     cells only, no positions on the set, ``n_layers >= 2`` enforced, the skip per stay the right
     way round, the X-ray stream never run for a stay without a film, the EHR CLS readout.
 
-    Cached mode keeps the bottleneck exchange and the skip; it loses the triplet view of the EHR
-    (the cached embedding has no cells) and the image map (one pooled vector cut into tokens).
+    Cached mode keeps everything but the image backbone: the same observed-cell triplets (same
+    cap, same dropped-cell records), the stored map's cells as the frozen image map the authors
+    use anyway, the bottleneck exchange and the skip.
 
     Absent X-ray (``absent_cxr_policy = "bottleneck_skip"``): per stay, the bottlenecks after each
     layer are the EHR stream's own; the X-ray stream never sees the stay, and the prediction is a
@@ -268,18 +260,21 @@ class UMSE(StartsFromPretrained, TorchMethod):
     Multi-modal Data Embedding and Modality-Aware Attention", MLHC 2023, arXiv 2305.02504.
     """
 
-    inputs = {"raw": frozenset({"ehr_ts", "cxr_img"}), "cached": frozenset({"ehr_emb", "cxr_emb"})}
+    inputs = {"raw": frozenset({"ehr_ts", "cxr_img"}), "cached": frozenset({"ehr_ts", "cxr_map"})}
     modalities = frozenset({"ehr", "cxr"})
     handles_missing_cxr = True
     absent_cxr_policy = "bottleneck_skip"
     hyperparameters = {**TORCH_HYPERPARAMETERS, "dropout": 0.1, "head_layers": 1, "n_heads": 4,
-                       "n_layers": 6, "n_bottlenecks": 4, "max_cells": 0, "ehr_tokens": 16,
-                       "cxr_tokens": 16, "freeze_backbone": True, "backbone": "resnet50",
-                       "cxr_weights": "imagenet"}
+                       "n_layers": 6, "n_bottlenecks": 4, "max_cells": 0, "freeze_backbone": True,
+                       "backbone": "resnet50", "cxr_weights": "imagenet", **AUGMENT_HYPERPARAMETERS}
+    #: Cached mode reads the same triplet sequences as raw mode (about 480 observed cells per stay
+    #: on the synthetic source, up to 48 x 38), so it keeps the raw batch sizes: at the cached
+    #: default batch of 128 (evaluation 512) one fit on a 1,231-stay training part ran out of
+    #: 24 GB of memory. Only the shorter patience of cached runs applies.
+    cached_hyperparameters = {"patience": TORCH_CACHED_HYPERPARAMETERS["patience"]}
     hyperparameter_choices = {"backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS}
     test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "n_heads": 2, "n_layers": 2,
-                            "n_bottlenecks": 2, "ehr_tokens": 3, "cxr_tokens": 2,
-                            "backbone": "small", "cxr_weights": "random"}
+                            "n_bottlenecks": 2, "backbone": "small", "cxr_weights": "random"}
     paper = ("Lee K., Lee S., Hahn S., Hyun H., Choi E., Ahn B., Lee J., Learning missing modal "
              "electronic health records with unified multi-modal data embedding and modality-aware "
              "attention, MLHC 2023 (arXiv 2305.02504)")
@@ -292,9 +287,9 @@ class UMSE(StartsFromPretrained, TorchMethod):
             raise HyperparameterError(f"method {self.name!r}: n_layers must be >= 2, got "
                                       f"{p['n_layers']} (with one layer the bottleneck exchange is "
                                       "never read, so the X-ray cannot act)")
-        for key in ("n_bottlenecks", "ehr_tokens", "cxr_tokens"):
-            if p[key] < 1:
-                raise HyperparameterError(f"method {self.name!r}: {key} must be >= 1, got {p[key]}")
+        if p["n_bottlenecks"] < 1:
+            raise HyperparameterError(f"method {self.name!r}: n_bottlenecks must be >= 1, got "
+                                      f"{p['n_bottlenecks']}")
         if p["max_cells"] < 0:
             raise HyperparameterError(f"method {self.name!r}: max_cells must be >= 0 (0: no cap), "
                                       f"got {p['max_cells']}")
@@ -304,13 +299,12 @@ class UMSE(StartsFromPretrained, TorchMethod):
         p = self.params
         dim = p["hidden"]
         if spec["features"] == "cached":
-            source, cxr = "embedding", _CachedCXRTokens(spec["cxr_dim"], p["cxr_tokens"], dim)
+            cxr = MapTokens(self._map_shape(spec), dim)
         else:
             backbone = image_backbone(p, **self.encoder_options())
-            source, cxr = "triplets", _RawCXRTokens(backbone, dim, spec["image_size"])
-        return UMSENet(source, cxr, n_features=spec["n_features"], dim=dim,
+            cxr = _RawCXRTokens(backbone, dim, spec["image_size"], RandomAffine.from_params(p))
+        return UMSENet(cxr, n_features=spec["n_features"], dim=dim,
                        n_outputs=spec["n_outputs"], n_heads=p["n_heads"], n_layers=p["n_layers"],
                        n_bottlenecks=p["n_bottlenecks"], max_cells=p["max_cells"],
-                       ehr_dim=spec.get("ehr_dim") or 0, ehr_tokens=p["ehr_tokens"],
                        freeze_backbone=p["freeze_backbone"], head_layers=p["head_layers"],
                        hidden=p["hidden"], dropout=p["dropout"])

@@ -6,8 +6,17 @@ import torch
 
 from fusion.modules import AUGMENT_HYPERPARAMETERS, RandomAffine, build_encoder, seed_augmentations
 from fusion.registry import HyperparameterError, get_method
+from support import batch_of, module_for, tiny_data, tiny_store
 
 torch.set_num_threads(1)
+
+#: Methods with a raw X-ray branch whose augmentation these tests check end to end.
+RAW_IMAGE_METHODS = ("resnet", "latefusion", "mmtm", "healnet", "flexmoe", "umse", "shaspec")
+
+
+@pytest.fixture(scope="module")
+def raw_data(tmp_path_factory):
+    return tiny_data(tiny_store(tmp_path_factory.mktemp("aug") / "s.zarr"), "raw")
 
 
 def _images(n=4, size=16):
@@ -80,19 +89,46 @@ def test_state_survives_a_state_dict_round_trip():
     assert torch.equal(other(x), first)
 
 
-def test_hyperparameters_switch_it_and_are_declared_by_raw_image_methods():
+def test_hyperparameters_switch_it():
     spec = {"image_size": 16}
     on = build_encoder("cxr", "cxr_img", spec, {"backbone": "small", "cxr_weights": "random"})
     off = build_encoder("cxr", "cxr_img", spec, {"backbone": "small", "cxr_weights": "random",
                                                   "augment": False})
     assert isinstance(on.augment, RandomAffine) and off.augment is None
-    for name in ("resnet", "latefusion"):
-        params = get_method(name).resolve_hyperparameters({"augment": "false"})
-        assert params["augment"] is False
-        assert {k: v for k, v in get_method(name).hyperparameters.items()
-                if k in AUGMENT_HYPERPARAMETERS} == AUGMENT_HYPERPARAMETERS
     with pytest.raises(HyperparameterError, match="augment_scale < 1"):
         RandomAffine.from_params({"augment_scale": 1.5})
+
+
+@pytest.mark.parametrize("name", RAW_IMAGE_METHODS)
+def test_raw_image_methods_declare_it_and_their_films_are_augmented(name, raw_data):
+    cls = get_method(name)
+    assert cls.resolve_hyperparameters({"augment": "false"})["augment"] is False
+    assert {k: v for k, v in cls.hyperparameters.items()
+            if k in AUGMENT_HYPERPARAMETERS} == AUGMENT_HYPERPARAMETERS
+    films = np.flatnonzero(raw_data.part("train").cxr_present)[:4]
+    batch = batch_of(raw_data, "train", name, films)
+
+    def train_logits(module, seed):
+        seed_augmentations(module, seed)
+        module.train()
+        with torch.random.fork_rng():  # the same dropout and gate noise for every call
+            torch.manual_seed(0)
+            return module(batch)["logits"]
+
+    module = module_for(name, raw_data, dropout=0.0)
+    augments = [m for m in module.modules() if isinstance(m, RandomAffine)]
+    assert len(augments) == 1, "one augmentation per film, shared by every X-ray branch"
+    first = train_logits(module, 1)
+    assert torch.equal(train_logits(module, 1), first), "the seed alone sets the transforms"
+    assert not torch.equal(train_logits(module, 2), first), "the films reach the model augmented"
+    drawn = augments[0].generator.get_state()
+    module.eval()
+    with torch.no_grad():
+        module(batch)
+    assert torch.equal(augments[0].generator.get_state(), drawn), "no augmentation in eval mode"
+    off = module_for(name, raw_data, dropout=0.0, augment=False)
+    assert not any(isinstance(m, RandomAffine) for m in off.modules())
+    torch.testing.assert_close(train_logits(off, 1), train_logits(off, 2), rtol=0, atol=0)
 
 
 def test_fit_seeds_every_augmentation():

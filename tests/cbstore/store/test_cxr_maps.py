@@ -130,3 +130,37 @@ def test_validate_reports_a_map_of_the_wrong_shape(store_path, tmp_path):
     grp.attrs["map_shape"] = [512, 2, 2]
     problems = validate_store(copy)
     assert any("map: shape" in p and "expected" in p for p in problems), problems
+
+
+
+@pytest.fixture(scope="module")
+def store_without_map(tmp_path_factory):
+    from support import make_fusion_store
+
+    return make_fusion_store(tmp_path_factory.mktemp("nomap") / "s.zarr", n_stays=12, maps=False)
+
+
+@pytest.mark.parametrize("method", ["healnet", "flexmoe", "umse", "shaspec", "mmtm", "daft"])
+def test_a_cached_map_method_on_a_store_without_a_map_names_the_encode_command(
+        method, store_without_map):
+    from fusion.config import RunConfig
+    from fusion.registry import get_method
+    from fusion.runs import resolve
+    from support import EHR_ID
+
+    assert "cxr_map" in get_method(method).inputs_for("cached")
+    store = store_without_map
+    with pytest.raises(InputsError, match=rf"`cbstore encode {store.path} --encoder {DENSE}`"):
+        resolve(RunConfig(store=str(store.path), method=method, ehr_encoder=EHR_ID), store)
+
+
+@pytest.mark.parametrize("method", ["healnet", "flexmoe", "umse", "shaspec"])
+def test_building_a_cached_map_method_without_a_map_names_the_encode_command(method):
+    from fusion.registry import MethodStateError, get_method
+    from support import TOY_SPEC
+
+    cls = get_method(method)
+    model = cls(features="cached", **cls.test_hyperparameters)
+    with pytest.raises(MethodStateError, match=rf"reads the X-ray as a stored spatial map.*"
+                                               rf"`cbstore encode STORE --encoder {DENSE}`"):
+        model.build_module({**TOY_SPEC, "features": "cached", "cxr_map_shape": None})

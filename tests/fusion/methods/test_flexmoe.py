@@ -10,7 +10,7 @@ from fusion.data import load_fusion_data
 from fusion.methods.flexmoe import FlexMoE, combination_index, gate_loss
 from fusion.modules import PatchTokens
 from fusion.registry import HyperparameterError
-from support import CXR_DIM, EHR_DIM, EHR_ID, make_fusion_store, toy_module
+from support import EHR_DIM, EHR_ID, MAP_SHAPE, make_fusion_store, toy_map, toy_module
 
 torch.set_num_threads(1)
 
@@ -25,7 +25,7 @@ def _batch(features, present, seed=0):
     batch = {"cxr_present": present, "y": torch.randint(0, 2, (n, 1), generator=g).float()}
     if features == "cached":
         batch["ehr_emb"] = torch.randn(n, EHR_DIM, generator=g)
-        batch["cxr_emb"] = torch.where(present[:, None], torch.randn(n, CXR_DIM, generator=g), torch.nan)
+        batch["cxr_map"] = toy_map(present, g)
     else:
         batch["ehr"] = torch.randn(n, 8, 4, generator=g)
         batch["ehr_mask"] = (torch.rand(n, 8, 4, generator=g) > 0.5).float()
@@ -48,9 +48,11 @@ def test_bank_fills_the_absent_xray_and_learns_only_from_stays_without_one(featu
     module = _module(features).eval()
     batch = _batch(features, [True, False, True, False])
     out = module(batch)
+    cells = MAP_SHAPE[1] * MAP_SHAPE[2]  # cached: one X-ray token per cell of the stored map
+    assert out["cxr_tokens"].shape[1] == (cells if features == "cached" else 2)
     for i in (1, 3):
-        assert torch.equal(out["cxr_tokens"][i], module.bank[1, 1])
-    key = "cxr_emb" if features == "cached" else "cxr"
+        assert torch.equal(out["cxr_tokens"][i], module.bank["cxr"][1])
+    key = "cxr_map" if features == "cached" else "cxr"
     noisy = dict(batch, **{key: batch[key].clone()})
     noisy[key][[1, 3]] = 1e3 * torch.randn_like(noisy[key][[1, 3]])
     torch.testing.assert_close(module(noisy)["logits"][[1, 3]], out["logits"][[1, 3]], rtol=0, atol=0)
@@ -58,13 +60,14 @@ def test_bank_fills_the_absent_xray_and_learns_only_from_stays_without_one(featu
     module.train()
     module.zero_grad(set_to_none=True)
     module(_batch(features, [True, True, True]))["logits"].sum().backward()
-    assert module.bank.grad is None or module.bank.grad.abs().sum() == 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.bank.values())
     module.zero_grad(set_to_none=True)
     out = module(batch)
     (out["logits"].sum() + out["aux_loss"]).backward()
-    grad = module.bank.grad.abs().sum(dim=(2, 3))
-    assert grad[1, 1] > 0
-    grad[1, 1] = 0
+    assert module.bank["ehr"].grad is None or module.bank["ehr"].grad.abs().sum() == 0
+    grad = module.bank["cxr"].grad.abs().sum(dim=(1, 2))
+    assert grad[1] > 0
+    grad[1] = 0
     assert grad.sum() == 0, "only the bank slot of {EHR} x CXR is used"
     module.zero_grad(set_to_none=True)
     out = module(_batch(features, [False, False, False]))
@@ -79,9 +82,9 @@ def test_paper_routing_puts_the_combination_expert_first_for_ehr_only_stays():
     moe.register_forward_hook(lambda mod, args, out: calls.append(dict(mod.last_routing)))
     module(_batch("cached", [True, False, True, False]))
     assert len(calls) == 2  # one call per modality chunk (EHR tokens, then X-ray or bank tokens)
-    for routing in calls:
+    for routing, tokens in zip(calls, (2, MAP_SHAPE[1] * MAP_SHAPE[2])):
         partial = routing["combination"] == 1
-        assert partial.sum() == 2 * 2  # two stays without a film, two tokens each
+        assert partial.sum() == 2 * tokens  # two stays without a film: 2 EHR, 4 map-cell tokens
         assert (routing["chosen"][partial, 0] == 1).all()
         assert (routing["chosen"][partial, 1] != 1).all()
 
@@ -155,6 +158,7 @@ def test_invalid_settings_are_refused():
 def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(tmp_path):
     store = make_fusion_store(tmp_path / "s.zarr", n_stays=60)
     data = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID)
+    assert "cxr_map" in data.inputs
     masked = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
                               cxr_missing_rate=1.0, missing_at=("test",))
     method = FlexMoE(**FlexMoE.test_hyperparameters).fit(data, device="cpu")

@@ -9,8 +9,7 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.healnet import HEALNet, fourier_positions, image_patches
 from fusion.registry import HyperparameterError
-from support import (EHR_DIM, EHR_ID, MAP_SHAPE, TOY_SPEC, make_fusion_store,
-                         toy_module)
+from support import EHR_DIM, EHR_ID, make_fusion_store, toy_map, toy_module
 
 torch.set_num_threads(1)
 
@@ -25,8 +24,7 @@ def _batch(features, present, seed=0):
     batch = {"cxr_present": present, "y": torch.randint(0, 2, (n, 1), generator=g).float()}
     if features == "cached":
         batch["ehr_emb"] = torch.randn(n, EHR_DIM, generator=g)
-        maps = torch.randn(n, *MAP_SHAPE, generator=g)
-        batch["cxr_map"] = torch.where(present[:, None, None, None], maps, torch.nan)
+        batch["cxr_map"] = toy_map(present, g)
     else:
         batch["ehr"] = torch.randn(n, 8, 4, generator=g)
         batch["ehr_mask"] = (torch.rand(n, 8, 4, generator=g) > 0.5).float()
@@ -118,9 +116,6 @@ def test_a_context_with_the_wrong_width_raises():
         module.cxr_steps[0].cross(module.latents[None], torch.zeros(1, 3, 5))
     with pytest.raises(HyperparameterError, match="patch_size 5 must divide"):
         _module(patch_size=5)
-    with pytest.raises(HyperparameterError, match="spatial map"):
-        HEALNet(features="cached", **HEALNet.test_hyperparameters).build_module(
-            {**TOY_SPEC, "features": "cached", "cxr_map_shape": None})
 
 
 def test_tokens_and_positions():

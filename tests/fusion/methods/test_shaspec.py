@@ -7,7 +7,7 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.shaspec import ShaSpec
 from fusion.registry import HyperparameterError
-from support import CXR_DIM, EHR_DIM, EHR_ID, make_fusion_store, toy_module
+from support import EHR_DIM, EHR_ID, make_fusion_store, toy_map, toy_module
 
 torch.set_num_threads(1)
 
@@ -22,8 +22,7 @@ def _batch(features, present, seed=0):
     batch = {"cxr_present": present, "y": torch.randint(0, 2, (n, 1), generator=g).float()}
     if features == "cached":
         batch["ehr_emb"] = torch.randn(n, EHR_DIM, generator=g)
-        cxr = torch.randn(n, CXR_DIM, generator=g)
-        batch["cxr_emb"] = torch.where(present[:, None], cxr, torch.nan)
+        batch["cxr_map"] = toy_map(present, g)
     else:
         batch["ehr"] = torch.randn(n, 8, 4, generator=g)
         batch["ehr_mask"] = (torch.rand(n, 8, 4, generator=g) > 0.5).float()
@@ -71,15 +70,16 @@ def test_absent_film_feature_is_the_ehr_shared_feature_and_ignores_the_image(fea
     absent = ~batch["cxr_present"]
     torch.testing.assert_close(out["f_cxr"][absent], out["r_ehr"][absent], rtol=0, atol=0)
     noisy = dict(batch)
-    key = "cxr_emb" if features == "cached" else "cxr"
+    key = "cxr_map" if features == "cached" else "cxr"
     noisy[key] = batch[key].clone()
     noisy[key][absent] = 1e3 * torch.randn_like(noisy[key][absent])
     changed = module(noisy)["logits"]
     torch.testing.assert_close(changed[absent], out["logits"][absent], rtol=0, atol=0)
-    # a stay with a film depends on it
+    # a stay with a film depends on it (not a constant shift: map cells are layer-normalised)
     shifted = dict(batch)
     shifted[key] = batch[key].clone()
-    shifted[key][0] = shifted[key][0] + 3.0 * (1000 if features == "raw" else 1)
+    shifted[key][0] = shifted[key][0] + 3.0 * torch.randn_like(shifted[key][0]) * (
+        1000 if features == "raw" else 1)
     assert (module(shifted)["logits"][0] - out["logits"][0]).abs().max() > 1e-5
 
 
@@ -128,6 +128,7 @@ def test_invalid_settings_are_refused():
 def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(tmp_path):
     store = make_fusion_store(tmp_path / "s.zarr", n_stays=60)
     data = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID)
+    assert "cxr_map" in data.inputs
     masked = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
                               cxr_missing_rate=1.0, missing_at=("test",))
     method = ShaSpec(**ShaSpec.test_hyperparameters).fit(data, device="cpu")

@@ -7,7 +7,7 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.umse import UMSE, observed_triplets
 from fusion.registry import HyperparameterError
-from support import CXR_DIM, EHR_DIM, make_fusion_store, toy_module
+from support import make_fusion_store, toy_map, toy_module
 
 torch.set_num_threads(1)
 
@@ -20,15 +20,18 @@ def _batch(features, present, seed=0):
     n = len(present)
     present = torch.tensor(present)
     batch = {"cxr_present": present, "y": torch.randint(0, 2, (n, 1), generator=g).float(),
-             "cxr_hours": torch.where(present, torch.rand(n, generator=g) * 10, torch.nan)}
+             "cxr_hours": torch.where(present, torch.rand(n, generator=g) * 10, torch.nan),
+             "ehr_mask": (torch.rand(n, 8, 4, generator=g) > 0.6).float(),
+             "ehr": torch.randn(n, 8, 4, generator=g)}  # both modes read the hourly cells
     if features == "cached":
-        batch["ehr_emb"] = torch.randn(n, EHR_DIM, generator=g)
-        batch["cxr_emb"] = torch.where(present[:, None], torch.randn(n, CXR_DIM, generator=g), torch.nan)
+        batch["cxr_map"] = toy_map(present, g)
     else:
-        batch["ehr_mask"] = (torch.rand(n, 8, 4, generator=g) > 0.6).float()
-        batch["ehr"] = torch.randn(n, 8, 4, generator=g)
         batch["cxr"] = torch.randn(n, 1, 16, 16, generator=g) * 500 * present[:, None, None, None]
     return batch
+
+
+def _key(features):
+    return "cxr_map" if features == "cached" else "cxr"
 
 
 def test_triplets_are_exactly_the_observed_cells():
@@ -67,17 +70,37 @@ def test_bottlenecks_skip_the_xray_stream_of_stays_without_a_film(features):
         torch.testing.assert_close(step["z"][absent], step["z_ehr"][absent], rtol=0, atol=0)
         rows = step["rows"]
         torch.testing.assert_close(step["z"][rows], (step["z_ehr"][rows] + step["z_cxr"]) / 2)
-    key = "cxr_emb" if features == "cached" else "cxr"
+    key = _key(features)
     noisy = dict(batch, **{key: batch[key].clone(), "cxr_hours": batch["cxr_hours"].clone()})
     noisy[key][absent] = 1e3 * torch.randn_like(noisy[key][absent])
     noisy["cxr_hours"][absent] = 5.0
     torch.testing.assert_close(module(noisy)["logits"][absent], out["logits"][absent], rtol=0, atol=0)
     shifted = dict(batch, **{key: batch[key].clone()})
-    shifted[key][0] = shifted[key][0] + (3000.0 if features == "raw" else 3.0)
+    # not a constant shift: the map's cells are layer-normalised
+    shifted[key][0] = shifted[key][0] + torch.randn_like(shifted[key][0]) * (
+        3000.0 if features == "raw" else 3.0)
     assert (module(shifted)["logits"][0] - out["logits"][0]).abs().max() > 1e-6
     later = dict(batch, cxr_hours=batch["cxr_hours"].clone())
     later["cxr_hours"][2] += 20.0
     assert (module(later)["logits"][2] - out["logits"][2]).abs().max() > 1e-6
+
+
+def test_cached_mode_reads_the_observed_cells_and_never_an_imputed_value():
+    module = _module("cached").eval()
+    batch = _batch("cached", [True, False, True])
+    out = module(batch)
+    observed = batch["ehr_mask"] > 0
+    assert out["n_cells"].tolist() == observed.sum(dim=(1, 2)).tolist()
+    assert out["dropped_cells"].sum() == 0
+    imputed = dict(batch, ehr=torch.where(observed, batch["ehr"], torch.tensor(999.0)))
+    torch.testing.assert_close(module(imputed)["logits"], out["logits"], rtol=0, atol=0)
+    moved = dict(batch, ehr=batch["ehr"].clone())
+    b, t, f = torch.nonzero(observed)[0].tolist()
+    moved["ehr"][b, t, f] += 2.0
+    assert (module(moved)["logits"][b] - out["logits"][b]).abs().max() > 1e-6
+    capped = toy_module(UMSE, "cached", 0, max_cells=3).eval()(batch)
+    assert capped["n_cells"].tolist() == observed.sum(dim=(1, 2)).clamp(max=3).tolist()
+    assert capped["dropped_cells"].tolist() == (observed.sum(dim=(1, 2)) - 3).clamp(min=0).tolist()
 
 
 def test_the_time_of_an_observation_matters():
@@ -115,13 +138,16 @@ def test_one_layer_is_refused():
         _module(max_cells=-1)
 
 
-def test_fit_records_dropped_cells_and_hiding_xrays_changes_stays_with_one(tmp_path):
-    store = make_fusion_store(tmp_path / "s.zarr", n_stays=60, embeddings=False)
-    data = load_fusion_data(store, "mortality", 0, features="raw")
-    masked = load_fusion_data(store, "mortality", 0, features="raw", cxr_missing_rate=1.0,
-                              missing_at=("test",))
+@pytest.mark.parametrize("features", ["raw", "cached"])
+def test_fit_records_dropped_cells_and_hiding_xrays_changes_stays_with_one(tmp_path, features):
+    store = make_fusion_store(tmp_path / "s.zarr", n_stays=60)
+    inputs = UMSE.inputs_for(features)
+    data = load_fusion_data(store, "mortality", 0, features=features, inputs=inputs)
+    masked = load_fusion_data(store, "mortality", 0, features=features, inputs=inputs,
+                              cxr_missing_rate=1.0, missing_at=("test",))
     cap = 3
-    method = UMSE(**{**UMSE.test_hyperparameters, "max_cells": cap}).fit(data, device="cpu")
+    method = UMSE(features=features, **{**UMSE.test_hyperparameters, "max_cells": cap}).fit(
+        data, device="cpu")
     for part, key in (("train", "umse_dropped_cells_train"), ("val", "umse_dropped_cells_val")):
         counts = data.part(part).ehr_mask.sum(axis=(1, 2))
         expected = np.clip(counts - cap, 0, None).sum()
