@@ -17,6 +17,7 @@ the stored films. ``--set METHOD.KEY=VALUE`` overrides one method's hyperparamet
 narrower UMSE where its defaults are too slow for the CPU). Only small sizes are meant for a
 shared 2-core machine::
 
+    python benchmarks/bench_methods.py            # latefusion mmtm daft utde (make bench)
     python benchmarks/bench_methods.py aug inforeg latefusion
     python benchmarks/bench_methods.py aug --raw-stays 500 1000 --json out.json
     python benchmarks/bench_methods.py umse --set umse.n_layers=2 --set umse.hidden=64
@@ -42,6 +43,8 @@ IMAGE_SIZE = 64
 CXR_ENCODER = "densenet121-res224-all"
 #: Spatial maps for the methods that fuse between CNN stages (``cxr_map``).
 MAP_ENCODER = "densenet121-res224-all-block3"
+#: Methods timed when none is named (``make bench``).
+DEFAULT_METHODS = ("latefusion", "mmtm", "daft", "utde")
 
 # Child process: fits of one method in one mode, as JSON lines (see the module docstring).
 _EPOCH_CHILD = """
@@ -171,7 +174,8 @@ def print_table(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("methods", nargs="+", help="registered method names")
+    parser.add_argument("methods", nargs="*", default=list(DEFAULT_METHODS),
+                        help=f"registered method names [{' '.join(DEFAULT_METHODS)}]")
     parser.add_argument("--features", nargs="+", default=["cached", "raw"],
                         choices=["cached", "raw"])
     parser.add_argument("--cached-stays", nargs=2, type=int, default=[1640, 4920],

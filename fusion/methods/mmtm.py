@@ -231,7 +231,10 @@ class MMTM(StartsFromPretrained, TorchMethod):
     DenseNet ``denseblock4``) runs live and trainable on it, and the second unit gates its
     output, so both default units and the slow fusion into the last stage are kept; units before
     the stored stage are lost (``mmtm_units`` at most 2). The EHR stream reads the hourly tensor
-    as in raw mode.
+    as in raw mode, at ``hidden`` 128 by default (the card's 256: ``--preset card`` or ``--set
+    hidden=256``; at 256 the two LSTM layers took about 60 % of a cached training step). The
+    stored map and the live tail run in the channels-last layout (the same values, about half
+    the CPU time of ``denseblock4`` on 2x2 maps).
 
     Absent X-ray (``absent_cxr_policy="absent_token"``): no image is encoded; each unit uses a
     learned image squeeze vector, so the EHR stream is still excited, and the prediction is the
@@ -246,7 +249,10 @@ class MMTM(StartsFromPretrained, TorchMethod):
                        "gate": "2sigmoid", "schedule": "joint", "backbone": "resnet50",
                        "cxr_weights": "imagenet", "cached_tail": "backbone",
                        **AUGMENT_HYPERPARAMETERS}
-    cached_hyperparameters = TORCH_CACHED_HYPERPARAMETERS
+    #: Cached mode: an EHR width of 128 (the card's 256 is the raw default, ``--preset card``):
+    #: the two per-hour LSTM layers cost about 8 hidden^2 per hour and stay, and at 256 they took
+    #: about 60 % of a cached training step.
+    cached_hyperparameters = {**TORCH_CACHED_HYPERPARAMETERS, "hidden": 128}
     hyperparameter_choices = {"gate": GATES, "schedule": SCHEDULES,
                               "backbone": ("resnet50", "small"), "cxr_weights": CXR_WEIGHTS,
                               "cached_tail": CACHED_TAILS}

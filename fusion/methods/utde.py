@@ -65,14 +65,16 @@ class EhrTimeAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, m: torch.Tensor, phi_q: torch.Tensor,
                 phi_k: torch.Tensor) -> torch.Tensor:
-        values = torch.cat([x * m, m], dim=-1)            # [B, T_k, 2F]
-        mask = torch.cat([m, m], dim=-1)
         a = self.weights(phi_q, phi_k)                      # [H, T_q, T_k]
-        num = torch.einsum("hij,bjc->bhic", a, values)
-        den = torch.einsum("hij,bjc->bhic", a, mask)
+        h, t_q, t_k = a.shape
+        # values [x * m; m] and mask [m; m] share the products with m: one matmul gives both
+        both = a.reshape(h * t_q, t_k) @ torch.cat([x * m, m], dim=-1)  # [B, H T_q, 2F]
+        num, den = both, torch.cat([both[..., x.shape[-1]:]] * 2, dim=-1)
         att = num / den.clamp_min(1e-12)                    # 0 where a channel is never observed
-        b, h, t, c = att.shape
-        return self.out(att.permute(0, 2, 1, 3).reshape(b, t, h * c))
+        b = att.shape[0]
+        # [B, H, T_q, 2F] -> [B, T_q, H * 2F]
+        att = att.reshape(b, h, t_q, -1).transpose(1, 2).reshape(b, t_q, -1)
+        return self.out(att)
 
 
 class FilmTimeAttention(nn.Module):
@@ -132,13 +134,23 @@ class CrossLayer(nn.Module):
         self.cross_ehr, self.cross_cxr = attention(), attention()
         self.ffn_ehr, self.ffn_cxr = ffn(), ffn()
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, a: torch.Tensor, b: torch.Tensor,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both streams ``[B, T, d]``; ``last_only``: only the last step's outputs ``[B, 1, d]``.
+
+        With ``last_only`` the self-attention still runs over every step (its outputs are the
+        keys and values of the cross-attention), but the cross-attention queries and the
+        feed-forward run for the last step only: the same values there, for less work.
+        """
         na, nb = self.norms[0](a), self.norms[1](b)
         a = a + self.self_ehr(na, na, na, need_weights=False)[0]
         b = b + self.self_cxr(nb, nb, nb, need_weights=False)[0]
         na, nb = self.norms[2](a), self.norms[3](b)
-        a, b = (a + self.cross_ehr(na, nb, nb, need_weights=False)[0],
-                b + self.cross_cxr(nb, na, na, need_weights=False)[0])
+        qa, qb = (na[:, -1:], nb[:, -1:]) if last_only else (na, nb)
+        if last_only:
+            a, b = a[:, -1:], b[:, -1:]
+        a, b = (a + self.cross_ehr(qa, nb, nb, need_weights=False)[0],
+                b + self.cross_cxr(qb, na, na, need_weights=False)[0])
         return a + self.ffn_ehr(a), b + self.ffn_cxr(b)
 
 
@@ -216,8 +228,8 @@ class UTDENet(nn.Module):
         scale = math.sqrt(self.d)
         a = self.dropout(e_ts * scale + self.position)
         b = self.dropout(e_cxr * scale + self.position)
-        for layer in self.layers:
-            a, b = layer(a, b)
+        for i, layer in enumerate(self.layers):
+            a, b = layer(a, b, last_only=i == len(self.layers) - 1)  # the head reads the last step
         h = torch.cat([self.final_ehr(a)[:, -1], self.final_cxr(b)[:, -1]], dim=-1)
         h = h + self.residual(h)
         return {"logits": self.head(h), "cxr_used": used}
@@ -266,7 +278,15 @@ class UTDE(StartsFromPretrained, TorchMethod):
     48-hour window, and a stay without a film gets a learned absent vector.
 
     Cached path: the EHR stream reads the hourly tensor as in raw mode and the film its cached
-    embedding, so the whole mechanism is kept (no CNN maps are needed).
+    embedding, so the whole mechanism is kept (no CNN maps are needed), at smaller widths by
+    default: ``hidden`` (d) 64, ``n_heads`` 4, ``embed_time`` 32, i.e. the card's head widths
+    (16 and 8) with half the heads (the card's widths: ``--preset card``). Nearly all the time of
+    a step goes to the interleaved layers (2 x 48 steps, attention and a 4d feed-forward per
+    stream), whose cost grows with d^2.
+
+    In both modes the last interleaved layer computes its cross-attention and feed-forward for
+    the last step only, the one the head reads (the self-attention still runs over every step,
+    as keys and values): the same function for less work.
 
     Absent X-ray (``absent_cxr_policy="absent_token"``): the film stream is a learned absent
     vector at every hour; no image is encoded.
@@ -280,7 +300,10 @@ class UTDE(StartsFromPretrained, TorchMethod):
                        "weight_decay": 0.0, "n_heads": 8, "embed_time": 64, "cross_layers": 3,
                        "mixup_level": "batch_seq", "backbone": "resnet50",
                        "cxr_weights": "imagenet", **AUGMENT_HYPERPARAMETERS}
-    cached_hyperparameters = TORCH_CACHED_HYPERPARAMETERS
+    #: Cached mode: d 64 with 4 heads and a 32-d time embedding (head widths 16 and 8, as the
+    #: card's 128 / 8 and 64 / 8); the card's widths are the raw defaults (``--preset card``).
+    cached_hyperparameters = {**TORCH_CACHED_HYPERPARAMETERS, "hidden": 64, "n_heads": 4,
+                              "embed_time": 32}
     hyperparameter_choices = {"mixup_level": MIXUP_LEVELS, "backbone": ("resnet50", "small"),
                               "cxr_weights": CXR_WEIGHTS}
     test_hyperparameters = {**TORCH_TEST_HYPERPARAMETERS, "n_heads": 2, "embed_time": 8,

@@ -128,3 +128,19 @@ def test_hiding_every_xray_at_test_changes_predictions(store, raw):
     a, b = method.predict_proba(raw, "test"), method.predict_proba(hidden, "test")
     assert not np.allclose(a[with_film], b[with_film])
     np.testing.assert_allclose(a[~with_film], b[~with_film], rtol=1e-6)
+
+
+def test_cached_tail_runs_channels_last_with_the_same_values():
+    import copy
+
+    from fusion.modules import map_tail
+
+    torch.manual_seed(0)
+    tail = map_tail({"cxr_map_shape": [6, 3, 3]}, {"cached_tail": "conv", "hidden": 5}).eval()
+    plain = copy.deepcopy(tail).to(memory_format=torch.contiguous_format)
+    plain._forward_pre_hooks.clear()  # the same weights, default layout, no layout hook
+    x = torch.randn(4, 6, 3, 3)
+    with torch.no_grad():
+        out, expected = tail(x), plain(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and expected.is_contiguous()
+    torch.testing.assert_close(out, expected)

@@ -91,3 +91,14 @@ def test_hiding_every_xray_at_test_changes_predictions(store, raw):
     a, b = method.predict_proba(raw, "test"), method.predict_proba(hidden, "test")
     assert not np.allclose(a[with_film], b[with_film])
     np.testing.assert_allclose(a[~with_film], b[~with_film], rtol=1e-6)
+
+
+def test_last_only_layer_gives_the_full_layers_last_step(net, batch):
+    layer = net.layers[-1]
+    a, b = torch.randn(3, 48, net.d), torch.randn(3, 48, net.d)
+    with torch.no_grad():
+        full_a, full_b = layer(a, b)
+        last_a, last_b = layer(a, b, last_only=True)
+    assert last_a.shape == (3, 1, net.d)
+    torch.testing.assert_close(last_a[:, 0], full_a[:, -1])
+    torch.testing.assert_close(last_b[:, 0], full_b[:, -1])
