@@ -11,6 +11,8 @@ imports ``fusion`` or ``cli``; ``fusion`` never imports ``cli``.
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,25 @@ def test_the_checker_catches_a_lazy_upward_import():
                      "if TYPE_CHECKING:\n    from cli.main import main\n")
     assert _imports(tree) == {"fusion.trainer"}
     assert _imports(ast.parse("from fusion import trainer"), {"fusion.trainer"}) == {"fusion.trainer"}
+
+
+def _imported_names() -> set[tuple[str, str]]:
+    """Every ``from <project module> import name`` anywhere in the project, as (module, name)."""
+    pairs = set()
+    for top in TOP:
+        for path in (REPO / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                        and node.module.split(".")[0] in TOP:
+                    pairs.update((node.module, alias.name) for alias in node.names)
+    return pairs
+
+
+def test_every_imported_name_exists():
+    """A lazy import inside a function is only run when called: check its name resolves now."""
+    missing = []
+    for module, name in sorted(_imported_names()):
+        loaded = importlib.import_module(module)
+        if not hasattr(loaded, name) and importlib.util.find_spec(f"{module}.{name}") is None:
+            missing.append(f"from {module} import {name}")
+    assert not missing, "imports of names that do not exist:\n" + "\n".join(missing)

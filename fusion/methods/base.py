@@ -143,7 +143,7 @@ class TorchMethod(FusionMethod):
             If the data was loaded without one; the message gives the ``cbstore encode``
             command that adds a map embedding.
         """
-        from cbstore.inputs import EMBEDDING_KINDS
+        from cbstore.inputs.reader import EMBEDDING_KINDS
 
         if not spec.get("cxr_map_shape"):
             raise MethodStateError(
