@@ -320,6 +320,26 @@ def toy_map(present, generator) -> torch.Tensor:
     return torch.where(torch.as_tensor(present)[:, None, None, None], maps, torch.nan)
 
 
+def toy_batch(features, present, seed=0) -> dict:
+    """A hand-made mortality batch of ``len(present)`` stays matching :data:`TOY_SPEC`.
+
+    Cached: ``ehr_emb`` and ``cxr_map`` (NaN without a film); raw: ``ehr``, ``ehr_mask`` and 16 px
+    films (zeros without one). ``present`` marks the stays with a film.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = len(present)
+    present = torch.tensor(present)
+    batch = {"cxr_present": present, "y": torch.randint(0, 2, (n, 1), generator=g).float()}
+    if features == "cached":
+        batch["ehr_emb"] = torch.randn(n, EHR_DIM, generator=g)
+        batch["cxr_map"] = toy_map(present, g)
+    else:
+        batch["ehr"] = torch.randn(n, 8, 4, generator=g)
+        batch["ehr_mask"] = (torch.rand(n, 8, 4, generator=g) > 0.5).float()
+        batch["cxr"] = torch.randn(n, 1, 16, 16, generator=g) * 500 * present[:, None, None, None]
+    return batch
+
+
 #: Module specification matching the tiny stores (4 EHR features, 8 hours, 16 px images), for
 #: method tests that build a module without data and feed it hand-made batches.
 TOY_SPEC = {"task": "mortality", "n_outputs": 1, "n_features": 4, "window_hours": 8,

@@ -10,27 +10,13 @@ from fusion.data import load_fusion_data
 from fusion.methods.flexmoe import FlexMoE, combination_index, gate_loss
 from fusion.modules import PatchTokens
 from fusion.registry import HyperparameterError
-from support import EHR_DIM, EHR_ID, MAP_SHAPE, make_fusion_store, toy_map, toy_module
+from support import EHR_ID, MAP_SHAPE, make_fusion_store, toy_batch, toy_module
 
 torch.set_num_threads(1)
 
+
 def _module(features="cached", seed=0, **params):
     return toy_module(FlexMoE, features, seed, **params)
-
-
-def _batch(features, present, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = len(present)
-    present = torch.tensor(present)
-    batch = {"cxr_present": present, "y": torch.randint(0, 2, (n, 1), generator=g).float()}
-    if features == "cached":
-        batch["ehr_emb"] = torch.randn(n, EHR_DIM, generator=g)
-        batch["cxr_map"] = toy_map(present, g)
-    else:
-        batch["ehr"] = torch.randn(n, 8, 4, generator=g)
-        batch["ehr_mask"] = (torch.rand(n, 8, 4, generator=g) > 0.5).float()
-        batch["cxr"] = torch.randn(n, 1, 16, 16, generator=g) * 500 * present[:, None, None, None]
-    return batch
 
 
 def test_combination_index_follows_the_present_modalities_complete_first():
@@ -39,14 +25,14 @@ def test_combination_index_follows_the_present_modalities_complete_first():
     with pytest.raises(ValueError, match="no modality present"):
         combination_index(torch.tensor([[False, False]]))
     module = _module().eval()
-    batch = _batch("cached", [True, False, False, True])
+    batch = toy_batch("cached", [True, False, False, True])
     assert module(batch)["combination"].tolist() == [0, 1, 1, 0]
 
 
 @pytest.mark.parametrize("features", ["cached", "raw"])
 def test_bank_fills_the_absent_xray_and_learns_only_from_stays_without_one(features):
     module = _module(features).eval()
-    batch = _batch(features, [True, False, True, False])
+    batch = toy_batch(features, [True, False, True, False])
     out = module(batch)
     cells = MAP_SHAPE[1] * MAP_SHAPE[2]  # cached: one X-ray token per cell of the stored map
     assert out["cxr_tokens"].shape[1] == (cells if features == "cached" else 2)
@@ -59,7 +45,7 @@ def test_bank_fills_the_absent_xray_and_learns_only_from_stays_without_one(featu
 
     module.train()
     module.zero_grad(set_to_none=True)
-    module(_batch(features, [True, True, True]))["logits"].sum().backward()
+    module(toy_batch(features, [True, True, True]))["logits"].sum().backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.bank.values())
     module.zero_grad(set_to_none=True)
     out = module(batch)
@@ -70,7 +56,7 @@ def test_bank_fills_the_absent_xray_and_learns_only_from_stays_without_one(featu
     grad[1] = 0
     assert grad.sum() == 0, "only the bank slot of {EHR} x CXR is used"
     module.zero_grad(set_to_none=True)
-    out = module(_batch(features, [False, False, False]))
+    out = module(toy_batch(features, [False, False, False]))
     (out["logits"].sum() + out["aux_loss"]).backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.cxr_encoder.parameters())
 
@@ -80,7 +66,7 @@ def test_paper_routing_puts_the_combination_expert_first_for_ehr_only_stays():
     moe = module.layers[0].moe
     calls = []
     moe.register_forward_hook(lambda mod, args, out: calls.append(dict(mod.last_routing)))
-    module(_batch("cached", [True, False, True, False]))
+    module(toy_batch("cached", [True, False, True, False]))
     assert len(calls) == 2  # one call per modality chunk (EHR tokens, then X-ray or bank tokens)
     for routing, tokens in zip(calls, (2, MAP_SHAPE[1] * MAP_SHAPE[2])):
         partial = routing["combination"] == 1
@@ -91,7 +77,7 @@ def test_paper_routing_puts_the_combination_expert_first_for_ehr_only_stays():
 
 def test_every_router_receives_gradient():
     module = _module(fusion_layers=2).train()
-    out = module(_batch("cached", [True, False, True, False]))
+    out = module(toy_batch("cached", [True, False, True, False]))
     (out["logits"].sum() + out["aux_loss"]).backward()
     for layer in module.layers:
         for router in (layer.moe.router, layer.moe.noise):
@@ -116,7 +102,7 @@ def test_gate_loss_matches_hand_computed_values():
 
 def test_evaluation_is_deterministic_and_independent_of_batch_mates():
     module = _module().eval()
-    batch = _batch("cached", [True, False, True, False, True])
+    batch = toy_batch("cached", [True, False, True, False, True])
     out = module(batch)["logits"]
     torch.testing.assert_close(module(batch)["logits"], out, rtol=0, atol=0)
     for i in range(5):

@@ -9,27 +9,13 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.healnet import HEALNet, fourier_positions, image_patches
 from fusion.registry import HyperparameterError
-from support import EHR_DIM, EHR_ID, make_fusion_store, toy_map, toy_module
+from support import EHR_ID, make_fusion_store, toy_batch, toy_module
 
 torch.set_num_threads(1)
 
+
 def _module(features="raw", seed=0, **params):
     return toy_module(HEALNet, features, seed, **params)
-
-
-def _batch(features, present, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = len(present)
-    present = torch.tensor(present)
-    batch = {"cxr_present": present, "y": torch.randint(0, 2, (n, 1), generator=g).float()}
-    if features == "cached":
-        batch["ehr_emb"] = torch.randn(n, EHR_DIM, generator=g)
-        batch["cxr_map"] = toy_map(present, g)
-    else:
-        batch["ehr"] = torch.randn(n, 8, 4, generator=g)
-        batch["ehr_mask"] = (torch.rand(n, 8, 4, generator=g) > 0.5).float()
-        batch["cxr"] = torch.randn(n, 1, 16, 16, generator=g) * 500 * present[:, None, None, None]
-    return batch
 
 
 def _key(features):
@@ -39,7 +25,7 @@ def _key(features):
 @pytest.mark.parametrize("features", ["raw", "cached"])
 def test_latents_of_a_stay_without_a_film_do_not_depend_on_the_image_input(features):
     module = _module(features).eval()
-    batch = _batch(features, [True, False, True, False])
+    batch = toy_batch(features, [True, False, True, False])
     out = module(batch)
     absent = ~batch["cxr_present"]
     key = _key(features)
@@ -57,7 +43,7 @@ def test_latents_of_a_stay_without_a_film_do_not_depend_on_the_image_input(featu
 @pytest.mark.parametrize("cxr_first", [False, True])
 def test_per_stay_skip_equals_the_ehr_only_path_and_batches_do_not_mix(cxr_first):
     module = _module(cxr_first=cxr_first).eval()
-    batch = _batch("raw", [True, False, True, False, True])
+    batch = toy_batch("raw", [True, False, True, False, True])
     out = module(batch)["logits"]
     for i in range(5):  # alone, a stay without a film takes the batch-level shortcut (no X-ray step)
         one = {k: v[i:i + 1] for k, v in batch.items()}
@@ -66,7 +52,7 @@ def test_per_stay_skip_equals_the_ehr_only_path_and_batches_do_not_mix(cxr_first
 
 def test_a_batch_without_films_trains_no_xray_weight():
     module = _module(self_per_cross_attn=1).train()
-    out = module(_batch("raw", [False, False, False]))
+    out = module(toy_batch("raw", [False, False, False]))
     out["logits"].sum().backward()
     for name, parameter in module.named_parameters():
         grad = parameter.grad
@@ -79,7 +65,7 @@ def test_a_batch_without_films_trains_no_xray_weight():
 def test_no_nan_for_an_all_missing_batch_under_autocast():
     module = _module().eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = module(_batch("raw", [False, False]))
+        out = module(toy_batch("raw", [False, False]))
     assert torch.isfinite(out["logits"].float()).all()
 
 
@@ -98,7 +84,7 @@ def test_cross_attention_weights_use_temperature_one_half():
     module = _module().eval()
     cross = module.ehr_steps[0].cross
     cross.keep_attention = True
-    batch = _batch("raw", [False, False])
+    batch = toy_batch("raw", [False, False])
     module(batch)
     attention = cross.attention  # the last layer's: compute its inputs again by hand
     latents = module.latents.expand(2, -1, -1)

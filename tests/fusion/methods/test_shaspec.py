@@ -7,27 +7,13 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.shaspec import ShaSpec
 from fusion.registry import HyperparameterError
-from support import EHR_DIM, EHR_ID, make_fusion_store, toy_map, toy_module
+from support import EHR_ID, make_fusion_store, toy_batch, toy_module
 
 torch.set_num_threads(1)
 
+
 def _module(features, seed=0, **params):
     return toy_module(ShaSpec, features, seed, **params)
-
-
-def _batch(features, present, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = len(present)
-    present = torch.tensor(present)
-    batch = {"cxr_present": present, "y": torch.randint(0, 2, (n, 1), generator=g).float()}
-    if features == "cached":
-        batch["ehr_emb"] = torch.randn(n, EHR_DIM, generator=g)
-        batch["cxr_map"] = toy_map(present, g)
-    else:
-        batch["ehr"] = torch.randn(n, 8, 4, generator=g)
-        batch["ehr_mask"] = (torch.rand(n, 8, 4, generator=g) > 0.5).float()
-        batch["cxr"] = torch.randn(n, 1, 16, 16, generator=g) * 500 * present[:, None, None, None]
-    return batch
 
 
 SHARED = ("shared_ehr", "shared_cxr", "trunk")
@@ -48,7 +34,7 @@ def _nonzero(grads):
 def test_domain_loss_reaches_specific_encoders_only_and_alignment_shared_only(features):
     module = _module(features)
     module.train()
-    out = module(_batch(features, [True, True, False, True]))
+    out = module(toy_batch(features, [True, True, False, True]))
     assert out["cxr_used"].tolist() == [True, True, False, True]
     domain_shared = _grads(module, out["loss_domain"], SHARED)
     domain_specific = _grads(module, out["loss_domain"], SPECIFIC)
@@ -65,7 +51,7 @@ def test_domain_loss_reaches_specific_encoders_only_and_alignment_shared_only(fe
 @pytest.mark.parametrize("features", ["cached", "raw"])
 def test_absent_film_feature_is_the_ehr_shared_feature_and_ignores_the_image(features):
     module = _module(features).eval()
-    batch = _batch(features, [True, False, True, False])
+    batch = toy_batch(features, [True, False, True, False])
     out = module(batch)
     absent = ~batch["cxr_present"]
     torch.testing.assert_close(out["f_cxr"][absent], out["r_ehr"][absent], rtol=0, atol=0)
@@ -85,7 +71,7 @@ def test_absent_film_feature_is_the_ehr_shared_feature_and_ignores_the_image(fea
 
 def test_mixed_batch_equals_single_stay_runs():
     module = _module("cached").eval()
-    batch = _batch("cached", [True, False, True, False, True])
+    batch = toy_batch("cached", [True, False, True, False, True])
     out = module(batch)["logits"]
     for i in range(5):
         one = {k: v[i:i + 1] for k, v in batch.items()}
@@ -96,7 +82,7 @@ def test_mixed_batch_equals_single_stay_runs():
 def test_batch_without_films_has_no_alignment_and_no_xray_gradient(features):
     module = _module(features)
     module.train()
-    out = module(_batch(features, [False, False, False]))
+    out = module(toy_batch(features, [False, False, False]))
     assert out["loss_align"].item() == 0.0
     assert torch.isfinite(out["loss_domain"]) and torch.isfinite(out["logits"]).all()
     loss = out["logits"].sum() + out["aux_loss"]
@@ -111,7 +97,7 @@ def test_film_dropout_one_is_the_no_film_path():
         epoch = 1
     module.on_train_epoch_start(Ctx())
     module.train()
-    batch = _batch("cached", [True, True, False])
+    batch = toy_batch("cached", [True, True, False])
     dropped = module(batch)
     assert not dropped["cxr_used"].any()
     no_films = dict(batch, cxr_present=torch.zeros(3, dtype=torch.bool))
