@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.data import load_fusion_data
 from fusion.methods.flexmoe import FlexMoE, combination_index, gate_loss
 from fusion.modules import PatchTokens
 from fusion.registry import HyperparameterError
-from support import EHR_ID, MAP_SHAPE, make_fusion_store, toy_batch, toy_module
+from support import MAP_SHAPE, fit_and_hide, toy_batch, toy_module
 
 torch.set_num_threads(1)
 
@@ -141,15 +140,7 @@ def test_invalid_settings_are_refused():
         _module(n_experts=4, top_k=5)
 
 
-def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(tmp_path):
-    store = make_fusion_store(tmp_path / "s.zarr", n_stays=60)
-    data = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID)
-    assert "cxr_map" in data.inputs
-    masked = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
-                              cxr_missing_rate=1.0, missing_at=("test",))
-    method = FlexMoE(**FlexMoE.test_hyperparameters).fit(data, device="cpu")
-    had = data.part("test").cxr_present
-    before = method.predict_proba(data, "test")
-    after = method.predict_proba(masked, "test")
-    assert np.abs(before[had] - after[had]).min() > 0
-    np.testing.assert_array_equal(before[~had], after[~had])
+def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(store):
+    prob, hidden, present = fit_and_hide("flexmoe", store)
+    assert np.abs(prob[present] - hidden[present]).min() > 0
+    np.testing.assert_array_equal(prob[~present], hidden[~present])

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.data import load_fusion_data
 from fusion.methods.healnet import HEALNet, fourier_positions, image_patches
 from fusion.registry import HyperparameterError
-from support import EHR_ID, make_fusion_store, toy_batch, toy_module
+from support import fit_and_hide, toy_batch, toy_module
 
 torch.set_num_threads(1)
 
@@ -119,15 +118,7 @@ def test_tokens_and_positions():
     assert row_two[9] == -1.0
 
 
-def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(tmp_path):
-    store = make_fusion_store(tmp_path / "s.zarr", n_stays=60)
-    data = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID)
-    assert "cxr_map" in data.inputs
-    masked = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
-                              cxr_missing_rate=1.0, missing_at=("test",))
-    method = HEALNet(**HEALNet.test_hyperparameters).fit(data, device="cpu")
-    had = data.part("test").cxr_present
-    before = method.predict_proba(data, "test")
-    after = method.predict_proba(masked, "test")
-    assert np.abs(before[had] - after[had]).min() > 0
-    np.testing.assert_array_equal(before[~had], after[~had])
+def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(store):
+    prob, hidden, present = fit_and_hide("healnet", store)
+    assert np.abs(prob[present] - hidden[present]).min() > 0
+    np.testing.assert_array_equal(prob[~present], hidden[~present])

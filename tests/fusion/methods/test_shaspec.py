@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.data import load_fusion_data
 from fusion.methods.shaspec import ShaSpec
 from fusion.registry import HyperparameterError
-from support import EHR_ID, make_fusion_store, toy_batch, toy_module
+from support import fit_and_hide, toy_batch, toy_module
 
 torch.set_num_threads(1)
 
@@ -111,18 +110,10 @@ def test_invalid_settings_are_refused():
         _module("cached", film_dropout=1.5)
 
 
-def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(tmp_path):
-    store = make_fusion_store(tmp_path / "s.zarr", n_stays=60)
-    data = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID)
-    assert "cxr_map" in data.inputs
-    masked = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
-                              cxr_missing_rate=1.0, missing_at=("test",))
-    method = ShaSpec(**ShaSpec.test_hyperparameters).fit(data, device="cpu")
-    had = data.part("test").cxr_present
-    before = method.predict_proba(data, "test")
-    after = method.predict_proba(masked, "test")
-    assert np.abs(before[had] - after[had]).min() > 0
-    np.testing.assert_array_equal(before[~had], after[~had])
+def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(store):
+    prob, hidden, present = fit_and_hide("shaspec", store)
+    assert np.abs(prob[present] - hidden[present]).min() > 0
+    np.testing.assert_array_equal(prob[~present], hidden[~present])
 
 
 def test_hours_since_observed_counts_back_to_the_last_observation():
