@@ -1,5 +1,5 @@
 """AUG: trained learners in the optimiser, the bounded residual loss, the assignment rule, the
-shared classifier and the absent-X-ray handling, on a tiny store with fake embeddings."""
+shared classifier and the absent-X-ray handling, on a tiny store80 with fake embeddings."""
 
 import copy
 import types
@@ -15,20 +15,15 @@ from fusion.methods.aug import (
 from fusion.modules import EmbeddingInput
 from fusion.registry import HyperparameterError
 from fusion.trainer import FitContext, PartBatches, Trainer
-from support import EHR_ID, fit_interrupted_and_resumed, make_fusion_store
+from support import EHR_ID, fit_interrupted_and_resumed
 
 torch.set_num_threads(1)
 CACHED = {"ehr_emb", "cxr_emb"}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_fusion_store(tmp_path_factory.mktemp("aug") / "store.zarr", n_stays=80)
-
-
-@pytest.fixture(scope="module")
-def data(store):
-    return load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID)
+def data(store80):
+    return load_fusion_data(store80, "mortality", 0, features="cached", ehr_encoder=EHR_ID)
 
 
 class Probe(AUGNet):
@@ -197,8 +192,8 @@ def test_one_shared_classifier_and_alpha_fusion_renormalised_when_the_xray_is_ab
     torch.testing.assert_close(out["logits"][~present], out["logits_ehr"][~present])
 
 
-def test_each_modality_step_moves_only_that_modality_and_the_shared_classifier(store):
-    data = load_fusion_data(store, "mortality", 0, features="raw")
+def test_each_modality_step_moves_only_that_modality_and_the_shared_classifier(store80):
+    data = load_fusion_data(store80, "mortality", 0, features="raw")
     from fusion.modules import build_encoder
 
     spec = {"n_features": data.n_features, "window_hours": data.window_hours}
@@ -246,10 +241,10 @@ def test_a_grown_module_reloads_with_its_learners(data):
         torch.testing.assert_close(fresh.eval()(batch)["logits"], net.eval()(batch)["logits"])
 
 
-def test_hiding_every_xray_at_test_changes_the_predictions_of_stays_that_have_one(store, data):
+def test_hiding_every_xray_at_test_changes_the_predictions_of_stays_that_have_one(store80, data):
     method = AUG(seed=0, features="cached", **{**AUG.test_hyperparameters, "max_epochs": 3})
     method.fit(data, device="cpu")
-    masked = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
+    masked = load_fusion_data(store80, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
                               cxr_missing_rate=1.0, missing_at=("test",))
     present = data.part("test").cxr_present
     before, after = method.predict_proba(data, "test"), method.predict_proba(masked, "test")

@@ -9,20 +9,15 @@ from fusion.data import load_fusion_data
 from fusion.methods.daft import DAFT, DaftBottleneck, DaftInput
 from fusion.tasks import task_loss
 from fusion.trainer import PartBatches
-from support import EHR_ID, make_fusion_store
+from support import EHR_ID
 
 torch.set_num_threads(1)
 SMALL = {**DAFT.test_hyperparameters, "max_epochs": 2}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_fusion_store(tmp_path_factory.mktemp("daft") / "store.zarr", n_stays=80)
-
-
-@pytest.fixture(scope="module")
-def raw(store):
-    return load_fusion_data(store, "mortality", 0, features="raw", inputs=DAFT.inputs["raw"])
+def raw(store80):
+    return load_fusion_data(store80, "mortality", 0, features="raw", inputs=DAFT.inputs["raw"])
 
 
 def _net(data, **params):
@@ -39,8 +34,8 @@ def _batch(data):
 
 
 @pytest.mark.parametrize("mode", ["raw", "cached"])
-def test_ehr_input_changes_the_conditioned_maps_and_logits(store, raw, mode):
-    data = raw if mode == "raw" else load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
+def test_ehr_input_changes_the_conditioned_maps_and_logits(store80, raw, mode):
+    data = raw if mode == "raw" else load_fusion_data(store80, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
                                                      inputs=DAFT.inputs["cached"])
     net = _net(data, daft_identity_init=False)
     batch = _batch(data)
@@ -120,9 +115,9 @@ def test_loss_reaches_the_ehr_encoder_through_the_aux_net(raw):
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.ehr.parameters())
 
 
-def test_hiding_every_xray_at_test_changes_predictions(store, raw):
+def test_hiding_every_xray_at_test_changes_predictions(store80, raw):
     method = DAFT(seed=0, features="raw", **SMALL).fit(raw, device="cpu")
-    hidden = load_fusion_data(store, "mortality", 0, features="raw", inputs=DAFT.inputs["raw"],
+    hidden = load_fusion_data(store80, "mortality", 0, features="raw", inputs=DAFT.inputs["raw"],
                               cxr_missing_rate=1.0, missing_at=("test",))
     with_film = raw.part("test").cxr_present
     a, b = method.predict_proba(raw, "test"), method.predict_proba(hidden, "test")

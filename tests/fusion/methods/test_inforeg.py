@@ -14,7 +14,7 @@ from fusion.methods.inforeg import (
 from fusion.modules import build_encoder
 from fusion.registry import HyperparameterError
 from fusion.trainer import FitContext, PartBatches, Trainer
-from support import EHR_ID, fit_interrupted_and_resumed, make_fusion_store
+from support import EHR_ID, fit_interrupted_and_resumed
 
 torch.set_num_threads(1)
 CACHED = {"ehr_emb", "cxr_emb"}
@@ -22,13 +22,8 @@ SCALES = {"ehr": 0.95, "cxr": 0.10}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_fusion_store(tmp_path_factory.mktemp("inforeg") / "store.zarr", n_stays=80)
-
-
-@pytest.fixture(scope="module")
-def data(store):
-    return load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID)
+def data(store80):
+    return load_fusion_data(store80, "mortality", 0, features="cached", ehr_encoder=EHR_ID)
 
 
 def _net(data, **kwargs):
@@ -184,10 +179,10 @@ def test_head_slices_add_up_and_absent_xrays_get_the_training_mean(data):
                                expected.detach().expand(int(absent.sum()), -1))
 
 
-def test_hiding_every_xray_at_test_changes_the_predictions_of_stays_that_have_one(store, data):
+def test_hiding_every_xray_at_test_changes_the_predictions_of_stays_that_have_one(store80, data):
     method = InfoReg(seed=0, features="cached", **{**InfoReg.test_hyperparameters, "max_epochs": 3})
     method.fit(data, device="cpu")
-    masked = load_fusion_data(store, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
+    masked = load_fusion_data(store80, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
                               cxr_missing_rate=1.0, missing_at=("test",))
     present = data.part("test").cxr_present
     before, after = method.predict_proba(data, "test"), method.predict_proba(masked, "test")

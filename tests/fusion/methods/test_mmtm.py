@@ -7,20 +7,14 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.mmtm import MMTM, MMTMUnit
 from fusion.trainer import PartBatches, Trainer
-from support import make_fusion_store
 
 torch.set_num_threads(1)
 SMALL = {**MMTM.test_hyperparameters, "max_epochs": 1}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_fusion_store(tmp_path_factory.mktemp("mmtm") / "store.zarr", n_stays=80)
-
-
-@pytest.fixture(scope="module")
-def raw(store):
-    return load_fusion_data(store, "mortality", 0, features="raw", inputs=MMTM.inputs["raw"])
+def raw(store80):
+    return load_fusion_data(store80, "mortality", 0, features="raw", inputs=MMTM.inputs["raw"])
 
 
 def _net(data, **params):
@@ -48,8 +42,8 @@ def test_unit_gates_and_identity_start():
 
 
 @pytest.mark.parametrize("mode", ["raw", "cached"])
-def test_ehr_input_changes_the_gated_map_and_the_next_stage(store, raw, mode):
-    data = raw if mode == "raw" else load_fusion_data(store, "mortality", 0, features="cached",
+def test_ehr_input_changes_the_gated_map_and_the_next_stage(store80, raw, mode):
+    data = raw if mode == "raw" else load_fusion_data(store80, "mortality", 0, features="cached",
                                                      inputs=MMTM.inputs["cached"])
     _, net = _net(data, gate="sigmoid")
     batch = _batch(data)
@@ -97,9 +91,9 @@ def test_forward_passes_per_training_batch(raw, schedule, passes):
     assert sum(calls) == passes * n_batches
 
 
-def test_hiding_every_xray_at_test_changes_predictions(store, raw):
+def test_hiding_every_xray_at_test_changes_predictions(store80, raw):
     method = MMTM(seed=0, features="raw", **{**SMALL, "max_epochs": 2}).fit(raw, device="cpu")
-    hidden = load_fusion_data(store, "mortality", 0, features="raw", inputs=MMTM.inputs["raw"],
+    hidden = load_fusion_data(store80, "mortality", 0, features="raw", inputs=MMTM.inputs["raw"],
                               cxr_missing_rate=1.0, missing_at=("test",))
     with_film = raw.part("test").cxr_present
     assert with_film.any() and not hidden.part("test").cxr_present.any()
@@ -108,7 +102,7 @@ def test_hiding_every_xray_at_test_changes_predictions(store, raw):
     np.testing.assert_allclose(a[~with_film], b[~with_film], rtol=1e-6)
 
 
-def test_cached_run_records_the_map_embedding(store, tmp_path):
+def test_cached_run_records_the_map_embedding(store80, tmp_path):
     import json
 
     from click.testing import CliRunner
@@ -116,7 +110,7 @@ def test_cached_run_records_the_map_embedding(store, tmp_path):
     from cli.fuse_cmd import fuse
     from support import CXR_MAP_ID
 
-    args = [str(store.path), "--method", "mmtm", "--features", "cached", "--out", str(tmp_path),
+    args = [str(store80.path), "--method", "mmtm", "--features", "cached", "--out", str(tmp_path),
             "--n-boot", "10", "--no-progress", "--set", "max_epochs=1", "--set", "hidden=8",
             "--set", "cached_tail=conv"]
     result = CliRunner().invoke(fuse, args, catch_exceptions=False)

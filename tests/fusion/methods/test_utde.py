@@ -7,20 +7,14 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.utde import UTDE
 from fusion.trainer import PartBatches
-from support import make_fusion_store
 
 torch.set_num_threads(1)
 SMALL = {**UTDE.test_hyperparameters, "max_epochs": 2}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_fusion_store(tmp_path_factory.mktemp("utde") / "store.zarr", n_stays=80)
-
-
-@pytest.fixture(scope="module")
-def raw(store):
-    return load_fusion_data(store, "mortality", 0, features="raw", inputs=UTDE.inputs["raw"])
+def raw(store80):
+    return load_fusion_data(store80, "mortality", 0, features="raw", inputs=UTDE.inputs["raw"])
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +77,9 @@ def test_absent_film_ignores_any_placeholder_image(net, batch):
     torch.testing.assert_close(stream[absent], net.film.absent.expand_as(stream[absent]))
 
 
-def test_hiding_every_xray_at_test_changes_predictions(store, raw):
+def test_hiding_every_xray_at_test_changes_predictions(store80, raw):
     method = UTDE(seed=0, features="raw", **SMALL).fit(raw, device="cpu")
-    hidden = load_fusion_data(store, "mortality", 0, features="raw", inputs=UTDE.inputs["raw"],
+    hidden = load_fusion_data(store80, "mortality", 0, features="raw", inputs=UTDE.inputs["raw"],
                               cxr_missing_rate=1.0, missing_at=("test",))
     with_film = raw.part("test").cxr_present
     a, b = method.predict_proba(raw, "test"), method.predict_proba(hidden, "test")
