@@ -466,7 +466,17 @@ def fit_and_hide(name, store, mode="cached", **params):
     """
     data = tiny_data(store, mode)
     method = method_for(name, data, **params).fit(data, device="cpu")
-    hidden = tiny_data(store, mode, cxr_missing_rate=1.0, missing_at=("test",))
+    return predict_with_xrays_hidden(method, data, store, ehr_encoder=EHR_ID)
+
+
+def predict_with_xrays_hidden(method, data, store, **load_options):
+    """Test predictions of a fitted mortality ``method`` on ``data`` and on the same stays with
+    every X-ray hidden at test (loaded from ``store`` with ``load_options``).
+
+    Returns ``(prob, prob_hidden, present)`` where ``present`` marks the test stays with an X-ray.
+    """
+    hidden = load_fusion_data(store, "mortality", 0, features=data.features, cxr_missing_rate=1.0,
+                              missing_at=("test",), **load_options)
     return (method.predict_proba(data, "test"), method.predict_proba(hidden, "test"),
             data.part("test").cxr_present)
 

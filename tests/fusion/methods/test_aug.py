@@ -15,7 +15,7 @@ from fusion.methods.aug import (
 from fusion.modules import EmbeddingInput
 from fusion.registry import HyperparameterError
 from fusion.trainer import FitContext, PartBatches, Trainer
-from support import EHR_ID, fit_interrupted_and_resumed
+from support import EHR_ID, fit_interrupted_and_resumed, predict_with_xrays_hidden
 
 torch.set_num_threads(1)
 CACHED = {"ehr_emb", "cxr_emb"}
@@ -244,10 +244,7 @@ def test_a_grown_module_reloads_with_its_learners(data):
 def test_hiding_every_xray_at_test_changes_the_predictions_of_stays_that_have_one(store80, data):
     method = AUG(seed=0, features="cached", **{**AUG.test_hyperparameters, "max_epochs": 3})
     method.fit(data, device="cpu")
-    masked = load_fusion_data(store80, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
-                              cxr_missing_rate=1.0, missing_at=("test",))
-    present = data.part("test").cxr_present
-    before, after = method.predict_proba(data, "test"), method.predict_proba(masked, "test")
+    before, after, present = predict_with_xrays_hidden(method, data, store80, ehr_encoder=EHR_ID)
     assert np.all(before[present] != after[present])
     np.testing.assert_array_equal(before[~present], after[~present])
 

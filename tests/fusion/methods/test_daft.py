@@ -9,7 +9,7 @@ from fusion.data import load_fusion_data
 from fusion.methods.daft import DAFT, DaftBottleneck, DaftInput
 from fusion.tasks import task_loss
 from fusion.trainer import PartBatches
-from support import EHR_ID
+from support import EHR_ID, predict_with_xrays_hidden
 
 torch.set_num_threads(1)
 SMALL = {**DAFT.test_hyperparameters, "max_epochs": 2}
@@ -117,10 +117,7 @@ def test_loss_reaches_the_ehr_encoder_through_the_aux_net(raw):
 
 def test_hiding_every_xray_at_test_changes_predictions(store80, raw):
     method = DAFT(seed=0, features="raw", **SMALL).fit(raw, device="cpu")
-    hidden = load_fusion_data(store80, "mortality", 0, features="raw", inputs=DAFT.inputs["raw"],
-                              cxr_missing_rate=1.0, missing_at=("test",))
-    with_film = raw.part("test").cxr_present
-    a, b = method.predict_proba(raw, "test"), method.predict_proba(hidden, "test")
+    a, b, with_film = predict_with_xrays_hidden(method, raw, store80, inputs=DAFT.inputs["raw"])
     assert not np.allclose(a[with_film], b[with_film])
     np.testing.assert_allclose(a[~with_film], b[~with_film], rtol=1e-6)
 

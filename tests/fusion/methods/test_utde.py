@@ -7,6 +7,7 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.utde import UTDE
 from fusion.trainer import PartBatches
+from support import predict_with_xrays_hidden
 
 torch.set_num_threads(1)
 SMALL = {**UTDE.test_hyperparameters, "max_epochs": 2}
@@ -79,10 +80,7 @@ def test_absent_film_ignores_any_placeholder_image(net, batch):
 
 def test_hiding_every_xray_at_test_changes_predictions(store80, raw):
     method = UTDE(seed=0, features="raw", **SMALL).fit(raw, device="cpu")
-    hidden = load_fusion_data(store80, "mortality", 0, features="raw", inputs=UTDE.inputs["raw"],
-                              cxr_missing_rate=1.0, missing_at=("test",))
-    with_film = raw.part("test").cxr_present
-    a, b = method.predict_proba(raw, "test"), method.predict_proba(hidden, "test")
+    a, b, with_film = predict_with_xrays_hidden(method, raw, store80, inputs=UTDE.inputs["raw"])
     assert not np.allclose(a[with_film], b[with_film])
     np.testing.assert_allclose(a[~with_film], b[~with_film], rtol=1e-6)
 
