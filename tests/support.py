@@ -436,11 +436,12 @@ def with_rows(batch, rows):
 
 
 def randomise_xray(batch, rows, seed=0):
-    """A copy of ``batch`` whose X-ray inputs (image or embedding) at ``rows`` are random noise."""
+    """A copy of ``batch`` whose X-ray inputs (image, embedding or spatial map) at ``rows`` are
+    random noise."""
     generator = torch.Generator().manual_seed(seed)
     out = {k: v.clone() for k, v in batch.items()}
     index = torch.as_tensor(np.asarray(rows), dtype=torch.long)
-    for key in ("cxr", "cxr_emb"):
+    for key in ("cxr", "cxr_emb", "cxr_map"):
         if key in out:
             shape = out[key][index].shape
             out[key][index] = torch.randn(shape, generator=generator) * (
