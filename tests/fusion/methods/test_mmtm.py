@@ -45,6 +45,10 @@ def test_unit_gates_and_identity_start():
     sig = MMTMUnit(6, 4, gate="sigmoid")
     g_img, _ = sig.gates(torch.randn(3, 6), torch.randn(3, 4))
     assert (g_img > 0).all() and (g_img < 1).all()
+    with torch.no_grad():  # 2sigmoid once the excitation is non-zero: gates in (0, 2)
+        unit.excite_img.weight.normal_(0.0, 3.0)
+        g_img, _ = unit.gates(torch.randn(3, 6), torch.randn(3, 4))
+    assert (g_img > 0).all() and (g_img < 2).all() and (g_img > 1).any() and (g_img < 1).any()
 
 
 @pytest.mark.parametrize("mode", ["raw", "cached"])
@@ -75,13 +79,21 @@ def test_ehr_input_changes_the_gated_map_and_the_next_stage(request, mode):
     torch.testing.assert_close(outs[0], outs[1])
 
 
-def test_image_changes_the_ehr_stream(raw):
+def test_image_changes_the_gated_ehr_sequence_and_the_next_ehr_layer(raw):
     _, net = _net(raw, gate="sigmoid")
     batch = _batch(raw)
+    film = batch["cxr_present"]
+    seen = []
+    # the second EHR layer reads the sequence gated by the first unit
+    handle = net.ehr_layers[1].register_forward_hook(lambda m, i, o: seen.append((i[0], o[0])))
     other = {**batch, "cxr": batch["cxr"].flip(-1)}
     with torch.no_grad():
         a, b = net(batch)["logits_ehr"], net(other)["logits_ehr"]
-    assert not torch.allclose(a[:2], b[:2])
+    handle.remove()
+    (gated_a, next_a), (gated_b, next_b) = seen
+    for x, y in ((gated_a, gated_b), (next_a, next_b), (a, b)):
+        assert ((x - y)[film].abs().flatten(1).amax(dim=1) > 1e-6).all()
+        torch.testing.assert_close(x[~film], y[~film])
 
 
 def _cxr_head_gradients(net, batch):
@@ -153,13 +165,19 @@ def test_last_stage_unit_on_maps_equals_gating_the_pooled_vectors(request, mode)
 @pytest.mark.parametrize("schedule,passes", [("joint", 1), ("two_step", 2)])
 def test_forward_passes_per_training_batch(raw, schedule, passes):
     method, net = _net(raw, schedule=schedule)
-    calls = []
+    calls, backward = [], []
     net.register_forward_hook(lambda m, i, o: calls.append(m.training))
+    # every loss of either schedule reaches the last unit
+    net.units[-1].squeeze.weight.register_hook(lambda grad: backward.append(1))
     train = PartBatches(raw.part("train"), raw.inputs)
     trainer = Trainer("mortality", batch_size=16, max_epochs=1, patience=1, device="cpu")
     trainer.fit(net.train(), train, PartBatches(raw.part("val"), raw.inputs))
     n_batches = -(-len(train) // 16)
     assert sum(calls) == passes * n_batches
+    if schedule == "joint":
+        assert len(backward) == n_batches
+    else:  # the X-ray step is left out for a batch without a usable film
+        assert n_batches < len(backward) <= 2 * n_batches
 
 
 def test_hiding_every_xray_at_test_changes_predictions(store80, raw):
