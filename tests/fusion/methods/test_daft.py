@@ -137,6 +137,15 @@ def test_paper_mode_bn_has_no_affine_and_identity_mode_folds_it():
     alpha, beta = paper.affine(normalised, e)
     torch.testing.assert_close(paper.conditioned(x, e),
                                alpha[:, :, None, None] * normalised + beta[:, :, None, None])
+    # identity mode, once the aux net's last layer has left zero: alpha = gamma (1 + da),
+    # beta = beta_bn1 + db, applied to the same affine-free normalisation
+    identity = DaftBottleneck(block, 3, 7.0, "linear", True, True, identity=True).eval()
+    with torch.no_grad():
+        identity.affine.net[2].weight.normal_()
+        da, db = identity.affine.net(torch.cat([normalised.mean(dim=(2, 3)), e], 1)).chunk(2, 1)
+        gamma, beta0 = block.bn1.weight, block.bn1.bias
+        expected = (gamma * (1 + da))[:, :, None, None] * normalised + (beta0 + db)[:, :, None, None]
+        torch.testing.assert_close(identity.conditioned(x, e), expected)
 
 
 def test_loss_reaches_the_ehr_encoder_through_the_aux_net(raw):
