@@ -61,9 +61,10 @@ def test_a_batch_without_films_trains_no_xray_weight():
     assert module.ehr_steps[0].cross.query.weight.grad.abs().sum() > 0
 
 
-def test_no_nan_for_an_all_missing_batch_under_autocast():
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_no_nan_for_an_all_missing_batch_also_under_autocast(dtype):
     module = _module().eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = module(toy_batch("raw", [False, False]))
     assert torch.isfinite(out["logits"].float()).all()
 
