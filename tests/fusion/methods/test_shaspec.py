@@ -89,6 +89,42 @@ def test_batch_without_films_has_no_alignment_and_no_xray_gradient(features):
     assert not _nonzero(grads)
 
 
+def test_domain_loss_of_a_batch_without_films_is_the_ehr_term_alone():
+    module = _module("cached").eval()
+    batch = toy_batch("cached", [False, False, False])
+    out = module(batch)
+    s_e = module.specific_ehr(batch).pooled
+    expected = torch.nn.functional.cross_entropy(module.domain(s_e), torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(out["loss_domain"], expected)
+
+
+def _fused_and_shared(module, batch):
+    """The head's input split into ``(f_E, f_C)`` and the shared trunk's outputs ``(r_E, r_C)``."""
+    trunk, head = [], []
+    hooks = [module.trunk.register_forward_hook(lambda m, i, o: trunk.append(o)),
+             module.head.register_forward_pre_hook(lambda m, i: head.append(i[0]))]
+    with torch.no_grad():
+        module(batch)
+    for hook in hooks:
+        hook.remove()
+    (r_e, r_c), (fused,) = trunk, head
+    return fused.chunk(2, dim=1), (r_e, r_c)
+
+
+@pytest.mark.parametrize("features", ["cached", "raw"])
+def test_zero_fusion_weights_make_the_fused_features_the_shared_ones(features):
+    module = _module(features).eval()
+    batch = toy_batch(features, [True, False, True])
+    film = batch["cxr_present"]
+    (f_e, f_c), (r_e, r_c) = _fused_and_shared(module, batch)
+    assert not torch.allclose(f_e, r_e), "control: the residual adds g([r; s])"
+    torch.nn.init.zeros_(module.fuse.weight)
+    (f_e, f_c), (r_e, r_c) = _fused_and_shared(module, batch)
+    torch.testing.assert_close(f_e, r_e, rtol=0, atol=0)
+    torch.testing.assert_close(f_c[film], r_c, rtol=0, atol=0)
+    torch.testing.assert_close(f_c[~film], r_e[~film], rtol=0, atol=0)
+
+
 def test_film_dropout_one_is_the_no_film_path():
     module = _module("cached", film_dropout=1.0, dropout=0.0)  # no dropout noise to compare
 
