@@ -357,6 +357,24 @@ def toy_module(cls, features: str, seed: int = 0, **params):
     return method.build_module({**TOY_SPEC, "features": features})
 
 
+def train_on_batch(module, batch, *, steps: int, lr: float, batch_size: int = 32, seed: int = 0):
+    """Train a toy module in place for ``steps`` Adam steps on random mini-batches of the rows of
+    ``batch`` (mortality loss plus the module's ``aux_loss``, if any); return it in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    n = batch["y"].shape[0]
+    module.train()
+    for _ in range(steps):
+        rows = torch.randint(0, n, (batch_size,), generator=generator)
+        mini = {k: v[rows] for k, v in batch.items()}
+        out = module(mini)
+        loss = task_loss(out["logits"], mini["y"], "mortality") + out.get("aux_loss", 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return module.eval()
+
+
 # --------------------------------------------------------------------------------------------------
 # Shared helpers of the missing-modality method tests: tiny data, a built module, batches.
 #
@@ -436,11 +454,12 @@ def with_rows(batch, rows):
 
 
 def randomise_xray(batch, rows, seed=0):
-    """A copy of ``batch`` whose X-ray inputs (image or embedding) at ``rows`` are random noise."""
+    """A copy of ``batch`` whose X-ray inputs (image, embedding or spatial map) at ``rows`` are
+    random noise."""
     generator = torch.Generator().manual_seed(seed)
     out = {k: v.clone() for k, v in batch.items()}
     index = torch.as_tensor(np.asarray(rows), dtype=torch.long)
-    for key in ("cxr", "cxr_emb"):
+    for key in ("cxr", "cxr_emb", "cxr_map"):
         if key in out:
             shape = out[key][index].shape
             out[key][index] = torch.randn(shape, generator=generator) * (

@@ -9,7 +9,7 @@ from fusion.data import load_fusion_data
 from fusion.methods.daft import DAFT, DaftBottleneck, DaftInput
 from fusion.tasks import task_loss
 from fusion.trainer import PartBatches
-from support import EHR_ID, predict_with_xrays_hidden
+from support import EHR_ID, predict_with_xrays_hidden, randomise_xray
 
 torch.set_num_threads(1)
 SMALL = {**DAFT.test_hyperparameters, "max_epochs": 2}
@@ -18,6 +18,12 @@ SMALL = {**DAFT.test_hyperparameters, "max_epochs": 2}
 @pytest.fixture(scope="module")
 def raw(store80):
     return load_fusion_data(store80, "mortality", 0, features="raw", inputs=DAFT.inputs["raw"])
+
+
+@pytest.fixture(scope="module")
+def cached(store80):
+    return load_fusion_data(store80, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
+                            inputs=DAFT.inputs["cached"])
 
 
 def _net(data, **params):
@@ -34,9 +40,8 @@ def _batch(data):
 
 
 @pytest.mark.parametrize("mode", ["raw", "cached"])
-def test_ehr_input_changes_the_conditioned_maps_and_logits(store80, raw, mode):
-    data = raw if mode == "raw" else load_fusion_data(store80, "mortality", 0, features="cached", ehr_encoder=EHR_ID,
-                                                     inputs=DAFT.inputs["cached"])
+def test_ehr_input_changes_the_conditioned_maps_and_logits(request, mode):
+    data = request.getfixturevalue(mode)
     net = _net(data, daft_identity_init=False)
     batch = _batch(data)
     key = "ehr" if mode == "raw" else "ehr_emb"
@@ -47,8 +52,43 @@ def test_ehr_input_changes_the_conditioned_maps_and_logits(store80, raw, mode):
         e_a, e_b = getattr(e_a, "pooled", e_a), getattr(e_b, "pooled", e_b)
         assert not torch.allclose(net.daft.conditioned(x, e_a), net.daft.conditioned(x, e_b))
         assert not torch.allclose(net(batch)["logits"], net(other)["logits"])
-        # the image statistics enter the aux net too
-        assert not torch.allclose(net.daft.conditioned(x, e_a), net.daft.conditioned(x.flip(0), e_a).flip(0))
+
+
+def _alpha_beta(net, batch):
+    """The aux net's ``(alpha, beta)`` in a forward pass of ``net`` on ``batch``."""
+    seen = []
+    hook = net.daft.affine.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        net(batch)
+    hook.remove()
+    (out,) = seen
+    return out
+
+
+@pytest.mark.parametrize("mode", ["raw", "cached"])
+def test_a_different_image_gives_a_different_scale_and_shift_for_the_same_ehr(request, mode):
+    data = request.getfixturevalue(mode)
+    # a wider aux net: at factor 7 the cached one has a single ReLU unit, off for some stays
+    net = _net(data, daft_identity_init=False, daft_bottleneck_factor=1.0)
+    batch = _batch(data)
+    film = batch["cxr_present"]
+    alpha, beta = _alpha_beta(net, batch)
+    other_alpha, other_beta = _alpha_beta(net, randomise_xray(batch, np.flatnonzero(film.numpy())))
+    for a, b in ((alpha, other_alpha), (beta, other_beta)):
+        assert ((a[film] - b[film]).abs().amax(dim=1) > 1e-6).all()
+        torch.testing.assert_close(a[~film], b[~film])
+
+
+def test_bottleneck_block_image_statistics_enter_the_aux_net():
+    daft = DaftBottleneck(_bottleneck(), 6, 7.0, "linear", True, True, identity=False).eval()
+    seen = []
+    daft.affine.register_forward_hook(lambda m, i, o: seen.append(o))
+    e = torch.randn(3, 6)
+    with torch.no_grad():
+        daft(torch.randn(3, 16, 5, 5), e)
+        daft(torch.randn(3, 16, 5, 5), e)
+    (alpha, beta), (other_alpha, other_beta) = seen
+    assert not torch.allclose(alpha, other_alpha) and not torch.allclose(beta, other_beta)
 
 
 def _bottleneck():
@@ -95,6 +135,15 @@ def test_paper_mode_bn_has_no_affine_and_identity_mode_folds_it():
     alpha, beta = paper.affine(normalised, e)
     torch.testing.assert_close(paper.conditioned(x, e),
                                alpha[:, :, None, None] * normalised + beta[:, :, None, None])
+    # identity mode, once the aux net's last layer has left zero: alpha = gamma (1 + da),
+    # beta = beta_bn1 + db, applied to the same affine-free normalisation
+    identity = DaftBottleneck(block, 3, 7.0, "linear", True, True, identity=True).eval()
+    with torch.no_grad():
+        identity.affine.net[2].weight.normal_()
+        da, db = identity.affine.net(torch.cat([normalised.mean(dim=(2, 3)), e], 1)).chunk(2, 1)
+        gamma, beta0 = block.bn1.weight, block.bn1.bias
+        expected = (gamma * (1 + da))[:, :, None, None] * normalised + (beta0 + db)[:, :, None, None]
+        torch.testing.assert_close(identity.conditioned(x, e), expected)
 
 
 def test_loss_reaches_the_ehr_encoder_through_the_aux_net(raw):

@@ -8,7 +8,7 @@ import torch
 
 from fusion.methods.healnet import HEALNet, fourier_positions, image_patches
 from fusion.registry import HyperparameterError
-from support import fit_and_hide, toy_batch, toy_module
+from support import fit_and_hide, toy_batch, toy_module, train_on_batch
 
 torch.set_num_threads(1)
 
@@ -61,9 +61,10 @@ def test_a_batch_without_films_trains_no_xray_weight():
     assert module.ehr_steps[0].cross.query.weight.grad.abs().sum() > 0
 
 
-def test_no_nan_for_an_all_missing_batch_under_autocast():
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_no_nan_for_an_all_missing_batch_also_under_autocast(dtype):
     module = _module().eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = module(toy_batch("raw", [False, False]))
     assert torch.isfinite(out["logits"].float()).all()
 
@@ -116,6 +117,31 @@ def test_tokens_and_positions():
                                                           math.cos(math.pi), math.cos(2 * math.pi),
                                                           1.0]))
     assert row_two[9] == -1.0
+
+
+def _image_labelled(n, seed):
+    """A cached batch, 3 in 4 stays with a film, whose label is the sign of the film's map mean
+    (random for the stays without one)."""
+    batch = toy_batch("cached", [i % 4 != 3 for i in range(n)], seed=seed)
+    image = batch["cxr_map"].nan_to_num(0.0).mean(dim=(1, 2, 3)) > 0
+    batch["y"] = torch.where(batch["cxr_present"], image.float(), batch["y"][:, 0])[:, None]
+    return batch
+
+
+def test_training_uses_the_image_when_the_label_depends_on_it():
+    from sklearn.metrics import roc_auc_score
+
+    train, test = _image_labelled(256, seed=1), _image_labelled(256, seed=2)
+    film = test["cxr_present"]
+    scores = {}
+    for skip in (False, True):
+        if skip:  # the same model with the X-ray step always skipped
+            train, test = (dict(b, cxr_present=torch.zeros_like(b["cxr_present"])) for b in (train, test))
+        module = train_on_batch(_module("cached"), train, steps=100, lr=5e-3)
+        with torch.no_grad():
+            logits = module(test)["logits"][:, 0]
+        scores[skip] = roc_auc_score(test["y"][film, 0].numpy(), logits[film].numpy())
+    assert scores[False] > 0.85 and scores[False] > scores[True] + 0.2, scores
 
 
 def test_hiding_every_xray_at_test_changes_predictions_of_stays_with_one(store):

@@ -6,7 +6,7 @@ import torch
 
 from fusion.methods.shaspec import ShaSpec
 from fusion.registry import HyperparameterError
-from support import fit_and_hide, toy_batch, toy_module
+from support import fit_and_hide, toy_batch, toy_module, train_on_batch
 
 torch.set_num_threads(1)
 
@@ -87,6 +87,68 @@ def test_batch_without_films_has_no_alignment_and_no_xray_gradient(features):
     loss = out["logits"].sum() + out["aux_loss"]
     grads = _grads(module, loss, ("shared_cxr", "specific_cxr"))
     assert not _nonzero(grads)
+
+
+def test_domain_loss_of_a_batch_without_films_is_the_ehr_term_alone():
+    module = _module("cached").eval()
+    batch = toy_batch("cached", [False, False, False])
+    out = module(batch)
+    s_e = module.specific_ehr(batch).pooled
+    expected = torch.nn.functional.cross_entropy(module.domain(s_e), torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(out["loss_domain"], expected)
+
+
+def _fused_and_shared(module, batch):
+    """The head's input split into ``(f_E, f_C)`` and the shared trunk's outputs ``(r_E, r_C)``."""
+    trunk, head = [], []
+    hooks = [module.trunk.register_forward_hook(lambda m, i, o: trunk.append(o)),
+             module.head.register_forward_pre_hook(lambda m, i: head.append(i[0]))]
+    with torch.no_grad():
+        module(batch)
+    for hook in hooks:
+        hook.remove()
+    (r_e, r_c), (fused,) = trunk, head
+    return fused.chunk(2, dim=1), (r_e, r_c)
+
+
+@pytest.mark.parametrize("features", ["cached", "raw"])
+def test_zero_fusion_weights_make_the_fused_features_the_shared_ones(features):
+    module = _module(features).eval()
+    batch = toy_batch(features, [True, False, True])
+    film = batch["cxr_present"]
+    (f_e, f_c), (r_e, r_c) = _fused_and_shared(module, batch)
+    assert not torch.allclose(f_e, r_e), "control: the residual adds g([r; s])"
+    torch.nn.init.zeros_(module.fuse.weight)
+    (f_e, f_c), (r_e, r_c) = _fused_and_shared(module, batch)
+    torch.testing.assert_close(f_e, r_e, rtol=0, atol=0)
+    torch.testing.assert_close(f_c[film], r_c, rtol=0, atol=0)
+    torch.testing.assert_close(f_c[~film], r_e[~film], rtol=0, atol=0)
+
+
+def _domain_accuracy_and_alignment(module, batch):
+    """Share of specific features the domain classifier assigns to their modality, and
+    ``mean |r_E - r_C|``, in one forward pass (every stay has a film)."""
+    predicted = []
+    hook = module.domain.register_forward_hook(lambda m, i, o: predicted.append(o.argmax(dim=1)))
+    with torch.no_grad():
+        out = module(batch)
+    hook.remove()
+    ehr, cxr = predicted  # the classifier reads s_E, then s_C
+    return torch.cat([ehr == 0, cxr == 1]).float().mean().item(), out["loss_align"].item()
+
+
+def test_training_separates_the_specific_features_and_aligns_the_shared_ones():
+    def offset(seed):  # modality-specific offsets in the inputs
+        batch = toy_batch("cached", [True] * 128, seed=seed)
+        return dict(batch, ehr_emb=batch["ehr_emb"] + 2.0, cxr_map=batch["cxr_map"] - 2.0)
+    train, test = offset(1), offset(2)
+    untrained = _domain_accuracy_and_alignment(_module("cached").eval(), test)
+    trained = _domain_accuracy_and_alignment(
+        train_on_batch(_module("cached"), train, steps=50, lr=1e-2), test)
+    unaligned = _domain_accuracy_and_alignment(
+        train_on_batch(_module("cached", alpha=0.0), train, steps=50, lr=1e-2), test)
+    assert untrained[0] < 0.9 and trained[0] > 0.95, (untrained, trained)
+    assert trained[1] < 0.5 * unaligned[1], (trained, unaligned)
 
 
 def test_film_dropout_one_is_the_no_film_path():

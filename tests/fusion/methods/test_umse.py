@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fusion.data import load_fusion_data
+from fusion.methods import umse
 from fusion.methods.umse import UMSE, observed_triplets
 from fusion.registry import HyperparameterError
 from support import make_fusion_store, toy_map, toy_module
@@ -117,6 +118,66 @@ def test_the_time_of_an_observation_matters():
     a, b = module(moved)["logits"], module(later)["logits"]
     assert (a[0] - b[0]).abs().max() > 1e-6
     torch.testing.assert_close(a[1], out[1])
+
+
+def _read_triplets_changed(monkeypatch, permute: bool, extra: int):
+    """Make the module read its triplets with the columns permuted (one permutation for all rows)
+    and/or ``extra`` padding columns of arbitrary content appended."""
+    original = umse.observed_triplets
+    generator = torch.Generator().manual_seed(5)
+
+    def triplets(values, mask, max_cells=0):
+        cells = original(values, mask, max_cells)
+        columns = {k: v for k, v in cells.items() if k != "dropped"}
+        b, length = cells["valid"].shape
+        if permute:
+            index = torch.randperm(length, generator=generator)
+            columns = {k: v[:, index] for k, v in columns.items()}
+        pad = {"time": -8 * torch.rand(b, extra, generator=generator),
+               "feature": torch.randint(0, 4, (b, extra), generator=generator),
+               "value": 1e3 * torch.randn(b, extra, generator=generator),
+               "valid": torch.zeros(b, extra, dtype=torch.bool)}
+        columns = {k: torch.cat([v, pad[k].to(v.dtype)], dim=1) for k, v in columns.items()}
+        return {**columns, "dropped": cells["dropped"]}
+    monkeypatch.setattr(umse, "observed_triplets", triplets)
+
+
+@pytest.mark.parametrize("permute,extra", [(True, 0), (False, 5), (True, 5)])
+def test_the_ehr_cells_are_a_set(monkeypatch, permute, extra):
+    module = _module().eval()
+    batch = _batch("raw", [True, False, True, False])
+    with torch.no_grad():
+        out = module(batch)["logits"]
+        _read_triplets_changed(monkeypatch, permute, extra)
+        again = module(batch)
+    assert again["n_cells"].tolist() == batch["ehr_mask"].sum(dim=(1, 2)).int().tolist()
+    torch.testing.assert_close(again["logits"], out)
+
+
+def test_ehr_and_xray_times_share_one_embedding_module():
+    module = _module().eval()
+    batch = _batch("raw", [True, False])
+    batch["ehr_mask"][0, 5, 2] = 1.0   # hour 5 of 8: time 5 - 8 = -3
+    batch["cxr_hours"][0] = 3.0        # the film 3 hours before the prediction time: -3
+    times = observed_triplets(batch["ehr"], batch["ehr_mask"])["time"]
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append((m, i[0] if i else None, o)))
+             for m in module.modules() if m is not module]
+    with torch.no_grad():
+        module(batch)
+    for hook in hooks:
+        hook.remove()
+
+    def embedder(expected):
+        (found,) = [(m, o) for m, x, o in calls
+                    if isinstance(x, torch.Tensor) and x.shape == expected.shape
+                    and torch.equal(x, expected)]
+        return found
+    ehr_module, ehr_out = embedder(times)
+    cxr_module, cxr_out = embedder(-batch["cxr_hours"][:1])
+    assert ehr_module is cxr_module
+    k = int(torch.nonzero(times[0] == -3.0)[0])
+    torch.testing.assert_close(cxr_out[0], ehr_out[0, k])
 
 
 def test_mixed_batch_equals_single_stay_runs_and_no_films_give_finite_output():

@@ -1,5 +1,7 @@
 """UTDE: time attention over the observed hours, the gate, the film's time, absent films."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from fusion.data import load_fusion_data
 from fusion.methods.utde import UTDE
 from fusion.trainer import PartBatches
-from support import predict_with_xrays_hidden
+from support import predict_with_xrays_hidden, randomise_xray
 
 torch.set_num_threads(1)
 SMALL = {**UTDE.test_hyperparameters, "max_epochs": 2}
@@ -39,11 +41,25 @@ def test_moving_observed_hours_changes_the_time_attention(net, batch):
     with torch.no_grad():
         e_int, e_imp = net.ehr_streams(batch)
         moved = {**batch, "ehr": batch["ehr"].roll(2, dims=1), "ehr_mask": batch["ehr_mask"].roll(2, dims=1)}
-        assert not torch.allclose(net.ehr_streams(moved)[0], e_int)
-        # values where nothing was observed do not enter the time attention
-        noise = torch.randn_like(batch["ehr"]) * (1 - batch["ehr_mask"])
-        same = net.ehr_streams({**batch, "ehr": batch["ehr"] + noise})[0]
-        torch.testing.assert_close(same, e_int)
+        moved_int, moved_imp = net.ehr_streams(moved)
+    assert not torch.allclose(moved_int, e_int)
+    assert not torch.allclose(moved_int, e_int.roll(2, dims=1)), "re-interpolated at fixed query times"
+    # the imputation branch reads each hour on its own: it only moves with the hours
+    torch.testing.assert_close(moved_imp, e_imp.roll(2, dims=1))
+
+
+def test_values_where_nothing_was_observed_do_not_enter_the_time_attention(net, batch):
+    mask = batch["ehr_mask"].clone()
+    mask[0, :, 1] = 0  # channel 1 of stay 0 is never observed
+    masked = {**batch, "ehr_mask": mask}
+    noise = torch.randn(batch["ehr"].shape, generator=torch.Generator().manual_seed(3)) * 100
+    changed = {**masked, "ehr": batch["ehr"] + noise * (1 - mask)}
+    with torch.no_grad():
+        e_int = net.ehr_streams(masked)[0]
+        torch.testing.assert_close(net.ehr_streams(changed)[0], e_int)
+        # control: the same noise on observed cells does change it
+        observed = {**masked, "ehr": batch["ehr"] + noise * mask}
+        assert not torch.allclose(net.ehr_streams(observed)[0], e_int)
 
 
 def test_gate_extremes_give_each_branch(net, batch):
@@ -60,11 +76,51 @@ def test_hours_are_used_and_the_films_time_matters(net, batch):
         logits = net(batch)["logits"]
         flipped = {**batch, "ehr": batch["ehr"].flip(1), "ehr_mask": batch["ehr_mask"].flip(1)}
         assert not torch.allclose(net(flipped)["logits"], logits)
+        # the last two hours truncated: unobserved, the earlier values carried forward
+        mask, values = batch["ehr_mask"].clone(), batch["ehr"].clone()
+        mask[:, -2:] = 0
+        values[:, -2:] = values[:, -3:-2]
+        truncated = {**batch, "ehr": values, "ehr_mask": mask}
+        assert not torch.allclose(net(truncated)["logits"], logits)
         stream, _ = net.film_stream(batch)
         later = {**batch, "cxr_hours": batch["cxr_hours"] - 3.0}
         moved, _ = net.film_stream(later)
         assert not torch.allclose(moved[:2], stream[:2]), "moving the film's time changes its stream"
         torch.testing.assert_close(moved[~batch["cxr_present"]], stream[~batch["cxr_present"]])
+
+
+def _final_states(net, batch):
+    """The final (layer-normalised) last-step states of the EHR and X-ray streams, ``[B, d]`` each."""
+    seen = {}
+    hooks = [norm.register_forward_hook(lambda m, i, o, key=key: seen.__setitem__(key, o[:, -1]))
+             for key, norm in (("ehr", net.final_ehr), ("cxr", net.final_cxr))]
+    try:
+        with torch.no_grad():
+            net(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen["ehr"], seen["cxr"]
+
+
+def test_cross_attention_carries_each_stream_into_the_other(net, batch):
+    film = batch["cxr_present"]
+    ehr, cxr = _final_states(net, batch)
+    other_film = randomise_xray(batch, np.flatnonzero(film.numpy()))
+    ehr_b, cxr_b = _final_states(net, other_film)
+    assert ((ehr_b - ehr)[film].abs().amax(dim=1) > 1e-5).all(), "the film reaches the EHR stream"
+    torch.testing.assert_close(ehr_b[~film], ehr[~film])
+    observed = batch["ehr_mask"] > 0
+    other_ehr = {**batch, "ehr": torch.where(observed, batch["ehr"] + 1.0, batch["ehr"])}
+    _, cxr_c = _final_states(net, other_ehr)
+    # every stay, also one without a film (its stream is the absent vector before the layers)
+    assert ((cxr_c - cxr).abs().amax(dim=1) > 1e-5).all(), "the EHR reaches the X-ray stream"
+    # control: with the EHR stream's cross-attention output cut, the film cannot reach it
+    cut = copy.deepcopy(net)
+    for layer in cut.layers:
+        torch.nn.init.zeros_(layer.cross_ehr.out_proj.weight)
+        torch.nn.init.zeros_(layer.cross_ehr.out_proj.bias)
+    torch.testing.assert_close(_final_states(cut, other_film)[0], _final_states(cut, batch)[0])
 
 
 def test_absent_film_ignores_any_placeholder_image(net, batch):
