@@ -161,26 +161,29 @@ class Extractor:
         """Execute SQL file ``sql_name`` and return its (last) result as a DataFrame."""
         return self.execute(sql_name, load_sql(sql_name), reads=reads, fetch="frame")
 
-    def fetch_arrays(self, sql_name: str, *, reads: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    def fetch_arrays(self, sql_name: str, *, reads: tuple[str, ...] = (),
+                     params: dict | None = None) -> dict[str, np.ndarray]:
         """Execute SQL file ``sql_name`` and return its (last) result as NumPy arrays by column.
 
         Cheaper than :meth:`fetch` for large numeric results. NULLs come back as masked
-        arrays (``numpy.ma``).
+        arrays (``numpy.ma``). ``params`` gives the values of the file's named parameters
+        (``$name``); the file must then hold a single statement.
         """
-        return self.execute(sql_name, load_sql(sql_name), reads=reads, fetch="arrays")
+        return self.execute(sql_name, load_sql(sql_name), reads=reads, fetch="arrays", params=params)
 
-    def execute(self, step: str, sql: str, *, reads: tuple[str, ...] = (), fetch: str | None = None):
+    def execute(self, step: str, sql: str, *, reads: tuple[str, ...] = (), fetch: str | None = None,
+                params: dict | None = None):
         """Execute ``sql`` as step ``step`` (its name in timings and error messages).
 
         ``fetch`` is ``None`` (no result), ``"frame"`` (a DataFrame) or ``"arrays"`` (a dict of
-        NumPy arrays).
+        NumPy arrays); ``params`` the values of named parameters (``$name``) of a single statement.
         """
-        return self._execute(step, sql, reads, fetch)
+        return self._execute(step, sql, reads, fetch, params)
 
-    def _execute(self, sql_name: str, sql: str, reads: tuple[str, ...], fetch: str | None):
+    def _execute(self, sql_name: str, sql: str, reads: tuple[str, ...], fetch: str | None, params: dict | None):
         start = time.perf_counter()
         try:
-            result = self.con.execute(sql)
+            result = self.con.execute(sql) if params is None else self.con.execute(sql, params)
             if fetch == "frame":
                 frame = result.df()
             elif fetch == "arrays":
