@@ -43,6 +43,7 @@ from cbstore.build.cxr import NO_ELIGIBLE_FILM, iter_image_batches, read_cxr_met
 from cbstore.build.ehr import Variables, hourly_values, load_ehr_tables, load_variables, stays_with_ehr, write_events
 from cbstore.build.extract import Extractor
 from cbstore.build.labels import compute_labels
+from cbstore.build.memory import release_free_memory
 from cbstore.build.phenotypes import PhenotypeDefinitionError, Phenotypes, load_phenotypes
 from cbstore.build.resume import BuildState, source_files, state_folder
 from cbstore.build.sources import MimicCxrSource, MimicIVSource, locate_mimic_cxr, locate_mimic_iv
@@ -137,6 +138,7 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
             table = stays_table(stays, config.min_age)
             selection = select_films(read_cxr_metadata(cx.root), table[["subject_id", "intime", "prediction_time"]],
                                      views=config.views, lookback_hours=config.cxr_lookback_hours)
+            release_free_memory()  # what the MIMIC-CXR metadata table held
             splits = assign_folds(table["subject_id"].to_numpy(), labels["mortality"], n_folds=config.n_folds,
                                   val_fraction=config.val_fraction, seed=config.seed)
             writer = PartitionedStoreWriter(state.partial_store, len(table), config.window_hours,
@@ -195,6 +197,7 @@ def _run_partitions(plan: list[tuple[int, int]], state: BuildState, say, process
         start, stop = plan[p]
         record = process(start, stop)
         state.save_partition(p, {"partition": p, "start": start, "stop": stop, **record})
+        release_free_memory()  # what the partition freed, so that it does not add up over the partitions
         elapsed = time.perf_counter() - t0
         say("partition %d/%d (stays %d-%d) done; %d left, about %.0f s", p + 1, len(plan), start, stop - 1,
             len(todo) - done, elapsed / done * (len(todo) - done))
