@@ -57,8 +57,10 @@ log = logging.getLogger(__name__)
 
 #: Stays per EHR chunk and per image shard of the written store.
 CHUNK_STAYS = 256
-#: Cohort stays per partition when ``partitions`` is not set (before cohort step 5).
-PARTITION_STAYS = 2000
+#: Cohort stays per partition when ``partitions`` is not set (before cohort step 5): 6 chunks. The
+#: default count is the one that makes partitions closest to this size, so that each partition
+#: of a large source holds the same stays (and the same working set) whatever the source's size.
+PARTITION_STAYS = 6 * CHUNK_STAYS
 
 
 def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, config: BuildConfig | None = None,
@@ -175,8 +177,8 @@ def partition_rows(n_stays: int, chunk_stays: int, partitions: int) -> list[tupl
 
 
 def _partition_count(config: BuildConfig, n_candidates: int) -> int:
-    """Partitions asked for (default one per PARTITION_STAYS candidates), at most one per chunk of candidates."""
-    wanted = config.partitions or -(-n_candidates // PARTITION_STAYS)
+    """Partitions asked for (default: closest to PARTITION_STAYS candidates each), at most one per chunk of candidates."""
+    wanted = config.partitions or round(n_candidates / PARTITION_STAYS)
     return max(1, min(wanted, -(-n_candidates // CHUNK_STAYS)))
 
 
