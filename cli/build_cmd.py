@@ -28,8 +28,8 @@ from cli.errors import reports_errors
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str),
               help="Folder for DuckDB's spill files (default: the system temporary folder).")
 @click.option("--partitions", type=int,
-              help="Process the stays in this many partitions (runs of whole 256-stay chunks) [one per 2,000 "
-                   "cohort stays].")
+              help="Process the stays in this many partitions (runs of whole 256-stay chunks) [the count "
+                   "closest to 1,536 cohort stays per partition].")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing store at --out once the new one is complete; start over instead of "
                    "resuming an interrupted build.")

@@ -4,31 +4,50 @@ The commands live in small modules beside this one and hold no logic of their ow
 into ``cbstore``, ``encoders`` or ``fusion``. Each is decorated with
 :func:`cli.errors.reports_errors`: an error deriving from :class:`cbstore.errors.CbstoreError` (the
 root of every error the packages raise on purpose) is printed as one line, with exit status 1.
+
+A command's module is imported only when that command runs (or ``cbstore --help`` lists it):
+``cbstore build`` then never loads what ``evaluate`` or ``bench`` need (SciPy, the fusion methods),
+which took about a second of its start and of its exit.
 """
+
+import importlib
 
 import click
 
-from cli.bench_cmd import bench
-from cli.build_cmd import build
-from cli.encode_cmd import encode
-from cli.evaluate_cmd import evaluate
-from cli.fuse_cmd import fuse
-from cli.report_cmd import report
-from cli.store_cmds import info, validate
-from cli.synth_cmd import synth
+#: Each subcommand: name -> (module, attribute of its click command).
+COMMANDS = {
+    "synth": ("cli.synth_cmd", "synth"),
+    "build": ("cli.build_cmd", "build"),
+    "info": ("cli.store_cmds", "info"),
+    "validate": ("cli.store_cmds", "validate"),
+    "encode": ("cli.encode_cmd", "encode"),
+    "fuse": ("cli.fuse_cmd", "fuse"),
+    "evaluate": ("cli.evaluate_cmd", "evaluate"),
+    "report": ("cli.report_cmd", "report"),
+    "bench": ("cli.bench_cmd", "bench"),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A click group whose subcommands (:data:`COMMANDS`) are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[cmd_name]
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cbstore")
 def cbstore():
     """Build an EHR + chest X-ray feature store from MIMIC and benchmark fusion methods on it.
 
     Stages: synth (optional) -> build -> encode -> fuse -> evaluate/report.
     """
-
-
-for _command in (synth, build, info, validate, encode, fuse, evaluate, report, bench):
-    cbstore.add_command(_command)
 
 
 def main():

@@ -90,8 +90,8 @@ class BuildConfig(BaseModel):
         uses the system temporary folder. The resume state lives beside the output instead.
     partitions : int or None
         Number of partitions the stays are processed in (each a run of whole 256-stay chunks, so
-        at most one per chunk); ``None`` chooses one per :data:`cbstore.build.pipeline.PARTITION_STAYS`
-        cohort stays.
+        at most one per chunk); ``None`` chooses the count closest to
+        :data:`cbstore.build.pipeline.PARTITION_STAYS` cohort stays per partition.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

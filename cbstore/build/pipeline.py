@@ -43,6 +43,7 @@ from cbstore.build.cxr import NO_ELIGIBLE_FILM, iter_image_batches, read_cxr_met
 from cbstore.build.ehr import Variables, hourly_values, load_ehr_tables, load_variables, stays_with_ehr, write_events
 from cbstore.build.extract import Extractor
 from cbstore.build.labels import compute_labels
+from cbstore.build.memory import release_free_memory
 from cbstore.build.phenotypes import PhenotypeDefinitionError, Phenotypes, load_phenotypes
 from cbstore.build.resume import BuildState, source_files, state_folder
 from cbstore.build.sources import MimicCxrSource, MimicIVSource, locate_mimic_cxr, locate_mimic_iv
@@ -56,8 +57,10 @@ log = logging.getLogger(__name__)
 
 #: Stays per EHR chunk and per image shard of the written store.
 CHUNK_STAYS = 256
-#: Cohort stays per partition when ``partitions`` is not set (before cohort step 5).
-PARTITION_STAYS = 2000
+#: Cohort stays per partition when ``partitions`` is not set (before cohort step 5): 6 chunks. The
+#: default count is the one that makes partitions closest to this size, so that each partition
+#: of a large source holds the same stays (and the same working set) whatever the source's size.
+PARTITION_STAYS = 6 * CHUNK_STAYS
 
 
 def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, config: BuildConfig | None = None,
@@ -137,6 +140,7 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
             table = stays_table(stays, config.min_age)
             selection = select_films(read_cxr_metadata(cx.root), table[["subject_id", "intime", "prediction_time"]],
                                      views=config.views, lookback_hours=config.cxr_lookback_hours)
+            release_free_memory()  # what the MIMIC-CXR metadata table held
             splits = assign_folds(table["subject_id"].to_numpy(), labels["mortality"], n_folds=config.n_folds,
                                   val_fraction=config.val_fraction, seed=config.seed)
             writer = PartitionedStoreWriter(state.partial_store, len(table), config.window_hours,
@@ -173,8 +177,8 @@ def partition_rows(n_stays: int, chunk_stays: int, partitions: int) -> list[tupl
 
 
 def _partition_count(config: BuildConfig, n_candidates: int) -> int:
-    """Partitions asked for (default one per PARTITION_STAYS candidates), at most one per chunk of candidates."""
-    wanted = config.partitions or -(-n_candidates // PARTITION_STAYS)
+    """Partitions asked for (default: closest to PARTITION_STAYS candidates each), at most one per chunk of candidates."""
+    wanted = config.partitions or round(n_candidates / PARTITION_STAYS)
     return max(1, min(wanted, -(-n_candidates // CHUNK_STAYS)))
 
 
@@ -195,6 +199,7 @@ def _run_partitions(plan: list[tuple[int, int]], state: BuildState, say, process
         start, stop = plan[p]
         record = process(start, stop)
         state.save_partition(p, {"partition": p, "start": start, "stop": stop, **record})
+        release_free_memory()  # what the partition freed, so that it does not add up over the partitions
         elapsed = time.perf_counter() - t0
         say("partition %d/%d (stays %d-%d) done; %d left, about %.0f s", p + 1, len(plan), start, stop - 1,
             len(todo) - done, elapsed / done * (len(todo) - done))

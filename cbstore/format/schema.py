@@ -6,6 +6,7 @@ reader and the validator (:mod:`cbstore.store.validate`) all take names, dtypes 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -176,12 +177,22 @@ def schema_problems(schema: dict) -> list[str]:
     list of str
         One message per problem (``schema.<path>: <what is wrong>``); empty when the schema is valid.
     """
-    errors = Draft202012Validator(STRICT_METASCHEMA).iter_errors(schema)
+    return list(_schema_problems(canonical_json(schema)))
+
+
+@functools.lru_cache(maxsize=32)
+def _schema_problems(text: str) -> tuple[str, ...]:
+    """:func:`schema_problems` of the schema whose canonical JSON is ``text``.
+
+    Memoised: the check against the strict metaschema takes about 0.1 s, and the same packaged
+    schemas are checked at every store written or validated.
+    """
+    errors = Draft202012Validator(STRICT_METASCHEMA).iter_errors(json.loads(text))
     problems = [(tuple(e.absolute_path), e.message) for e in errors]
     # An unknown keyword deep down also fails every schema above it; report only the deepest.
     deepest = [(path, msg) for path, msg in problems
                if not any(other[: len(path)] == path and len(other) > len(path) for other, _ in problems)]
-    return [f"schema{_json_path(path)}: {msg}" for path, msg in deepest]
+    return tuple(f"schema{_json_path(path)}: {msg}" for path, msg in deepest)
 
 
 def load_schema(name: str) -> dict:
@@ -215,14 +226,43 @@ def load_schema(name: str) -> dict:
     return schema
 
 
-#: JSON Schema of ``attrs["cbstore"]`` on the root group (``schemas/root_attrs.schema.json``).
-ROOT_ATTRS_SCHEMA: dict = load_schema("root_attrs")
+#: The JSON Schemas shipped with cbstore, by the module attribute that holds each: the root group's
+#: ``attrs["cbstore"]``, the attributes of one embedding group, and ``cbstore_manifest.json``. Each is
+#: read and checked (:func:`load_schema`) on first use, not when the module is imported.
+PACKAGED_SCHEMAS = {
+    "ROOT_ATTRS_SCHEMA": "root_attrs",
+    "EMBEDDING_ATTRS_SCHEMA": "embedding_attrs",
+    "MANIFEST_SCHEMA": "manifest",
+}
 
-#: JSON Schema of the attributes of one embedding group (``schemas/embedding_attrs.schema.json``).
-EMBEDDING_ATTRS_SCHEMA: dict = load_schema("embedding_attrs")
 
-#: JSON Schema of ``cbstore_manifest.json`` (``schemas/manifest.schema.json``).
-MANIFEST_SCHEMA: dict = load_schema("manifest")
+@functools.cache
+def packaged_schema(name: str) -> dict:
+    """The JSON Schema ``cbstore/format/schemas/<name>.schema.json``, read and checked once.
+
+    Parameters
+    ----------
+    name : str
+        ``root_attrs``, ``embedding_attrs`` or ``manifest``.
+
+    Returns
+    -------
+    dict
+        The schema (shared: do not modify it).
+
+    Raises
+    ------
+    SchemaDefinitionError
+        As :func:`load_schema`.
+    """
+    return load_schema(name)
+
+
+def __getattr__(name: str) -> dict:
+    """``ROOT_ATTRS_SCHEMA``, ``EMBEDDING_ATTRS_SCHEMA`` and ``MANIFEST_SCHEMA`` (:data:`PACKAGED_SCHEMAS`)."""
+    if name in PACKAGED_SCHEMAS:
+        return packaged_schema(PACKAGED_SCHEMAS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_schema(instance: object, schema: dict, where: str = "attrs") -> list[str]:

@@ -18,20 +18,18 @@ import zarr
 from cbstore.format.content import PART_CODES, STAT_NAMES, TRAIN
 from cbstore.format.schema import (
     ARRAYS,
-    EMBEDDING_ATTRS_SCHEMA,
     EMBEDDINGS_GROUP,
     FORMAT_VERSION,
     GROUPS,
     LOS_CLASS_EDGES,
     MANIFEST_NAME,
-    MANIFEST_SCHEMA,
     MAP_SPEC,
     MODALITIES,
     ROOT_ATTRS_KEY,
-    ROOT_ATTRS_SCHEMA,
     check_schema,
     config_sha256,
     major,
+    packaged_schema,
 )
 from cbstore.format.stats import training_stats
 from cbstore.store.zarr_io import quiet_zarr_warnings
@@ -123,7 +121,7 @@ class _Validator:
         except ValueError as exc:
             self.problem(f"{MANIFEST_NAME} is not valid JSON ({exc})")
             return
-        self.problems += check_schema(manifest, MANIFEST_SCHEMA, MANIFEST_NAME)
+        self.problems += check_schema(manifest, packaged_schema("manifest"), MANIFEST_NAME)
         for key, meta in (manifest.get("arrays") or {}).items():
             try:
                 arr = self.root[key]
@@ -140,7 +138,7 @@ class _Validator:
             self.problem(f"root attrs have no {ROOT_ATTRS_KEY!r} object")
             return
         self.attrs = attrs
-        self.problems += check_schema(attrs, ROOT_ATTRS_SCHEMA, f"attrs.{ROOT_ATTRS_KEY}")
+        self.problems += check_schema(attrs, packaged_schema("root_attrs"), f"attrs.{ROOT_ATTRS_KEY}")
         version = attrs.get("format_version")
         try:
             if major(version) != major(FORMAT_VERSION):
@@ -423,7 +421,7 @@ class _Validator:
 
     def _check_embedding(self, where: str, modality: str, enc: str, grp: zarr.Group, stay: np.ndarray | None) -> None:
         attrs = dict(grp.attrs)
-        problems = check_schema(attrs, EMBEDDING_ATTRS_SCHEMA, f"{where} attrs")
+        problems = check_schema(attrs, packaged_schema("embedding_attrs"), f"{where} attrs")
         self.problems += problems
         if attrs.get("modality") != modality or attrs.get("encoder_id") != enc:
             self.problem(f"{where}: attrs name {attrs.get('modality')}/{attrs.get('encoder_id')}, not {modality}/{enc}")

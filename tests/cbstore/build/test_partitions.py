@@ -141,6 +141,19 @@ def test_changed_source_file_starts_over_and_says_why(source, tmp_path, small_ch
     assert_same_build(reference, path)
 
 
+@pytest.mark.parametrize("n_candidates, expected", [(1, 1), (1000, 1), (2303, 1), (2304, 2), (3080, 2), (24362, 16)])
+def test_the_default_count_makes_partitions_closest_to_1536_stays(n_candidates, expected):
+    assert build_module._partition_count(BuildConfig(), n_candidates) == expected
+    assert build_module._partition_count(BuildConfig(partitions=3), n_candidates) == min(3, -(-n_candidates // 256))
+
+
+@pytest.mark.parametrize("n_stays", [5000, 12219, 24362, 73181])
+def test_default_partitions_of_a_large_source_hold_about_the_same_stays(n_stays):
+    plan = partition_rows(n_stays, 256, build_module._partition_count(BuildConfig(), n_stays))
+    sizes = [stop - start for start, stop in plan]
+    assert all(1024 <= size <= 1792 for size in sizes[:-1]) and max(sizes) <= 1792
+
+
 def test_partitions_setting_is_validated():
     with pytest.raises(ConfigError, match="'partitions' = 0"):
         BuildConfig(partitions=0)

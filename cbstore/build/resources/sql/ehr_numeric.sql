@@ -10,10 +10,13 @@
 --   largest (charttime, value) pair, max is order-free. This replaces ordered aggregates
 --   (avg(value ORDER BY charttime, value)), which give the same numbers but sort every group
 --   at a much higher cost. Rows come out unordered (they are placed by index).
+--   Parameters $first and $last: the stay_idx range aggregated (a slice of the partition, so that
+--   the working set does not depend on the partition's size).
 --   Needs the view ehr_numeric_valid and what it needs.
 WITH in_range AS (
     SELECT DISTINCT stay_idx, hour, charttime, itemid, num, var_idx, value, agg
     FROM ehr_numeric_valid
+    WHERE stay_idx BETWEEN $first AND $last
 ),
 grouped AS (
     SELECT stay_idx, hour, var_idx, agg,

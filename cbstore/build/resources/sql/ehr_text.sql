@@ -7,6 +7,7 @@
 --   variable's agg (last: the latest event, ties broken by the text; max: any event).
 --   As in ehr_numeric.sql, the hour's events are sorted as (charttime, text, value) structs
 --   instead of ordered aggregates, so results do not depend on threads; rows come out unordered.
+--   Parameters $first and $last: the stay_idx range aggregated (as in ehr_numeric.sql).
 --   Needs ehr_items, ehr_vars, ehr_text_groups(group_id, itemid),
 --   ehr_text_vars(group_id, var_idx) and ehr_text_prefixes(group_id, var_idx, prefix).
 WITH events AS (
@@ -14,6 +15,7 @@ WITH events AS (
     FROM ehr_events AS e
     JOIN ehr_text_groups AS g ON g.itemid = e.itemid
     WHERE e.text IS NOT NULL
+      AND e.stay_idx BETWEEN $first AND $last
 ),
 categorised AS (
     SELECT
