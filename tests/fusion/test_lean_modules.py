@@ -90,3 +90,59 @@ def test_dropout_module_is_an_nn_dropout_with_the_lean_mask():
     torch.manual_seed(3)
     assert torch.equal(drawn, dropout(x, 0.25, True))
     assert torch.equal(layer.eval()(x), x)
+
+
+def _dense_tail(drop_rate=0.0):
+    """A two-layer DenseNet tail built as encoders.cxr.map_tail builds the real one."""
+    from collections import OrderedDict
+
+    from torchxrayvision.models import _DenseBlock
+
+    torch.manual_seed(0)
+    block = _DenseBlock(num_layers=2, num_input_features=6, bn_size=2, growth_rate=4,
+                        drop_rate=drop_rate)
+    stages = nn.Sequential(OrderedDict(denseblock4=block, norm5=nn.BatchNorm2d(14)))
+    for norm in stages.modules():  # batch norms away from the identity, as trained ones are
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.weight.data.uniform_(0.5, 1.5)
+            norm.bias.data.uniform_(-0.5, 0.5)
+    tail = nn.Sequential(stages, nn.ReLU())
+    tail.out_channels = 14
+    return tail
+
+
+@pytest.mark.parametrize("cells", [(2, 2), (1, 2), (1, 1), (3, 3)])
+def test_dense_tail_gives_the_dense_blocks_outputs_gradients_and_statistics(cells):
+    import copy
+
+    from fusion.modules import DenseTail, channels_last
+
+    old = _dense_tail()
+    new = channels_last(DenseTail(copy.deepcopy(old)))
+    assert list(new.state_dict()) == list(old.state_dict()) and new.out_channels == 14
+    x = torch.randn(5, 6, *cells)
+    for mode in (True, False):
+        old.train(mode)
+        new.train(mode)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_old, out_new = old(xa), new(xb)
+        torch.testing.assert_close(out_new, out_old)
+        out_old.square().sum().backward()
+        out_new.square().sum().backward()
+        # training batch norm amplifies the rounding of the gradients (values up to about 70)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-4)
+    grads = dict(old.named_parameters())
+    for name, parameter in new.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+    for name, buffer in old.state_dict().items():  # running statistics updated alike
+        torch.testing.assert_close(new.state_dict()[name], buffer, msg=name)
+
+
+def test_dense_tail_takes_only_plain_dense_tails():
+    from fusion.modules import DenseTail
+
+    assert DenseTail.fits(_dense_tail())
+    assert not DenseTail.fits(_dense_tail(drop_rate=0.2))
+    assert not DenseTail.fits(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
+    with pytest.raises(HyperparameterError, match="DenseNet tail"):
+        DenseTail(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
