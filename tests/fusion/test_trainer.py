@@ -165,6 +165,18 @@ def test_deterministic_mode_restores_the_global_setting():
     assert torch.are_deterministic_algorithms_enabled() == before
 
 
+@pytest.mark.parametrize("fill", [True, False])
+def test_deterministic_mode_leaves_uninitialised_memory_unfilled_and_restores_the_flag(fill):
+    previous = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    try:
+        with deterministic_mode(torch.device("cpu")):
+            assert torch.utils.deterministic.fill_uninitialized_memory is False
+        assert torch.utils.deterministic.fill_uninitialized_memory is fill
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = previous
+
+
 def test_invalid_settings_are_rejected():
     with pytest.raises(ValueError, match="unknown task"):
         Trainer("survival")
