@@ -69,14 +69,13 @@ class EhrTimeAttention(nn.Module):
                 phi_k: torch.Tensor) -> torch.Tensor:
         a = self.weights(phi_q, phi_k)                      # [H, T_q, T_k]
         h, t_q, t_k = a.shape
-        # values [x * m; m] and mask [m; m] share the products with m: one matmul gives both
-        both = a.reshape(h * t_q, t_k) @ torch.cat([x * m, m], dim=-1)  # [B, H T_q, 2F]
-        num, den = both, torch.cat([both[..., x.shape[-1]:]] * 2, dim=-1)
-        att = num / den.clamp_min(1e-12)                    # 0 where a channel is never observed
-        b = att.shape[0]
-        # [B, H, T_q, 2F] -> [B, T_q, H * 2F]
-        att = att.reshape(b, h, t_q, -1).transpose(1, 2).reshape(b, t_q, -1)
-        return self.out(att)
+        b, f = x.shape[0], x.shape[-1]
+        # values [x * m; m] and mask [m; m] share the products with m: one matmul gives both;
+        # rows in (hour, head) order, so that [B, T_q, H * 2F] is a view of the result
+        both = a.transpose(0, 1).reshape(t_q * h, t_k) @ torch.cat([x * m, m], dim=-1)
+        both = both.view(b, t_q * h, 2, f)                  # [values; mask] per hour and head
+        att = both / both[:, :, 1:].clamp_min(1e-12)        # 0 where a channel is never observed
+        return self.out(att.view(b, t_q, h * 2 * f))
 
 
 class FilmTimeAttention(nn.Module):
