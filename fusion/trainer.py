@@ -58,7 +58,7 @@ While it runs, a fit sets three process-wide torch settings and restores them wh
 (:func:`fit_process_state`): the global torch random generator (forked: seeded with the fit's seed
 for initialisation and dropout, then put back as it was), the intra-op thread count
 (``num_threads``) and deterministic algorithms (plus cuDNN flags and ``CUBLAS_WORKSPACE_CONFIG`` on
-CUDA). The batch order comes from a ``torch.Generator`` owned by the fit. Python's ``random`` and
+CUDA; uninitialised memory is not filled, :func:`deterministic_mode`). The batch order comes from a ``torch.Generator`` owned by the fit. Python's ``random`` and
 NumPy's global generator are not touched. Concurrency is by processes (one fit per process), not
 threads: torch's thread count and deterministic flag are process-wide.
 
@@ -89,9 +89,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cbstore.format.tasks import TASK_SPECS
 from cbstore.inputs.dataset import PartBatches  # noqa: F401  (public here too; the read path owns it)
 from fusion import tasks
-from fusion.registry import FusionError
+from fusion.registry import FusionError, HyperparameterError
 
-__all__ = ["CheckpointError", "FitContext", "FitStage", "PartBatches", "TrainHistory", "Trainer",
+__all__ = ["CheckpointError", "FitContext", "FitStage", "PRECISIONS", "PartBatches", "TrainHistory",
+           "Trainer",
            "choose_monitor", "deterministic_mode", "fit_process_state", "monitor_score",
            "probabilities", "resolve_device", "task_loss", "torch_threads"]
 
@@ -102,6 +103,10 @@ log = logging.getLogger(__name__)
 MONITORS = {name: spec.monitor for name, spec in TASK_SPECS.items()}
 #: Version of the epoch checkpoint layout (a checkpoint of another version is refused).
 CHECKPOINT_FORMAT = 1
+#: Values of the trainer's ``precision``: float32 throughout, or bfloat16 autocast of the forward
+#: passes (training, validation, prediction) with float32 weights, gradients, optimiser state and
+#: backward.
+PRECISIONS = ("32", "bf16-mixed")
 
 
 class CheckpointError(FusionError, ValueError):
@@ -122,9 +127,15 @@ def deterministic_mode(device: torch.device):
     On CPU every op used by cbstore's modules has a deterministic implementation. On CUDA,
     cuDNN is put in deterministic mode, non-deterministic ops only warn, and
     ``CUBLAS_WORKSPACE_CONFIG`` is set when unset (and unset again afterwards).
+
+    Uninitialised memory is not filled (``torch.utils.deterministic.fill_uninitialized_memory``
+    off): that debugging aid of deterministic mode writes NaN into every ``torch.empty``, which
+    no op of cbstore reads before writing; on CPU it filled about 190 MB of workspace per LSTM
+    layer and training step (``mmtm``: about 13 % of a layer's forward and backward).
     """
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     set_cublas = device.type == "cuda" and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     if device.type == "cuda":
@@ -134,10 +145,12 @@ def deterministic_mode(device: torch.device):
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
         torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
         if set_cublas:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
@@ -371,9 +384,11 @@ class FitContext:
                                  fused=self.device.type in ("cpu", "cuda"))
 
     def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()`` followed by the module's ``on_after_backward(ctx)``."""
-        loss.backward()
-        _call(self._module, "on_after_backward", self)
+        """``loss.backward()`` followed by the module's ``on_after_backward(ctx)``, both outside
+        autocast (``precision="bf16-mixed"`` casts the forward passes only)."""
+        with torch.autocast(self.device.type, enabled=False):
+            loss.backward()
+            _call(self._module, "on_after_backward", self)
 
     def batches(self, source: Dataset):
         """Batches of ``source`` in their natural order, on the device (e.g. to build a bank)."""
@@ -456,12 +471,17 @@ class Trainer:
         Show a tqdm bar over epochs with the validation metric.
     num_threads : int, optional
         CPU threads while training and predicting (see :func:`torch_threads`).
+    precision : {"32", "bf16-mixed"}
+        ``"bf16-mixed"`` runs every forward pass (training steps, validation, prediction) under
+        ``torch.autocast`` with bfloat16 on the trainer's device; weights, gradients, the
+        optimiser and the backward pass stay float32 (:data:`PRECISIONS`). Opt-in: results
+        differ from float32 ones.
     """
 
     def __init__(self, task: str, *, lr: float = 1e-4, weight_decay: float = 0.01,
                  batch_size: int = 16, eval_batch_size: int | None = None, max_epochs: int = 50,
                  patience: int = 10, seed: int = 0, device=None, progress: bool = False,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, precision: str = "32"):
         if task not in MONITORS:
             raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(MONITORS)}")
         for name, value in (("batch_size", batch_size), ("max_epochs", max_epochs),
@@ -471,6 +491,9 @@ class Trainer:
         eval_batch_size = 4 * int(batch_size) if eval_batch_size is None else int(eval_batch_size)
         if eval_batch_size < 2:
             raise ValueError(f"eval_batch_size must be >= 2, got {eval_batch_size}")
+        if precision not in PRECISIONS:
+            raise HyperparameterError(f"precision={precision!r} is not one of "
+                                      f"{', '.join(PRECISIONS)}")
         self.task = task
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.batch_size, self.eval_batch_size = int(batch_size), eval_batch_size
@@ -479,6 +502,13 @@ class Trainer:
         self.device = resolve_device(device)
         self.progress = progress
         self.num_threads = num_threads
+        self.precision = precision
+
+    def autocast(self):
+        """The context of a forward pass: bfloat16 autocast with ``precision="bf16-mixed"``,
+        else none (float32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16-mixed")
 
     def fit(self, module: nn.Module, train: Dataset, val: Dataset, *,
             checkpoint=None) -> TrainHistory:
@@ -531,11 +561,13 @@ class Trainer:
         logits, losses, sizes = [], [], []
         for batch in _batches(source, self.eval_batch_size):
             batch = _to_device(batch, self.device)
-            out = module(batch)
+            with self.autocast():
+                out = module(batch)
+                loss = float(self.loss(module, out, batch, ctx))
             if output not in out:
                 raise ValueError(f"stage {ctx.stage.name!r} monitors output {output!r} but "
                                  f"{type(module).__name__} returns only {sorted(out)}")
-            losses.append(float(self.loss(module, out, batch, ctx)))
+            losses.append(loss)
             sizes.append(int(batch["y"].shape[0]))
             logits.append(out[output].float())
         logits = torch.cat(logits)
@@ -558,7 +590,8 @@ class Trainer:
         chunks: dict = {v: [] for v in keys.values()}
         with deterministic_mode(self.device), torch_threads(self.num_threads):
             for batch in _batches(source, self.eval_batch_size):
-                out = module(_to_device(batch, self.device))
+                with self.autocast():
+                    out = module(_to_device(batch, self.device))
                 for key, name in keys.items():
                     if key in out:
                         chunks[name].append(probabilities(out[key].float(), self.task).cpu())
@@ -568,7 +601,7 @@ class Trainer:
         """The settings an epoch checkpoint must share with the fit that resumes it."""
         return {"task": self.task, "lr": self.lr, "weight_decay": self.weight_decay,
                 "batch_size": self.batch_size, "max_epochs": self.max_epochs,
-                "patience": self.patience, "seed": self.seed}
+                "patience": self.patience, "seed": self.seed, "precision": self.precision}
 
 
 class _Fit:
@@ -691,7 +724,8 @@ class _Fit:
         total, count = 0.0, 0
         for batch in self.loader:
             batch = _to_device(batch, self.device)
-            result = step(batch, ctx) if step else self._automatic_step(batch)
+            with self.trainer.autocast():
+                result = step(batch, ctx) if step else self._automatic_step(batch)
             outputs = _step_outputs(result, owner)
             ctx.step += 1
             _call(module, "on_train_batch_end", ctx, outputs, batch)

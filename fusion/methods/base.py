@@ -23,9 +23,11 @@ __all__ = ["OWN_HEAD_HYPERPARAMETERS", "TORCH_CACHED_HYPERPARAMETERS", "TORCH_HY
 #: shared 2-core machine 1 thread trained a cached late fusion 2.3x faster than 2).
 #: ``eval_batch_size``: batch of validation and prediction (at least 2); the defaults, 64 raw and
 #: 512 cached, are 4x the training batch, the fixed ratio used before it became a setting.
+#: ``precision``: ``"32"`` (float32), or the opt-in ``"bf16-mixed"`` (bfloat16 autocast of the
+#: forward passes, float32 weights and optimiser; :data:`fusion.trainer.PRECISIONS`).
 TORCH_HYPERPARAMETERS = {"lr": 1e-4, "weight_decay": 0.01, "batch_size": 16, "eval_batch_size": 64,
                          "max_epochs": 50, "patience": 10, "dropout": 0.2, "hidden": 256,
-                         "head_layers": 0, "num_threads": 1}
+                         "head_layers": 0, "num_threads": 1, "precision": "32"}
 #: Defaults on cached features (the reference has no cached mode). Each step there is a small MLP
 #: update, so batch 16 spends its time in per-step overhead: batch 128 with the learning rate scaled
 #: by sqrt(128 / 16) (about 3e-4), and patience 5, keep a cached run on a 20,000-stay store under
@@ -80,6 +82,23 @@ class TorchMethod(FusionMethod):
         """Return a fresh ``nn.Module`` for ``spec`` (see :meth:`_spec`)."""
         raise NotImplementedError
 
+    @classmethod
+    def resolve_hyperparameters(cls, given=None, features: str | None = None) -> dict:
+        """:meth:`FusionMethod.resolve_hyperparameters`; ``precision`` must also be one of
+        :data:`fusion.trainer.PRECISIONS`.
+
+        Raises
+        ------
+        HyperparameterError
+        """
+        from fusion.trainer import PRECISIONS
+
+        resolved = super().resolve_hyperparameters(given, features)
+        if resolved.get("precision", "32") not in PRECISIONS:
+            raise HyperparameterError(f"method {cls.name!r}: precision={resolved['precision']!r} "
+                                      f"is not one of {', '.join(PRECISIONS)}")
+        return resolved
+
     # ----- helpers ------------------------------------------------------------------------------
     @property
     def cxr_only(self) -> bool:
@@ -106,7 +125,8 @@ class TorchMethod(FusionMethod):
         return Trainer(task, lr=p["lr"], weight_decay=p["weight_decay"], batch_size=p["batch_size"],
                        eval_batch_size=p["eval_batch_size"], max_epochs=p["max_epochs"],
                        patience=p["patience"], seed=self.seed, device=self.device,
-                       progress=self.progress, num_threads=p["num_threads"])
+                       progress=self.progress, num_threads=p["num_threads"],
+                       precision=p["precision"])
 
     def _check_data(self, data) -> frozenset:
         self.check_task(data.task)

@@ -234,7 +234,9 @@ class MMTM(StartsFromPretrained, TorchMethod):
     as in raw mode, at ``hidden`` 128 by default (the card's 256: ``--preset card`` or ``--set
     hidden=256``; at 256 the two LSTM layers took about 60 % of a cached training step). The
     stored map and the live tail run in the channels-last layout (the same values, about half
-    the CPU time of ``denseblock4`` on 2x2 maps).
+    the CPU time of ``denseblock4`` on 2x2 maps), and DenseNet's tail as
+    :class:`fusion.modules.DenseTail` (its convolutions as matmuls over the map's cells: the
+    same function, about 20 % less CPU time).
 
     Absent X-ray (``absent_cxr_policy="absent_token"``): no image is encoded; each unit uses a
     learned image squeeze vector, so the EHR stream is still excited, and the prediction is the

@@ -165,6 +165,18 @@ def test_deterministic_mode_restores_the_global_setting():
     assert torch.are_deterministic_algorithms_enabled() == before
 
 
+@pytest.mark.parametrize("fill", [True, False])
+def test_deterministic_mode_leaves_uninitialised_memory_unfilled_and_restores_the_flag(fill):
+    previous = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    try:
+        with deterministic_mode(torch.device("cpu")):
+            assert torch.utils.deterministic.fill_uninitialized_memory is False
+        assert torch.utils.deterministic.fill_uninitialized_memory is fill
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = previous
+
+
 def test_invalid_settings_are_rejected():
     with pytest.raises(ValueError, match="unknown task"):
         Trainer("survival")
@@ -174,3 +186,64 @@ def test_invalid_settings_are_rejected():
         Trainer("mortality", patience=0)
     with pytest.raises(ValueError, match="eval_batch_size must be >= 2"):
         Trainer("mortality", eval_batch_size=1)
+
+
+class _PrecisionProbe(Linear):
+    """Records the dtype of its output in each mode and whether the backward ran under autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        self.seen["train" if self.training else "eval"] = out["logits"].dtype
+        return out
+
+    def on_after_backward(self, ctx):
+        self.seen["backward_autocast"] = torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("precision,dtype", [("32", torch.float32), ("bf16-mixed", torch.bfloat16)])
+def test_precision_sets_the_forward_dtype_and_keeps_float32_weights(precision, dtype):
+    train, val = _sources(_toy(), _toy(seed=1))
+    torch.manual_seed(0)
+    module = _PrecisionProbe()
+    trainer = Trainer("mortality", lr=0.05, batch_size=32, max_epochs=3, patience=3,
+                      device="cpu", precision=precision)
+    history = trainer.fit(module, train, val)
+    assert module.seen == {"train": dtype, "eval": dtype, "backward_autocast": False}
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert history["best_score"] > 0.9, "the toy problem is learned in either precision"
+    prob = trainer.predict(module, val)["prob"]
+    assert prob.dtype == np.float64 and module.seen["eval"] == dtype
+    assert trainer.settings()["precision"] == precision
+
+
+def test_mixed_precision_changes_the_result_and_an_unknown_precision_is_refused():
+    from fusion.registry import HyperparameterError
+
+    train, val = _sources(_toy(), _toy(seed=1))
+    probs = []
+    for precision in ("32", "bf16-mixed"):
+        torch.manual_seed(0)
+        module = Linear()
+        trainer = Trainer("mortality", lr=0.05, batch_size=32, max_epochs=2, patience=2,
+                          device="cpu", precision=precision)
+        trainer.fit(module, train, val)
+        probs.append(trainer.predict(module, val)["prob"])
+    assert not np.array_equal(*probs)
+    np.testing.assert_allclose(*probs, atol=0.05)
+    with pytest.raises(HyperparameterError, match="precision='bf16' is not one of 32, bf16-mixed"):
+        Trainer("mortality", precision="bf16")
+
+
+def test_torch_methods_record_the_precision_and_refuse_an_unknown_one():
+    from fusion.methods.latefusion import LateFusion
+    from fusion.registry import HyperparameterError
+
+    assert LateFusion.resolve_hyperparameters(features="cached")["precision"] == "32"
+    method = LateFusion(features="cached", precision="bf16-mixed")
+    assert method._trainer("mortality").precision == "bf16-mixed"
+    with pytest.raises(HyperparameterError, match="method 'latefusion': precision='fp16' is not one"):
+        LateFusion(features="cached", precision="fp16")
