@@ -52,8 +52,8 @@ AGGS = ("mean", "last", "sum", "max")
 _FLUSH_ROWS = 1 << 19
 #: Most stays aggregated by one query of hourly_values (a partition is cut into equal slices): DuckDB's
 #: working set of the aggregation, and the result handed to NumPy, are those of at most this many
-#: stays, whatever the partition's size. Measured on a 2,048-stay partition: peak RSS of the
-#: aggregation +300 MB in one query, +90 MB in slices of 512, CPU time the same.
+#: stays, whatever the partition's size. Measured on a 2,048-stay partition (after a first one):
+#: peak RSS of the aggregation +274 MB in one query, +87 MB in slices of 512, CPU time the same.
 QUERY_STAYS = 512
 KINDS = ("continuous", "binary")
 

@@ -3,7 +3,7 @@
 An :class:`Extractor` opens an in-memory DuckDB database whose spill files go to a work folder
 (never a source folder), with ``memory_limit`` and ``threads`` set, and with the background
 threads of DuckDB's allocator (jemalloc) on: they return what a step freed to the operating
-system within about a second, where otherwise it stayed resident into the next steps (70 MB
+system within about a second, where otherwise it stayed resident into the next steps (35 MB
 after reading the 40,000 stays of a synthetic source, for instance). Each checked table becomes
 a view ``mimiciv_<module>.<table>`` over its ``.csv.gz`` (or ``.csv``) file, read with explicit
 column types (identifiers BIGINT, times TIMESTAMP, ``dod`` DATE, numbers DOUBLE, everything
