@@ -1,4 +1,4 @@
-"""Lean building blocks: the same function as the torch modules they replace, checked on tiny inputs."""
+"""Lean building blocks: the function of the torch modules they replace, on tiny inputs."""
 
 import pytest
 import torch
