@@ -58,9 +58,10 @@ While it runs, a fit sets three process-wide torch settings and restores them wh
 (:func:`fit_process_state`): the global torch random generator (forked: seeded with the fit's seed
 for initialisation and dropout, then put back as it was), the intra-op thread count
 (``num_threads``) and deterministic algorithms (plus cuDNN flags and ``CUBLAS_WORKSPACE_CONFIG`` on
-CUDA; uninitialised memory is not filled, :func:`deterministic_mode`). The batch order comes from a ``torch.Generator`` owned by the fit. Python's ``random`` and
-NumPy's global generator are not touched. Concurrency is by processes (one fit per process), not
-threads: torch's thread count and deterministic flag are process-wide.
+CUDA; uninitialised memory is not filled, :func:`deterministic_mode`). The batch order comes from
+a ``torch.Generator`` owned by the fit. Python's ``random`` and NumPy's global generator are not
+touched. Concurrency is by processes (one fit per process), not threads: torch's thread count
+and deterministic flag are process-wide.
 
 Epoch checkpoints
 -----------------
@@ -92,8 +93,7 @@ from fusion import tasks
 from fusion.registry import FusionError, HyperparameterError
 
 __all__ = ["CheckpointError", "FitContext", "FitStage", "PRECISIONS", "PartBatches", "TrainHistory",
-           "Trainer",
-           "choose_monitor", "deterministic_mode", "fit_process_state", "monitor_score",
+           "Trainer", "choose_monitor", "deterministic_mode", "fit_process_state", "monitor_score",
            "probabilities", "resolve_device", "task_loss", "torch_threads"]
 
 log = logging.getLogger(__name__)
@@ -563,11 +563,10 @@ class Trainer:
             batch = _to_device(batch, self.device)
             with self.autocast():
                 out = module(batch)
-                loss = float(self.loss(module, out, batch, ctx))
-            if output not in out:
-                raise ValueError(f"stage {ctx.stage.name!r} monitors output {output!r} but "
-                                 f"{type(module).__name__} returns only {sorted(out)}")
-            losses.append(loss)
+                if output not in out:
+                    raise ValueError(f"stage {ctx.stage.name!r} monitors output {output!r} but "
+                                     f"{type(module).__name__} returns only {sorted(out)}")
+                losses.append(float(self.loss(module, out, batch, ctx)))
             sizes.append(int(batch["y"].shape[0]))
             logits.append(out[output].float())
         logits = torch.cat(logits)

@@ -1,4 +1,4 @@
-"""Lean building blocks: the same function as the torch modules they replace, checked on tiny inputs."""
+"""Lean building blocks: the function of the torch modules they replace, on tiny inputs."""
 
 import pytest
 import torch
@@ -36,9 +36,12 @@ def test_attention_gives_multihead_attentions_outputs_and_gradients():
         torch.testing.assert_close(new(x), old(x, x, x, need_weights=False)[0])
         torch.testing.assert_close(new(x, context), old(x, context, context, need_weights=False)[0])
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    old(xa, xa, xa, need_weights=False)[0].square().sum().backward()
-    new(xb).square().sum().backward()
+    ca, cb = context.clone().requires_grad_(), context.clone().requires_grad_()
+    (old(xa, xa, xa, need_weights=False)[0].square().sum()
+     + old(xa, ca, ca, need_weights=False)[0].square().sum()).backward()
+    (new(xb).square().sum() + new(xb, cb).square().sum()).backward()
     torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(cb.grad, ca.grad)
     grads = dict(old.named_parameters())
     for name, parameter in new.named_parameters():
         torch.testing.assert_close(parameter.grad, grads[name].grad, msg=name)
