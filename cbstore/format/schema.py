@@ -238,23 +238,8 @@ PACKAGED_SCHEMAS = {
 
 @functools.cache
 def packaged_schema(name: str) -> dict:
-    """The JSON Schema ``cbstore/format/schemas/<name>.schema.json``, read and checked once.
-
-    Parameters
-    ----------
-    name : str
-        ``root_attrs``, ``embedding_attrs`` or ``manifest``.
-
-    Returns
-    -------
-    dict
-        The schema (shared: do not modify it).
-
-    Raises
-    ------
-    SchemaDefinitionError
-        As :func:`load_schema`.
-    """
+    """The result of :func:`load_schema` for ``name``, read and checked once per process (the dict is
+    shared: do not modify it)."""
     return load_schema(name)
 
 
