@@ -51,6 +51,11 @@ FUSION_METHODS: dict[str, type] = {}
 STATE_FILE = "method.json"
 
 
+#: Values of the ``precision`` of a torch fit (:class:`fusion.trainer.Trainer`): float32 throughout,
+#: or bfloat16 autocast of the forward passes with float32 weights, gradients, optimiser and backward.
+PRECISIONS = ("32", "bf16-mixed")
+
+
 class FusionError(CbstoreError):
     """Base class of the errors raised by the fusion package (a :class:`CbstoreError`)."""
 
@@ -123,7 +128,8 @@ class FusionMethod:
         Defaults that replace those of ``hyperparameters`` when the method runs on cached
         features (a subset of its names; see :meth:`resolve_hyperparameters`).
     hyperparameter_choices : dict
-        Hyperparameter name -> allowed values, for the categorical ones.
+        Hyperparameter name -> allowed values, for the categorical ones. A base class's choices
+        hold for its subclasses too (:meth:`choices`), so a subclass lists only its own.
     test_hyperparameters : dict
         Small settings that keep the contract test suite fast (used by tests only).
     paper : str
@@ -202,12 +208,21 @@ class FusionMethod:
             resolved.update(cls.cached_hyperparameters)
         for key, value in given.items():
             resolved[key] = _coerce(cls.name, key, value, cls.hyperparameters[key])
-            choices = cls.hyperparameter_choices.get(key)
+            choices = cls.choices().get(key)
             if choices is not None and resolved[key] not in choices:
                 raise HyperparameterError(
                     f"method {cls.name!r}: hyperparameter {key}={resolved[key]!r} is not one of "
                     f"{', '.join(map(str, choices))}")
         return resolved
+
+    @classmethod
+    def choices(cls) -> dict:
+        """Allowed values of the categorical hyperparameters: the ``hyperparameter_choices`` of the
+        class and of every base class (the class's own win)."""
+        merged: dict = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("hyperparameter_choices", {}))
+        return merged
 
     @classmethod
     def supports(cls, features: str) -> bool:

@@ -90,7 +90,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cbstore.format.tasks import TASK_SPECS
 from cbstore.inputs.dataset import PartBatches  # noqa: F401  (public here too; the read path owns it)
 from fusion import tasks
-from fusion.registry import FusionError, HyperparameterError
+from fusion.registry import PRECISIONS, FusionError, HyperparameterError
 
 __all__ = ["CheckpointError", "FitContext", "FitStage", "PRECISIONS", "PartBatches", "TrainHistory",
            "Trainer", "choose_monitor", "deterministic_mode", "fit_process_state", "monitor_score",
@@ -103,10 +103,6 @@ log = logging.getLogger(__name__)
 MONITORS = {name: spec.monitor for name, spec in TASK_SPECS.items()}
 #: Version of the epoch checkpoint layout (a checkpoint of another version is refused).
 CHECKPOINT_FORMAT = 1
-#: Values of the trainer's ``precision``: float32 throughout, or bfloat16 autocast of the forward
-#: passes (training, validation, prediction) with float32 weights, gradients, optimiser state and
-#: backward.
-PRECISIONS = ("32", "bf16-mixed")
 
 
 class CheckpointError(FusionError, ValueError):

@@ -12,7 +12,7 @@ import pathlib
 
 import numpy as np
 
-from fusion.registry import FusionMethod, HyperparameterError, MethodStateError
+from fusion.registry import PRECISIONS, FusionMethod, HyperparameterError, MethodStateError
 
 __all__ = ["OWN_HEAD_HYPERPARAMETERS", "TORCH_CACHED_HYPERPARAMETERS", "TORCH_HYPERPARAMETERS",
            "TORCH_TEST_HYPERPARAMETERS", "TorchMethod", "label_prior"]
@@ -24,7 +24,7 @@ __all__ = ["OWN_HEAD_HYPERPARAMETERS", "TORCH_CACHED_HYPERPARAMETERS", "TORCH_HY
 #: ``eval_batch_size``: batch of validation and prediction (at least 2); the defaults, 64 raw and
 #: 512 cached, are 4x the training batch, the fixed ratio used before it became a setting.
 #: ``precision``: ``"32"`` (float32), or the opt-in ``"bf16-mixed"`` (bfloat16 autocast of the
-#: forward passes, float32 weights and optimiser; :data:`fusion.trainer.PRECISIONS`).
+#: forward passes, float32 weights and optimiser; :data:`fusion.registry.PRECISIONS`).
 TORCH_HYPERPARAMETERS = {"lr": 1e-4, "weight_decay": 0.01, "batch_size": 16, "eval_batch_size": 64,
                          "max_epochs": 50, "patience": 10, "dropout": 0.2, "hidden": 256,
                          "head_layers": 0, "num_threads": 1, "precision": "32"}
@@ -73,6 +73,7 @@ class TorchMethod(FusionMethod):
     hyperparameters = TORCH_HYPERPARAMETERS
     cached_hyperparameters = TORCH_CACHED_HYPERPARAMETERS
     test_hyperparameters = TORCH_TEST_HYPERPARAMETERS
+    hyperparameter_choices = {"precision": PRECISIONS}
     #: Device for training and prediction (None: CUDA when available); not a hyperparameter.
     device = None
     progress = False
@@ -81,23 +82,6 @@ class TorchMethod(FusionMethod):
     def build_module(self, spec: dict):
         """Return a fresh ``nn.Module`` for ``spec`` (see :meth:`_spec`)."""
         raise NotImplementedError
-
-    @classmethod
-    def resolve_hyperparameters(cls, given=None, features: str | None = None) -> dict:
-        """:meth:`FusionMethod.resolve_hyperparameters`; ``precision`` must also be one of
-        :data:`fusion.trainer.PRECISIONS`.
-
-        Raises
-        ------
-        HyperparameterError
-        """
-        from fusion.trainer import PRECISIONS
-
-        resolved = super().resolve_hyperparameters(given, features)
-        if resolved.get("precision", "32") not in PRECISIONS:
-            raise HyperparameterError(f"method {cls.name!r}: precision={resolved['precision']!r} "
-                                      f"is not one of {', '.join(PRECISIONS)}")
-        return resolved
 
     # ----- helpers ------------------------------------------------------------------------------
     @property

@@ -119,6 +119,26 @@ def test_cached_defaults_apply_only_to_cached_features_and_given_values_win(scra
     assert cls(features="cached").get_params()["features"] == "cached"
 
 
+def test_choices_of_a_base_class_hold_for_its_subclasses(scratch_name):
+    base = _scratch_class()
+    child = register(scratch_name)(type("Child", (base,), {
+        "hyperparameters": {**base.hyperparameters, "mode": "x"},
+        "hyperparameter_choices": {"mode": ("x", "y")}}))
+    assert child.choices() == {"kind": ("a", "b"), "mode": ("x", "y")}
+    with pytest.raises(HyperparameterError, match="kind='c' is not one of a, b"):
+        child.resolve_hyperparameters({"kind": "c"})
+    with pytest.raises(HyperparameterError, match="mode='z' is not one of x, y"):
+        child.resolve_hyperparameters({"mode": "z"})
+
+
+def test_torch_methods_with_choices_of_their_own_still_check_the_precision():
+    for name in ("utde", "mmtm"):
+        cls = get_method(name)
+        assert cls.resolve_hyperparameters({"precision": "bf16-mixed"})["precision"] == "bf16-mixed"
+        with pytest.raises(HyperparameterError, match="precision='bf16' is not one of 32, bf16-mixed"):
+            cls.resolve_hyperparameters({"precision": "bf16"})
+
+
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_declarations_of_every_method(name):
     cls = get_method(name)

@@ -245,5 +245,5 @@ def test_torch_methods_record_the_precision_and_refuse_an_unknown_one():
     assert LateFusion.resolve_hyperparameters(features="cached")["precision"] == "32"
     method = LateFusion(features="cached", precision="bf16-mixed")
     assert method._trainer("mortality").precision == "bf16-mixed"
-    with pytest.raises(HyperparameterError, match="'latefusion': precision='fp16' is not one"):
+    with pytest.raises(HyperparameterError, match="'latefusion': hyperparameter precision='fp16' is not one"):
         LateFusion(features="cached", precision="fp16")
