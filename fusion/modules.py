@@ -47,6 +47,7 @@ wraps a branch module with that rule.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -1094,13 +1095,48 @@ class ImageTokens(GridTokens):
 __all__ += ["Attention", "Dropout", "dropout"]
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout``: each element zeroed with probability ``p``, the others scaled by ``1/(1-p)``.
+#: Dropout masks are drawn as 15-bit uniform integers, four from each 64-bit draw of the generator.
+_MASK_LEVELS = 1 << 15
 
-    On CPU the keep mask is ``torch.rand(...) >= p`` instead of ``F.dropout``'s ``bernoulli_``:
-    the same distribution from the same (global, seeded) generator, at about half the CPU time
-    (on ``[128, 4, 48, 48]`` attention weights: 8 ms against 12-14 ms for one thread). The masks
-    drawn differ from ``F.dropout``'s for the same seed. Other devices use ``F.dropout``.
+
+def keep_mask(shape: tuple, p: float, device=None) -> tuple[torch.Tensor, float]:
+    """A boolean keep mask of ``shape`` that drops each element independently, and its keep rate.
+
+    The draws are 15-bit uniform integers, four from each 64-bit number of the (global, seeded)
+    generator (``random_`` on int64 yields 63 random bits): an element is dropped when its draw is
+    below ``round(p * 2**15)``, so the drop rate is ``p`` rounded to a multiple of ``2**-15``
+    (0.1 -> 0.100006). On CPU that costs about a third of ``torch.rand(shape) >= p`` (one 32-bit
+    draw per element).
+
+    Parameters
+    ----------
+    shape : tuple of int
+    p : float
+        Drop probability, in ``[0, 1)``.
+    device : torch.device, optional
+
+    Returns
+    -------
+    mask : Tensor
+        bool, True where the element is kept.
+    keep_rate : float
+        The probability that an element is kept, ``1 - round(p * 2**15) / 2**15`` (> 0).
+    """
+    n = math.prod(shape)
+    cut = min(round(p * _MASK_LEVELS), _MASK_LEVELS - 1)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+    draws = words.view(torch.int16)[:n].bitwise_and_(_MASK_LEVELS - 1)  # the low 15 bits of each
+    return (draws >= cut).view(shape), 1.0 - cut / _MASK_LEVELS
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout``: each element zeroed with probability ``p``, the others scaled to keep the mean.
+
+    On CPU the mask comes from :func:`keep_mask` instead of ``F.dropout``'s ``bernoulli_`` (about a
+    fifth of its CPU time: on the ``[128, 48, 256]`` activations of a feed-forward layer 1.7 ms
+    against 7.7 ms on two threads): the drop rate is ``p`` to within ``2**-16`` and the kept values
+    are scaled by the inverse of the exact keep rate, so the mean is kept exactly. The masks drawn
+    differ from ``F.dropout``'s for the same seed. Other devices use ``F.dropout``.
 
     Parameters
     ----------
@@ -1118,8 +1154,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return nn.functional.dropout(x, p, True)
-    keep = torch.rand(x.shape, dtype=x.dtype, device=x.device).ge_(p).div_(1.0 - p)
-    return x * keep
+    mask, keep_rate = keep_mask(tuple(x.shape), p, x.device)
+    return x * mask.to(x.dtype).mul_(1.0 / keep_rate)
 
 
 class Dropout(nn.Dropout):

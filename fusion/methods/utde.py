@@ -12,7 +12,7 @@ from fusion.methods.base import (
 )
 from fusion.methods.pretrained import StartsFromPretrained
 from fusion.modules import (
-    AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, Attention, Dropout, build_encoder, run_on_present,
+    AUGMENT_HYPERPARAMETERS, CXR_WEIGHTS, Attention, Dropout, build_encoder, dropout, run_on_present,
 )
 from fusion.registry import HyperparameterError, register
 
@@ -48,13 +48,19 @@ class EhrTimeAttention(nn.Module):
     Keys are the hours' centres ``(h + 0.5) / T`` (the store keeps hourly bins, so sub-hour
     timing is lost), queries ``linspace(0, 1, T)``; values ``[x * m; m]`` (unobserved values are
     zeroed, so they cannot leak), mask ``[m; m]``. A channel never observed gives 0.
+
+    In training, dropout ``dropout`` acts on the normalised attention weights (the authors' code:
+    0.1): the weighted sums use the dropped weights, scaled by the inverse keep rate, and the
+    normalisers the whole ones. One mask per stay, head, query hour and key hour is shared by the
+    ``2F`` value channels, where the code draws one per channel: a mask of ``[B, H, T, T, 2F]``
+    would cost about ``2F`` (76) times the draws for little more noise.
     """
 
-    def __init__(self, n_features: int, d: int, embed_time: int, n_heads: int):
+    def __init__(self, n_features: int, d: int, embed_time: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
         if embed_time % n_heads:
             raise HyperparameterError(f"embed_time ({embed_time}) must be divisible by n_heads ({n_heads})")
-        self.n_heads = n_heads
+        self.n_heads, self.dropout = n_heads, float(dropout)
         self.query = nn.Linear(embed_time, embed_time)
         self.key = nn.Linear(embed_time, embed_time)
         self.out = nn.Linear(n_heads * 2 * n_features, d)
@@ -70,11 +76,18 @@ class EhrTimeAttention(nn.Module):
         a = self.weights(phi_q, phi_k)                      # [H, T_q, T_k]
         h, t_q, t_k = a.shape
         b, f = x.shape[0], x.shape[-1]
-        # values [x * m; m] and mask [m; m] share the products with m: one matmul gives both;
         # rows in (hour, head) order, so that [B, T_q, H * 2F] is a view of the result
-        both = a.transpose(0, 1).reshape(t_q * h, t_k) @ torch.cat([x * m, m], dim=-1)
+        a = a.transpose(0, 1).reshape(t_q * h, t_k)
+        values = torch.cat([x * m, m], dim=-1)              # [B, T_k, 2F]
+        if self.training and self.dropout > 0.0:
+            both = dropout(a.expand(b, -1, -1), self.dropout, True) @ values
+            norm = a @ m                                    # the normalisers, without dropout
+        else:
+            # values [x * m; m] and mask [m; m] share the products with m: one matmul gives both
+            both = a @ values
+            norm = both[..., f:]
         both = both.view(b, t_q * h, 2, f)                  # [values; mask] per hour and head
-        att = both / both[:, :, 1:].clamp_min(1e-12)        # 0 where a channel is never observed
+        att = both / norm.view(b, t_q * h, 1, f).clamp_min(1e-12)  # 0 where never observed
         return self.out(att.view(b, t_q, h * 2 * f))
 
 
@@ -166,14 +179,17 @@ class UTDENet(nn.Module):
     mixup_level : str
     dropout : float
     n_outputs : int
+    time_attention_dropout : float
+        Dropout on the normalised weights of the EHR time attention (:class:`EhrTimeAttention`).
     """
 
     def __init__(self, cxr_encoder: nn.Module, n_features: int, window: int, d: int, embed_time: int,
-                 n_heads: int, cross_layers: int, mixup_level: str, dropout: float, n_outputs: int):
+                 n_heads: int, cross_layers: int, mixup_level: str, dropout: float, n_outputs: int,
+                 time_attention_dropout: float = 0.0):
         super().__init__()
         self.cxr_encoder, self.window, self.d, self.mixup_level = cxr_encoder, window, d, mixup_level
         self.time = TimeEmbedding(embed_time)
-        self.interp = EhrTimeAttention(n_features, d, embed_time, n_heads)
+        self.interp = EhrTimeAttention(n_features, d, embed_time, n_heads, dropout=time_attention_dropout)
         self.imputed = nn.Conv1d(2 * n_features, d, kernel_size=1, bias=False)
         gate_out = d if mixup_level == "batch_seq_feature" else 1
         self.gate = nn.Sequential(Dropout(dropout), nn.Linear(2 * d, d), nn.ReLU(),
@@ -293,9 +309,15 @@ class UTDE(StartsFromPretrained, TorchMethod):
     as keys and values): the same function for less work. The interleaved layers use
     :class:`fusion.modules.Attention` (``nn.MultiheadAttention``'s math, parameters and
     initialisation without its layout copies and mask checks; attention dropout kept), and every
-    dropout draws its mask as :func:`fusion.modules.dropout` does (``torch.rand`` on CPU, about
-    half the cost of ``bernoulli_``; the attention and feed-forward dropouts on ``[B, heads, 48,
-    48]`` and ``[B, 48, 4d]`` were about a quarter of a cached step).
+    dropout draws its mask as :func:`fusion.modules.dropout` does (on CPU four 15-bit draws from
+    each 64-bit random number, about a fifth of the cost of ``bernoulli_``; the attention and
+    feed-forward dropouts on ``[B, heads, 48, 48]`` and ``[B, 48, 4d]`` were about a quarter of a
+    cached step with ``bernoulli_``, a sixth with ``torch.rand``).
+
+    The time attention's dropout on its normalised weights (the code's 0.1,
+    ``time_attention_dropout``; 0 turns it off) draws one mask per stay, head and pair of hours,
+    shared by the value channels, where the code draws one per channel as well (about 76 times
+    the draws for 38 variables); see :class:`EhrTimeAttention`.
 
     Absent X-ray (``absent_cxr_policy="absent_token"``): the film stream is a learned absent
     vector at every hour; no image is encoded.
@@ -305,8 +327,8 @@ class UTDE(StartsFromPretrained, TorchMethod):
     modalities = frozenset({"ehr", "cxr"})
     handles_missing_cxr = False
     absent_cxr_policy = "absent_token"
-    hyperparameters = {**TORCH_HYPERPARAMETERS, "hidden": 128, "dropout": 0.1, "lr": 4e-4,
-                       "weight_decay": 0.0, "n_heads": 8, "embed_time": 64, "cross_layers": 3,
+    hyperparameters = {**TORCH_HYPERPARAMETERS, "hidden": 128, "dropout": 0.1,
+                       "time_attention_dropout": 0.1, "lr": 4e-4, "weight_decay": 0.0, "n_heads": 8, "embed_time": 64, "cross_layers": 3,
                        "mixup_level": "batch_seq", "backbone": "resnet50",
                        "cxr_weights": "imagenet", **AUGMENT_HYPERPARAMETERS}
     #: Cached mode: d 64, a 32-d time embedding, 2 heads and 2 interleaved layers, for speed (see
@@ -325,8 +347,11 @@ class UTDE(StartsFromPretrained, TorchMethod):
         for key in ("n_heads", "embed_time", "cross_layers"):
             if p[key] < 1:
                 raise HyperparameterError(f"method 'utde': {key} must be >= 1, got {p[key]}")
+        if not 0.0 <= p["time_attention_dropout"] < 1.0:
+            raise HyperparameterError(f"method 'utde': time_attention_dropout must be in [0, 1), "
+                                      f"got {p['time_attention_dropout']}")
         kind = "cxr_emb" if spec["features"] == "cached" else "cxr_img"
         encoder = build_encoder("cxr", kind, spec, p, **self.encoder_options())
         return UTDENet(_FilmVector(encoder), spec["n_features"], spec["window_hours"], p["hidden"],
                        p["embed_time"], p["n_heads"], p["cross_layers"], p["mixup_level"],
-                       p["dropout"], spec["n_outputs"])
+                       p["dropout"], spec["n_outputs"], p["time_attention_dropout"])

@@ -74,7 +74,9 @@ def test_dropout_drops_at_the_rate_and_scales_the_rest():
     torch.manual_seed(0)
     out = dropout(x, 0.1, True)
     assert abs(float((out == 0).float().mean()) - 0.1) < 0.005
-    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 0.9))
+    keep_rate = 1 - round(0.1 * 2**15) / 2**15  # the drop rate is p rounded to 2**-15
+    assert abs(keep_rate - 0.9) < 2**-16
+    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / keep_rate))
     torch.manual_seed(0)
     assert torch.equal(dropout(x, 0.1, True), out)
     assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
@@ -82,6 +84,40 @@ def test_dropout_drops_at_the_rate_and_scales_the_rest():
     torch.manual_seed(0)
     dropout(leaf, 0.1, True).sum().backward()
     assert torch.equal(leaf.grad, out), "the gradient passes where the value passed, scaled alike"
+
+
+@pytest.mark.parametrize("p", [0.5, 0.1, 0.003])
+def test_keep_masks_are_independent_draws_at_the_rate(p):
+    from fusion.modules import keep_mask
+
+    torch.manual_seed(0)
+    mask, keep_rate = keep_mask((1001, 401), p)  # not a multiple of four elements
+    assert mask.shape == (1001, 401) and mask.dtype == torch.bool
+    assert 0 < keep_rate <= 1 and abs((1 - keep_rate) - p) <= 2**-16
+    rate = float(mask.float().mean())
+    assert abs(rate - keep_rate) < 4 * (keep_rate * (1 - keep_rate) / mask.numel()) ** 0.5 + 1e-6
+    if 0.01 < keep_rate < 0.99:
+        # the four draws taken from one 64-bit number are independent: each position of the
+        # four keeps at the rate, and neighbours agree as often as independent draws do
+        flat = mask.flatten()[: mask.numel() // 4 * 4].view(-1, 4).float()
+        for k in range(4):
+            assert abs(float(flat[:, k].mean()) - keep_rate) < 0.01
+        both = float((flat[:, 0] * flat[:, 1]).mean())
+        assert abs(both - keep_rate**2) < 0.01
+
+
+def test_keep_masks_keep_something_for_p_near_one():
+    from fusion.modules import keep_mask
+
+    mask, keep_rate = keep_mask((8,), 0.9999999)
+    assert keep_rate == 2**-15, "the highest drop rate is 1 - 2**-15, so the scale stays finite"
+
+
+def test_dropout_keeps_the_mean():
+    x = torch.full((400_000,), 3.0)
+    for p in (0.1, 0.3):
+        torch.manual_seed(1)
+        assert abs(float(dropout(x, p, True).mean()) - 3.0) < 0.02
 
 
 def test_dropout_module_is_an_nn_dropout_with_the_lean_mask():

@@ -62,6 +62,48 @@ def test_values_where_nothing_was_observed_do_not_enter_the_time_attention(net, 
         assert not torch.allclose(net.ehr_streams(observed)[0], e_int)
 
 
+def test_time_attention_dropout_acts_on_the_normalised_weights_in_training_only(net, batch):
+    from fusion.methods.utde import EhrTimeAttention
+
+    attention = copy.deepcopy(net.interp)
+    assert isinstance(attention, EhrTimeAttention) and attention.dropout == 0.1  # the code's value
+    queries, keys = net.times(batch["ehr"].device)
+    args = (batch["ehr"], batch["ehr_mask"], net.time(queries), net.time(keys))
+    with torch.no_grad():
+        expected = attention.eval()(*args)
+        attention.train()
+        attention.dropout = 0.0
+        torch.testing.assert_close(attention(*args), expected, msg="p = 0: the evaluation output")
+        attention.dropout = 0.3
+        torch.manual_seed(0)
+        first = attention(*args)
+        assert not torch.allclose(first, expected)
+        torch.manual_seed(0)
+        torch.testing.assert_close(attention(*args), first, msg="the same seed draws the same masks")
+        # dropped weights, scaled, with whole normalisers: the mean over draws is the evaluation output
+        draws = torch.stack([attention(*args) for _ in range(300)]).mean(0)
+    spread = (first - expected).abs().mean()
+    assert (draws - expected).abs().mean() < 0.2 * spread
+    # a channel never observed still contributes nothing, with or without dropout
+    mask = batch["ehr_mask"].clone()
+    mask[0, :, 1] = 0
+    noise = torch.randn(batch["ehr"].shape, generator=torch.Generator().manual_seed(3)) * 100
+    with torch.no_grad():
+        torch.manual_seed(1)
+        clean = attention(batch["ehr"], mask, *args[2:])
+        torch.manual_seed(1)
+        noisy = attention(batch["ehr"] + noise * (1 - mask), mask, *args[2:])
+    torch.testing.assert_close(noisy, clean)
+
+
+def test_time_attention_dropout_is_checked():
+    from fusion.registry import HyperparameterError
+
+    method = UTDE(seed=0, features="raw", **{**SMALL, "time_attention_dropout": 1.0})
+    with pytest.raises(HyperparameterError, match="time_attention_dropout must be in"):
+        method.build_module({"features": "raw", "n_features": 3, "window_hours": 4, "n_outputs": 1})
+
+
 def test_gate_extremes_give_each_branch(net, batch):
     with torch.no_grad():
         e_int, e_imp = net.ehr_streams(batch)
