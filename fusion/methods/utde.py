@@ -328,8 +328,8 @@ class UTDE(StartsFromPretrained, TorchMethod):
     handles_missing_cxr = False
     absent_cxr_policy = "absent_token"
     hyperparameters = {**TORCH_HYPERPARAMETERS, "hidden": 128, "dropout": 0.1,
-                       "time_attention_dropout": 0.1, "lr": 4e-4, "weight_decay": 0.0, "n_heads": 8, "embed_time": 64, "cross_layers": 3,
-                       "mixup_level": "batch_seq", "backbone": "resnet50",
+                       "time_attention_dropout": 0.1, "lr": 4e-4, "weight_decay": 0.0, "n_heads": 8,
+                       "embed_time": 64, "cross_layers": 3, "mixup_level": "batch_seq", "backbone": "resnet50",
                        "cxr_weights": "imagenet", **AUGMENT_HYPERPARAMETERS}
     #: Cached mode: d 64, a 32-d time embedding, 2 heads and 2 interleaved layers, for speed (see
     #: the class docstring); the card's sizes are the raw defaults (``--preset card``).
