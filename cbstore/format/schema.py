@@ -195,13 +195,16 @@ def _schema_problems(text: str) -> tuple[str, ...]:
     return tuple(f"schema{_json_path(path)}: {msg}" for path, msg in deepest)
 
 
-def load_schema(name: str) -> dict:
+def load_schema(name: str, *, check: bool = True) -> dict:
     """Read a JSON Schema shipped with cbstore (``cbstore/format/schemas/<name>.schema.json``).
 
     Parameters
     ----------
     name : str
         ``root_attrs``, ``embedding_attrs`` or ``manifest``.
+    check : bool
+        Check the schema against the strict draft 2020-12 metaschema (:func:`schema_problems`,
+        about 0.1 s).
 
     Returns
     -------
@@ -211,7 +214,7 @@ def load_schema(name: str) -> dict:
     Raises
     ------
     SchemaDefinitionError
-        If the file is missing, not JSON, or not a valid draft 2020-12 schema.
+        If the file is missing or not JSON, or (with ``check``) not a valid draft 2020-12 schema.
     """
     filename = f"{name}.schema.json"
     try:
@@ -220,7 +223,7 @@ def load_schema(name: str) -> dict:
     except (OSError, ValueError) as exc:
         raise SchemaDefinitionError(f"cannot read the JSON Schema cbstore/format/{SCHEMA_FOLDER}/{filename}: "
                                     f"{exc}") from None
-    problems = schema_problems(schema)
+    problems = schema_problems(schema) if check else []
     if problems:
         raise SchemaDefinitionError(f"{filename} is not a valid JSON Schema: " + "; ".join(problems))
     return schema
@@ -228,7 +231,8 @@ def load_schema(name: str) -> dict:
 
 #: The JSON Schemas shipped with cbstore, by the module attribute that holds each: the root group's
 #: ``attrs["cbstore"]``, the attributes of one embedding group, and ``cbstore_manifest.json``. Each is
-#: read and checked (:func:`load_schema`) on first use, not when the module is imported.
+#: read on first use, not when the module is imported. They are part of the package, so the test suite
+#: checks them against the metaschema (tests/cbstore/format/test_schema_files.py), not every run.
 PACKAGED_SCHEMAS = {
     "ROOT_ATTRS_SCHEMA": "root_attrs",
     "EMBEDDING_ATTRS_SCHEMA": "embedding_attrs",
@@ -238,9 +242,34 @@ PACKAGED_SCHEMAS = {
 
 @functools.cache
 def packaged_schema(name: str) -> dict:
-    """The result of :func:`load_schema` for ``name``, read and checked once per process (the dict is
-    shared: do not modify it)."""
-    return load_schema(name)
+    """The schema ``name`` shipped with cbstore, read once per process (the dict is shared: do not
+    modify it). Not checked against the metaschema (see :data:`PACKAGED_SCHEMAS`)."""
+    return load_schema(name, check=False)
+
+
+@functools.cache
+def _packaged_validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator(packaged_schema(name), format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def check_packaged(instance: object, name: str, where: str = "attrs") -> list[str]:
+    """:func:`check_schema` of ``instance`` against the shipped schema ``name`` (:func:`packaged_schema`).
+
+    Parameters
+    ----------
+    instance : object
+        Value decoded from JSON.
+    name : str
+        ``root_attrs``, ``embedding_attrs`` or ``manifest``.
+    where : str
+        Name of the value, used as prefix in the messages.
+
+    Returns
+    -------
+    list of str
+        One message per violation, as :func:`check_schema` words them; empty when the value is valid.
+    """
+    return _violations(_packaged_validator(name), instance, where)
 
 
 def __getattr__(name: str) -> dict:
@@ -276,7 +305,11 @@ def check_schema(instance: object, schema: dict, where: str = "attrs") -> list[s
     problems = schema_problems(schema)
     if problems:
         raise SchemaDefinitionError("invalid JSON Schema: " + "; ".join(problems))
-    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return _violations(Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER), instance,
+                       where)
+
+
+def _violations(validator: Draft202012Validator, instance: object, where: str) -> list[str]:
     return [f"{where}{_json_path(e.absolute_path)}: {_message(e)}" for e in validator.iter_errors(instance)]
 
 

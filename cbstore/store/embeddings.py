@@ -24,8 +24,7 @@ from cbstore.format.schema import (
     MODALITIES,
     MAP_SPEC,
     ArraySpec,
-    check_schema,
-    packaged_schema,
+    check_packaged,
 )
 from cbstore.store.zarr_io import MAX_1D_CHUNK, consolidate, create_array, jsonable, now, package_version
 
@@ -83,7 +82,7 @@ def create_embedding(
     full["map_shape"] = None if map_shape is None else [int(v) for v in map_shape]
     full.setdefault("weights_sha256", None)
     full["library_versions"] = {**_library_versions(), **full.get("library_versions", {})}
-    problems = check_schema(full, packaged_schema("embedding_attrs"), f"embedding {modality}/{encoder_id} attrs")
+    problems = check_packaged(full, "embedding_attrs", f"embedding {modality}/{encoder_id} attrs")
     if problems:
         raise EmbeddingError("\n".join(problems))
 

@@ -26,10 +26,9 @@ from cbstore.format.schema import (
     MAP_SPEC,
     MODALITIES,
     ROOT_ATTRS_KEY,
-    check_schema,
+    check_packaged,
     config_sha256,
     major,
-    packaged_schema,
 )
 from cbstore.format.stats import training_stats
 from cbstore.store.zarr_io import quiet_zarr_warnings
@@ -121,7 +120,7 @@ class _Validator:
         except ValueError as exc:
             self.problem(f"{MANIFEST_NAME} is not valid JSON ({exc})")
             return
-        self.problems += check_schema(manifest, packaged_schema("manifest"), MANIFEST_NAME)
+        self.problems += check_packaged(manifest, "manifest", MANIFEST_NAME)
         for key, meta in (manifest.get("arrays") or {}).items():
             try:
                 arr = self.root[key]
@@ -138,7 +137,7 @@ class _Validator:
             self.problem(f"root attrs have no {ROOT_ATTRS_KEY!r} object")
             return
         self.attrs = attrs
-        self.problems += check_schema(attrs, packaged_schema("root_attrs"), f"attrs.{ROOT_ATTRS_KEY}")
+        self.problems += check_packaged(attrs, "root_attrs", f"attrs.{ROOT_ATTRS_KEY}")
         version = attrs.get("format_version")
         try:
             if major(version) != major(FORMAT_VERSION):
@@ -421,7 +420,7 @@ class _Validator:
 
     def _check_embedding(self, where: str, modality: str, enc: str, grp: zarr.Group, stay: np.ndarray | None) -> None:
         attrs = dict(grp.attrs)
-        problems = check_schema(attrs, packaged_schema("embedding_attrs"), f"{where} attrs")
+        problems = check_packaged(attrs, "embedding_attrs", f"{where} attrs")
         self.problems += problems
         if attrs.get("modality") != modality or attrs.get("encoder_id") != enc:
             self.problem(f"{where}: attrs name {attrs.get('modality')}/{attrs.get('encoder_id')}, not {modality}/{enc}")

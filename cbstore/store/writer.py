@@ -34,9 +34,8 @@ from cbstore.format.schema import (
     LOS_CLASS_NAMES,
     MANIFEST_NAME,
     ROOT_ATTRS_KEY,
-    check_schema,
+    check_packaged,
     config_sha256,
-    packaged_schema,
 )
 from cbstore.store.image_shards import ShardWriter
 from cbstore.store.zarr_io import MAX_1D_CHUNK, array_options, consolidate, jsonable, now, package_version, run_async
@@ -289,7 +288,7 @@ def _root_attrs(content: StoreContent, arrays: dict, image_size: int, chunks: di
         chunks={k: list(v) for k, v in chunks.items()},
         shards={k: list(v) for k, v in shards.items()},
     )
-    problems = check_schema(attrs, packaged_schema("root_attrs"), "content.attrs")
+    problems = check_packaged(attrs, "root_attrs", "content.attrs")
     if problems:
         raise StoreContentError("store attributes do not match the schema:\n  " + "\n  ".join(problems))
     return attrs

@@ -17,7 +17,7 @@ from jsonschema import Draft202012Validator
 
 from cbstore.errors import SchemaDefinitionError
 from cbstore.format import schema
-from cbstore.format.schema import check_schema, load_schema, schema_problems
+from cbstore.format.schema import check_packaged, check_schema, load_schema, schema_problems
 from cbstore.store.reader import open_store
 from cbstore.store.writer import write_store
 from cbstore.testing import random_content
@@ -91,6 +91,17 @@ def test_shipped_schema_is_draft_2020_12_with_an_id(name):
     Draft202012Validator.check_schema(doc)
     assert schema_problems(doc) == []
     assert load_schema(name) == doc
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_shipped_schema_is_read_unchecked_at_run_time_and_checks_like_check_schema(name, monkeypatch):
+    doc = json.loads((SCHEMAS / f"{name}.schema.json").read_text(encoding="utf-8"))
+    assert schema.packaged_schema(name) == doc
+    bad = {"format_version": 7, "n_stays": -1}
+    assert check_packaged(bad, name, "attrs") == check_schema(bad, doc, "attrs") != []
+    # at run time the metaschema is not consulted: the test above is what checks the files
+    monkeypatch.setattr(schema, "schema_problems", lambda s: pytest.fail("metaschema check at run time"))
+    assert load_schema(name, check=False) == doc
 
 
 def test_schemas_agree_with_the_constants():
