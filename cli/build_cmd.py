@@ -8,7 +8,6 @@ import click
 
 from cbstore.build.config import load_config
 from cbstore.build.pipeline import build_store, format_cohort_flow
-from cbstore.store.reader import open_store
 from cli.errors import reports_errors
 
 
@@ -48,6 +47,9 @@ def build(mimic_iv, mimic_cxr, out, config_file, window_hours, image_size, worke
                          threads=threads, memory_limit=memory_limit, work_dir=work_dir,
                          partitions=partitions)
     path = build_store(mimic_iv, mimic_cxr, out, config, overwrite=overwrite, progress=not quiet)
+    # imported here: zarr, which the reader needs, is loaded by the build alongside its extraction
+    from cbstore.store.reader import open_store
+
     store = open_store(path)
     attrs = store.attrs
     click.echo(format_cohort_flow(attrs["cohort_flow"]))

@@ -203,6 +203,8 @@ FILMS = [
     ("d-lat", 10000001, 50000002, "LATERAL", 21500102, 201500.5, True),  # lateral -> not eligible
     ("d-after", 10000001, 50000003, "AP", 21500103, 80000.5, True),    # 08:00:00.5, after the prediction time
     ("d-missing", 10000004, 50000004, "AP", 21500101, 90000.0, False),  # file missing
+    # eligible for 30000006, which cohort step 5 drops (no EHR in its window): in no store row
+    ("d-dropped", 10000006, 50000006, "AP", 21500102, 120000.0, True),
 ]
 
 

@@ -23,6 +23,7 @@ Order of work (each step in its own module; store_layout.md, "How the build boun
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -51,10 +53,15 @@ from cbstore.build.splits import assign_folds
 from cbstore.build.stats import fold_statistics
 from cbstore.errors import SourceError, StoreExistsError
 from cbstore.format.content import StoreContent
-from cbstore.store.writer import PartitionedStoreWriter
+
+if TYPE_CHECKING:  # imported by the build itself alongside the extraction (_candidate_films)
+    from cbstore.store.writer import PartitionedStoreWriter
 
 log = logging.getLogger(__name__)
 
+#: Modules the build needs only after the extraction, imported alongside it (zarr, under the
+#: store writer, takes about 0.2 s to import; jsonschema, for the store's attributes, 0.08 s).
+_LOADED_ALONGSIDE = ("cbstore.store.writer", "jsonschema")
 #: Stays per EHR chunk and per image shard of the written store.
 CHUNK_STAYS = 256
 #: Cohort stays per partition when ``partitions`` is not set (before cohort step 5): 6 chunks. The
@@ -128,21 +135,29 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
             say("cohort: %d of %d ICU stays before EHR extraction; %d partition(s); state in %s",
                 len(candidates), len(all_stays), n_partitions, state.folder)
             load_ehr_tables(ex, candidates, variables)
-            if state.events_dir.is_dir():
-                say("EHR events: extracted by an earlier run")
-            else:
-                state.write_events(lambda folder: write_events(ex, variables, folder, bucket_stays))
-                say("EHR events: extracted in %.1f s", ex.timings["ehr_events"])
+            # Work that needs no EHR event runs in a thread while DuckDB extracts the events (it
+            # releases the GIL): the films are chosen for every candidate (each stay's choice needs
+            # only its own times, so the rows of the stays kept by cohort step 5 are their choices).
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbstore-build-films") as side:
+                films = side.submit(_candidate_films, cx, candidates, config)
+                if state.events_dir.is_dir():
+                    say("EHR events: extracted by an earlier run")
+                else:
+                    state.write_events(lambda folder: write_events(ex, variables, folder, bucket_stays))
+                    say("EHR events: extracted in %.1f s", ex.timings["ehr_events"])
+                candidate_films = films.result()
             with_ehr = stays_with_ehr(ex, state.events_dir)
             stays = keep_with_ehr(candidates, with_ehr, flow)
             _require_stays(stays, flow)
             labels = compute_labels(ex, stays, phenotypes.code_table(), list(phenotypes.names))
             table = stays_table(stays, config.min_age)
-            selection = select_films(read_cxr_metadata(cx.root), table[["subject_id", "intime", "prediction_time"]],
-                                     views=config.views, lookback_hours=config.cxr_lookback_hours)
+            selection = candidate_films.iloc[with_ehr]
+            del candidate_films
             release_free_memory()  # what the MIMIC-CXR metadata table held
             splits = assign_folds(table["subject_id"].to_numpy(), labels["mortality"], n_folds=config.n_folds,
                                   val_fraction=config.val_fraction, seed=config.seed)
+            from cbstore.store.writer import PartitionedStoreWriter  # loaded by _candidate_films
+
             writer = PartitionedStoreWriter(state.partial_store, len(table), config.window_hours,
                                             len(variables.items), config.image_size, chunk_stays=CHUNK_STAYS)
             plan = partition_rows(len(table), writer.shard_stays, n_partitions)
@@ -203,6 +218,19 @@ def _run_partitions(plan: list[tuple[int, int]], state: BuildState, say, process
         elapsed = time.perf_counter() - t0
         say("partition %d/%d (stays %d-%d) done; %d left, about %.0f s", p + 1, len(plan), start, stop - 1,
             len(todo) - done, elapsed / done * (len(todo) - done))
+
+
+def _candidate_films(cx: MimicCxrSource, candidates: pd.DataFrame, config: BuildConfig) -> pd.DataFrame:
+    """:func:`cbstore.build.cxr.select_films` of the cohort candidates (rows in candidate order).
+
+    Runs alongside the extraction, so it also imports what the build needs next and nothing before
+    (:data:`_LOADED_ALONGSIDE`), in time the extraction's threads hide.
+    """
+    for module in _LOADED_ALONGSIDE:
+        importlib.import_module(module)
+    table = stays_table(candidates, config.min_age)
+    return select_films(read_cxr_metadata(cx.root), table[["subject_id", "intime", "prediction_time"]],
+                        views=config.views, lookback_hours=config.cxr_lookback_hours)
 
 
 def _process_partition(ex: Extractor, writer: PartitionedStoreWriter, cx: MimicCxrSource, config: BuildConfig,

@@ -11,11 +11,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
-
-from jsonschema import Draft202012Validator, ValidationError
+from typing import TYPE_CHECKING
 
 from cbstore.errors import SchemaDefinitionError
 from cbstore.format.content import CXR_COLUMNS, STAT_NAMES, STAY_COLUMNS
+
+if TYPE_CHECKING:  # jsonschema is imported where it is used: 0.08 s that ``import cbstore`` need not pay
+    from jsonschema import Draft202012Validator, ValidationError
 
 #: Version of the on-disk format (semver). Readers refuse another major version.
 FORMAT_VERSION = "1.1.0"
@@ -187,6 +189,8 @@ def _schema_problems(text: str) -> tuple[str, ...]:
     Memoised: the check against the strict metaschema takes about 0.1 s, and the same packaged
     schemas are checked at every store written or validated.
     """
+    from jsonschema import Draft202012Validator
+
     errors = Draft202012Validator(STRICT_METASCHEMA).iter_errors(json.loads(text))
     problems = [(tuple(e.absolute_path), e.message) for e in errors]
     # An unknown keyword deep down also fails every schema above it; report only the deepest.
@@ -249,6 +253,8 @@ def packaged_schema(name: str) -> dict:
 
 @functools.cache
 def _packaged_validator(name: str) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
     return Draft202012Validator(packaged_schema(name), format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
@@ -305,6 +311,8 @@ def check_schema(instance: object, schema: dict, where: str = "attrs") -> list[s
     problems = schema_problems(schema)
     if problems:
         raise SchemaDefinitionError("invalid JSON Schema: " + "; ".join(problems))
+    from jsonschema import Draft202012Validator
+
     return _violations(Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER), instance,
                        where)
 

@@ -25,6 +25,7 @@ from cbstore.build.stats import fold_statistics
 from cbstore.errors import SourceError, StoreExistsError
 from cbstore.format.content import TRAIN
 from cbstore.store.reader import open_store
+from cbstore.store.writer import PartitionedStoreWriter
 from cbstore.synth import MARKER_JSON, MARKER_TEXT, write_synthetic_source
 from cli.build_cmd import build as build_command
 
@@ -275,7 +276,7 @@ def test_interrupted_build_leaves_no_store_only_its_resume_state(tmp_path, monke
         raise RuntimeError("disk full")
 
     monkeypatch.undo()
-    monkeypatch.setattr(build_module.PartitionedStoreWriter, "write_images", fail_in_writer)
+    monkeypatch.setattr(PartitionedStoreWriter, "write_images", fail_in_writer)
     with pytest.raises(RuntimeError, match="disk full"):
         build_store(iv, cxr, tmp_path / "out.zarr", TINY.replace(work_dir=str(work)), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr.build", "src", "work"]  # no out.zarr
