@@ -1,43 +1,41 @@
-"""Wall time and peak memory of ``cbstore build`` against a DuckDB parse floor.
+"""Wall time and peak memory of ``cbstore build`` against the DuckDB parse of the tables it reads.
 
-Generates (once, cached under ``--work-dir``) a synthetic MIMIC-shaped source of at least
-``--stays`` ICU stays and ``--min-chartevents`` chartevents rows, with JPEG films of
-``--synth-image-size`` px, then measures, each in its own process so that peak RSS is per process:
+By default (``make bench`` runs this) it measures the **build scale series**: for each size, a
+synthetic MIMIC-shaped source (generated once, cached under ``--work-dir``) of ``--sizes``
+stays (default 5,000, 20,000 and 40,000) at ``--chartevents-per-stay`` (default 1,100) rows per
+stay with 64 px films, plus, with ``--mimic-size``, a MIMIC-sized source of 75,000 stays x 4,300
+rows. Each size gets one run of two processes, back to back, so that peak RSS is per process:
 
-1. the floor: DuckDB decompresses and parses ``icu/chartevents.csv.gz`` once, through the very
-   view the build reads (:class:`cbstore.build.extract.Extractor`: same column types, reader options,
-   ``threads`` and ``memory_limit``), touching every column the build uses (``stay_id``,
-   ``itemid``, ``charttime``, ``valuenum``, ``value``); the time is that of the query alone. The
-   same process then parses labevents and outputevents the same way: the parse of every event
-   table the build reads is printed too (no target), as the part of the build no code can avoid;
-2. the build: the real CLI (``python -m cli.main build --overwrite --quiet``) with the same
-   ``--threads`` and ``--memory-limit`` and the store's default image size (224) unless
-   ``--image-size`` is given; the time is the whole process (interpreter start included). The
-   previous benchmark store is removed before each run, outside the timing.
-3. optionally (``--compare-tree DIR``) the same build from another checkout of the repository
-   (e.g. ``git worktree add /tmp/before <commit>``), for before/after numbers on equal terms.
+1. the **parse**: a process that imports DuckDB and nothing else, sets up its connection with
+   the very statements of the build's :class:`cbstore.build.extract.Extractor` (column types,
+   reader options, ``threads``, ``memory_limit``), and parses every event table the build reads
+   (chartevents, labevents, outputevents), touching every column the build uses. Its time is the
+   whole process, interpreter start included, as the build's is; the three queries alone are
+   printed too;
+2. the **build**: the real CLI (``python -m cli.main build --overwrite --quiet``) with the same
+   ``--threads`` and ``--memory-limit``, store images of ``--image-size`` px (64 unless given);
+   the whole process. The previous benchmark store is removed first, outside the timing.
 
-With ``--series`` it instead measures a build scale series (one run per size, 64 px films,
-store images of ``--image-size`` px, 64 unless given): sources of ``--sizes`` stays (default
-5,000, 20,000 and 40,000) at ``--chartevents-per-stay`` (default 1,100) rows per stay, plus,
-with ``--mimic-size``, a MIMIC-sized source of 75,000 stays x 4,300 rows. For each size: wall
-time, seconds per million event rows read (chartevents + labevents + outputevents), peak RSS of
-the build's whole process tree (sampled every 20 ms from /proc), and the ratio of the build to
-the DuckDB parse of every event table it reads. Series targets: peak RSS flat (the largest
-within 1.25 x the smallest) and under the promised bound (``--memory-limit`` + 1 GiB); seconds
-per million rows at the largest size within 1.25 x that at the smallest; the build within 2 x
-that parse at every size::
+For each size: wall time, seconds per million event rows read (chartevents + labevents +
+outputevents), peak RSS of the build's whole process tree (sampled every 20 ms from /proc), and
+the ratio build / parse. Targets: peak RSS flat (the largest within 1.25 x the smallest) and
+under the promised bound (``--memory-limit`` + 1 GiB); seconds per million rows at the largest
+size within 1.25 x that at the smallest; the build within 2 x the parse at every size. Exit
+status 1 when a target is missed::
 
-    python benchmarks/bench_build.py --series --sizes 5000,20000 --json bench-out/series.json
+    python benchmarks/bench_build.py --sizes 5000,20000 --json bench-out/series.json
+    python benchmarks/bench_build.py --sizes '' --mimic-size          # the MIMIC-sized point alone
 
-Each is repeated ``--repeats`` times, interleaved; the medians are reported together with the
-load average, because the numbers are only comparable on an otherwise idle machine. CPU seconds
-(user + system) of each process are printed too: they move less than wall time when other work
-shares the machine. Targets: build time
-<= 2 x floor, build peak RSS < 4 GiB. Exit status 1 when a target is missed::
+With ``--single`` it instead compares one source (``--stays``, default 5,000, at least
+``--min-chartevents`` rows) ``--repeats`` times, interleaved: the floor (the chartevents query
+alone, in the process above), the build with the store's default image size (224) unless
+``--image-size`` is given, and optionally (``--compare-tree DIR``) the same build from another
+checkout of the repository (e.g. ``git worktree add /tmp/before <commit>``), for before/after
+numbers on equal terms. Medians are reported with the load average, because the numbers are only
+comparable on an otherwise idle machine; CPU seconds (user + system) move less than wall time
+when other work shares the machine. Targets: build time <= 2 x floor, build peak RSS < 4 GiB::
 
-    python benchmarks/bench_build.py                      # defaults: 5,000 stays, >= 5 M rows
-    python benchmarks/bench_build.py --repeats 1 --json bench-out/build.json
+    python benchmarks/bench_build.py --single --repeats 1 --json bench-out/build.json
 """
 
 from __future__ import annotations
@@ -60,14 +58,26 @@ REPO = Path(__file__).resolve().parent.parent
 MAX_RATIO = 2.0
 MAX_RSS_MB = 4096.0
 
-# Child mode: the floor query, run in a fresh process; prints one JSON line.
+# Child mode: the floor, run in a fresh process that imports DuckDB and nothing else, with the
+# connection set up by the very statements of the build's Extractor (settings, views); prints one
+# JSON line with the seconds of each query.
 _FLOOR_CHILD = """
 import json, sys, time
-from pathlib import Path
-from cbstore.build.extract import Extractor
-from cbstore.build.sources import locate_mimic_iv
-mimic_iv, work, memory_limit, threads = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-queries = {
+import duckdb
+spec = json.loads(sys.argv[1])
+con = duckdb.connect(":memory:")
+for statement in spec["setup"]:
+    con.execute(statement)
+seconds, rows = {}, {}
+for table, sql in spec["queries"].items():
+    t0 = time.perf_counter()
+    rows[table] = int(con.execute(sql).fetchone()[0])
+    seconds[table] = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds["chartevents"], "rows": rows["chartevents"],
+                  "all_tables_seconds": sum(seconds.values()), "table_seconds": seconds, "table_rows": rows}))
+"""
+#: The floor's queries: every column the build uses of each event table.
+_FLOOR_QUERIES = {
     "chartevents": "SELECT count(*), count(stay_id), sum(itemid), max(charttime), sum(valuenum), "
                    "sum(length(value)) FROM mimiciv_icu.chartevents",
     "labevents": "SELECT count(*), count(subject_id), sum(itemid), max(charttime), sum(valuenum) "
@@ -75,15 +85,7 @@ queries = {
     "outputevents": "SELECT count(*), count(stay_id), sum(itemid), max(charttime), sum(value) "
                     "FROM mimiciv_icu.outputevents",
 }
-seconds, rows = {}, {}
-with Extractor(locate_mimic_iv(mimic_iv), work, memory_limit=memory_limit, threads=threads) as ex:
-    for table, sql in queries.items():
-        t0 = time.perf_counter()
-        rows[table] = int(ex.con.execute(sql).fetchone()[0])
-        seconds[table] = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds["chartevents"], "rows": rows["chartevents"],
-                  "all_tables_seconds": sum(seconds.values()), "table_seconds": seconds, "table_rows": rows}))
-"""
+_FLOOR_TABLES = {"chartevents": "icu/chartevents", "labevents": "hosp/labevents", "outputevents": "icu/outputevents"}
 
 
 def _synth_fingerprint() -> str:
@@ -187,16 +189,30 @@ class _TreeRss(threading.Thread):
 
 
 def measure_floor(mimic_iv: Path, scratch: Path, memory_limit: str, threads: int) -> dict:
-    """One floor run: seconds of the query (not the process), rows, CPU seconds and peak RSS of its process."""
+    """One floor run: the parse of every event table, in a process of its own.
+
+    Returns the seconds of the chartevents query (``seconds``) and of the three queries
+    (``all_tables_seconds``), queries alone; the wall seconds of the whole process, interpreter
+    start and ``import duckdb`` included (``process_seconds``); rows, CPU seconds and peak RSS.
+    """
+    from cbstore.build.extract import setup_statements
+    from cbstore.build.sources import locate_mimic_iv
+
+    source = locate_mimic_iv(mimic_iv)
+    spill = scratch / "duckdb_tmp"
+    spill.mkdir(parents=True, exist_ok=True)
+    spec = {"setup": setup_statements([source.table(t) for t in _FLOOR_TABLES.values()],
+                                      memory_limit=memory_limit, threads=threads, spill=spill),
+            "queries": _FLOOR_QUERIES}
     log = scratch / "floor.log"
-    cmd = [sys.executable, "-c", _FLOOR_CHILD, str(mimic_iv), str(scratch), memory_limit, str(threads)]
-    run = run_measured(cmd, log)
+    run = run_measured([sys.executable, "-c", _FLOOR_CHILD, json.dumps(spec)], log)
     if run["exit"] != 0:
         raise SystemExit(f"the floor query failed (exit {run['exit']}); see {log}:\n{log.read_text()[-2000:]}")
     result = json.loads(log.read_text().strip().splitlines()[-1])
     return {"seconds": result["seconds"], "rows": result["rows"], "cpu_seconds": run["cpu_seconds"],
             "rss_mb": run["rss_mb"], "all_tables_seconds": result["all_tables_seconds"],
-            "table_seconds": result["table_seconds"], "table_rows": result["table_rows"]}
+            "process_seconds": run["seconds"], "table_seconds": result["table_seconds"],
+            "table_rows": result["table_rows"]}
 
 
 def measure_build(source: Path, store: Path, scratch: Path, memory_limit: str, threads: int, workers: int,
@@ -271,14 +287,16 @@ def run_series(args: argparse.Namespace) -> int:
                  "table_rows": floor["table_rows"], "n_images": cached["n_images"],
                  "build_seconds": build["seconds"], "build_cpu_seconds": build["cpu_seconds"],
                  "s_per_million_rows": build["seconds"] / (rows / 1e6), "tree_rss_mb": build["tree_rss_mb"],
-                 "main_rss_mb": build["rss_mb"], "parse_seconds": floor["all_tables_seconds"],
-                 "ratio_to_parse": build["seconds"] / floor["all_tables_seconds"],
+                 "main_rss_mb": build["rss_mb"], "parse_seconds": floor["process_seconds"],
+                 "ratio_to_parse": build["seconds"] / floor["process_seconds"],
+                 "parse_query_seconds": floor["all_tables_seconds"],
+                 "ratio_to_parse_queries": build["seconds"] / floor["all_tables_seconds"],
                  "load_average": [load_before, _load()]}
         points.append(point)
         print(f"{stays:>7,} stays: {rows:>12,} event rows, build {point['build_seconds']:7.1f} s "
               f"({point['s_per_million_rows']:.2f} s/M rows), peak RSS {point['tree_rss_mb']:6.0f} MB, parse "
-              f"{point['parse_seconds']:6.1f} s, build/parse {point['ratio_to_parse']:.2f}, "
-              f"load {point['load_average']}",
+              f"{point['parse_seconds']:6.1f} s (queries {point['parse_query_seconds']:.1f} s), build/parse "
+              f"{point['ratio_to_parse']:.2f} ({point['ratio_to_parse_queries']:.2f}), load {point['load_average']}",
               flush=True)
 
     rss = [p["tree_rss_mb"] for p in points]
@@ -293,11 +311,14 @@ def run_series(args: argparse.Namespace) -> int:
     print(f"\ncbstore build scale series: {args.synth_image_size} px films -> {image_size} px, threads "
           f"{args.threads}, workers {args.workers}, memory_limit {args.memory_limit}, partitions "
           f"{args.partitions or 'default'}; one run per size on {os.cpu_count()} CPUs")
+    print("  (parse: the process that parses every event table the build reads, interpreter start included, as the"
+          " build's; in brackets the three queries alone)")
     print(f"  {'stays':>7} {'event rows':>12} {'build s':>8} {'s/M rows':>9} {'peak RSS MB':>12} "
-          f"{'parse s':>8} {'build/parse':>11}")
+          f"{'parse s':>14} {'build/parse':>13}")
     for p in points:
         print(f"  {p['stays']:>7,} {p['event_rows']:>12,} {p['build_seconds']:>8.1f} {p['s_per_million_rows']:>9.2f} "
-              f"{p['tree_rss_mb']:>12.0f} {p['parse_seconds']:>8.1f} {p['ratio_to_parse']:>11.2f}")
+              f"{p['tree_rss_mb']:>12.0f} {p['parse_seconds']:>6.1f} ({p['parse_query_seconds']:>5.1f}) "
+              f"{p['ratio_to_parse']:>5.2f} ({p['ratio_to_parse_queries']:.2f})")
     print(f"  peak RSS flat (largest <= {MAX_GROWTH} x smallest): {max(rss):.0f} / {min(rss):.0f} MB: "
           f"{verdict(checks['rss_flat'])}")
     print(f"  peak RSS within the bound (memory_limit + 1 GiB = {bound_mb:.0f} MB): "
@@ -319,21 +340,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench-out",
                         help="cache of the synthetic source, the store and scratch files [bench-out/]")
-    parser.add_argument("--stays", type=int, default=5000)
+    parser.add_argument("--stays", type=int, default=5000, help="--single: stays of the source [5000]")
     parser.add_argument("--chartevents-per-stay", type=float, default=1100.0)
-    parser.add_argument("--min-chartevents", type=int, default=5_000_000)
+    parser.add_argument("--min-chartevents", type=int, default=5_000_000,
+                        help="--single: fewest chartevents rows of the source [5,000,000]")
     parser.add_argument("--synth-image-size", type=int, default=64, help="film size of the source [64]")
-    parser.add_argument("--image-size", type=int, default=None, help="store image size [build default, 224]")
+    parser.add_argument("--image-size", type=int, default=None, help="store image size [series: 64; --single: the build's default, 224]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                         help="DuckDB threads of floor and build [CPU count]")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="JPEG decoding threads [CPU count]")
     parser.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit of floor and build [2GB]")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="--single: runs of each measurement [3]")
     parser.add_argument("--compare-tree", type=Path,
-                        help="also time the build of this checkout (e.g. a git worktree of an older commit)")
+                        help="--single: also time the build of this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--series", action="store_true", help="measure the build scale series instead (see above)")
+    parser.add_argument("--single", action="store_true",
+                        help="compare one source against the chartevents floor instead of the series (see above)")
     parser.add_argument("--sizes", default="5000,20000,40000", help="stays of the series' sources [5000,20000,40000]")
     parser.add_argument("--mimic-size", action="store_true",
                         help="add a MIMIC-sized source to the series: 75,000 stays x 4,300 chartevents rows")
@@ -341,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    if args.series:
+    if not args.single:
         return run_series(args)
 
     work = args.work_dir.absolute()

@@ -73,6 +73,45 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def read_csv_sql(table: SourceTable) -> str:
+    """The ``SELECT`` over ``table``'s file that its view ``mimiciv_<module>.<table>`` is."""
+    columns = ", ".join(f"{_quote(c)}: {_quote(t)}" for c, t in column_types(table).items())
+    return (f"SELECT * FROM read_csv({_quote(str(table.path))}, header = true, auto_detect = false, "
+            f"delim = ',', quote = '\"', escape = '\"', nullstr = '', "
+            f"compression = {_quote('gzip' if table.compressed else 'none')}, buffer_size = {CSV_BUFFER_BYTES}, "
+            f"columns = {{{columns}}})")
+
+
+def setup_statements(tables, *, memory_limit: str, threads: int, spill: Path) -> list[str]:
+    """The statements that set up an :class:`Extractor`'s connection: settings, schemas, one view per table.
+
+    Parameters
+    ----------
+    tables : iterable of SourceTable
+        The tables to make views of.
+    memory_limit : str
+        DuckDB ``memory_limit``.
+    threads : int
+        DuckDB ``threads``.
+    spill : Path
+        DuckDB's ``temp_directory``.
+
+    Returns
+    -------
+    list of str
+        SQL statements, in order.
+    """
+    tables = list(tables)
+    settings = (("memory_limit", memory_limit), ("threads", threads), ("temp_directory", str(spill)),
+                ("preserve_insertion_order", False), ("enable_progress_bar", False),
+                ("allocator_background_threads", True))
+    statements = [f"SET {name} = {_quote(value) if isinstance(value, str) else value}" for name, value in settings]
+    statements += [f"CREATE SCHEMA IF NOT EXISTS mimiciv_{schema}"
+                   for schema in sorted({t.name.split("/")[0] for t in tables})]
+    statements += [f"CREATE VIEW mimiciv_{t.name.replace('/', '.')} AS {read_csv_sql(t)}" for t in tables]
+    return statements
+
+
 class Extractor:
     """An open DuckDB connection with views over a MIMIC-IV source.
 
@@ -101,25 +140,12 @@ class Extractor:
         spill.mkdir(parents=True, exist_ok=True)
         self.con = duckdb.connect(":memory:")
         try:
-            for setting, value in (("memory_limit", memory_limit), ("threads", threads),
-                                   ("temp_directory", str(spill)), ("preserve_insertion_order", False),
-                                   ("enable_progress_bar", False), ("allocator_background_threads", True)):
-                self.con.execute(f"SET {setting} = {_quote(value) if isinstance(value, str) else value}")
-            for schema in sorted({name.split("/")[0] for name in source.tables}):
-                self.con.execute(f"CREATE SCHEMA IF NOT EXISTS mimiciv_{schema}")
-            for name, table in source.tables.items():
-                self.con.execute(f"CREATE VIEW mimiciv_{name.replace('/', '.')} AS {self._read_csv(table)}")
+            for statement in setup_statements(source.tables.values(), memory_limit=memory_limit, threads=threads,
+                                              spill=spill):
+                self.con.execute(statement)
         except BaseException:
             self.close()
             raise
-
-    @staticmethod
-    def _read_csv(table: SourceTable) -> str:
-        columns = ", ".join(f"{_quote(c)}: {_quote(t)}" for c, t in column_types(table).items())
-        return (f"SELECT * FROM read_csv({_quote(str(table.path))}, header = true, auto_detect = false, "
-                f"delim = ',', quote = '\"', escape = '\"', nullstr = '', "
-                f"compression = {_quote('gzip' if table.compressed else 'none')}, buffer_size = {CSV_BUFFER_BYTES}, "
-                f"columns = {{{columns}}})")
 
     def __enter__(self) -> "Extractor":
         return self
