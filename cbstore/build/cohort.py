@@ -16,78 +16,39 @@ Cohort steps (each recorded as ``{step, n, note}`` in ``attrs["cbstore"]["cohort
 Every stay of a patient is kept (no first-stay-only rule): splits are assigned per patient, so
 all stays of one patient fall in the same part of a fold.
 
-Demographics: ``age`` (years, float), ``age_group`` (left-closed bins ``<min_age>-40``,
-``40-60``, ``60-80``, ``80+``), ``gender`` (``M``/``F`` as recorded), ``race`` (five groups,
-see :data:`RACE_GROUPS`; unknown or empty strings are ``OTHER``) and ``race_raw`` (as recorded),
-``insurance``, ``admission_type``, ``marital_status``, ``language``, ``first_careunit`` (as
-recorded, ``""`` when missing).
+Steps 1-4 run in DuckDB (:func:`select_cohort`), before the build loads pandas, so that the
+extraction of the events can start at once; the candidates' rows come as a DataFrame afterwards
+(:func:`read_candidates`). The store's per-stay table is made in :mod:`cbstore.build.stays`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
-from cbstore.build.extract import Extractor
+from cbstore.build.extract import Extractor, load_sql
 from cbstore.errors import SourceError
-from cbstore.format.content import STAY_COLUMNS
 
-#: MIMIC-IV ``admissions.race`` strings -> five groups (the reference toolkit's table; strings are
-#: compared upper-cased with spaces stripped; anything else, and empty, is OTHER).
-RACE_GROUPS: dict[str, str] = {
-    **{s: "WHITE" for s in ("WHITE", "WHITE - OTHER EUROPEAN", "WHITE - RUSSIAN", "WHITE - EASTERN EUROPEAN",
-                            "WHITE - BRAZILIAN")},
-    **{s: "BLACK" for s in ("BLACK/AFRICAN AMERICAN", "BLACK/CAPE VERDEAN", "BLACK/CARIBBEAN ISLAND",
-                            "BLACK/AFRICAN")},
-    **{s: "HISPANIC" for s in ("HISPANIC OR LATINO", "HISPANIC/LATINO - PUERTO RICAN", "HISPANIC/LATINO - DOMINICAN",
-                               "HISPANIC/LATINO - GUATEMALAN", "HISPANIC/LATINO - SALVADORAN",
-                               "HISPANIC/LATINO - MEXICAN", "HISPANIC/LATINO - CUBAN", "HISPANIC/LATINO - COLUMBIAN",
-                               "HISPANIC/LATINO - HONDURAN", "HISPANIC/LATINO - CENTRAL AMERICAN")},
-    **{s: "ASIAN" for s in ("ASIAN", "ASIAN - CHINESE", "ASIAN - SOUTH EAST ASIAN", "ASIAN - ASIAN INDIAN",
-                            "ASIAN - KOREAN")},
-    **{s: "OTHER" for s in ("OTHER", "AMERICAN INDIAN/ALASKA NATIVE", "NATIVE HAWAIIAN OR OTHER PACIFIC ISLANDER",
-                            "SOUTH AMERICAN", "MULTIPLE RACE/ETHNICITY", "UNKNOWN", "UNABLE TO OBTAIN",
-                            "PATIENT DECLINED TO ANSWER")},
-}
-#: The five race groups, in display order.
-RACE_NAMES = ("WHITE", "BLACK", "HISPANIC", "ASIAN", "OTHER")
+if TYPE_CHECKING:
+    import pandas as pd
 
-_TEXT_COLUMNS = ("gender", "race_raw", "insurance", "admission_type", "marital_status", "language", "first_careunit")
+#: The table of every ICU stay (``stays.sql``) with a ``candidate`` flag (steps 1-4 passed); not
+#: temporary, so that another connection (:meth:`Extractor.cursor`) can read it.
+COHORT_TABLE = "cohort_stays"
 
 
-def read_stays(extractor: Extractor) -> pd.DataFrame:
-    """Every ICU stay joined to its admission and patient (``stays.sql``), one row per stay.
+def select_cohort(extractor: Extractor, *, min_age: float, window_hours: int) -> list[dict]:
+    """Apply cohort steps 1-4 in DuckDB and count the stays after each.
 
-    Raises
-    ------
-    SourceError
-        If a ``stay_id`` occurs twice in ``icu/icustays``, or a ``hadm_id`` twice in
-        ``hosp/admissions`` / a ``subject_id`` twice in ``hosp/patients`` for a stay.
-    """
-    frame = extractor.fetch("stays", reads=("icu/icustays", "hosp/admissions", "hosp/patients"))
-    dup = frame["stay_id"].duplicated(keep=False)
-    if dup.any():
-        stay = int(frame.loc[dup, "stay_id"].iloc[0])
-        raw = int(extractor.con.execute(
-            "SELECT count(*) FROM mimiciv_icu.icustays WHERE stay_id = ?", [stay]).fetchone()[0])
-        if raw > 1:
-            raise SourceError(f"icu/icustays ({extractor.source.table('icu/icustays').path}) has stay_id {stay} "
-                              f"on {raw} rows; stay_id must be unique")
-        raise SourceError(f"stay {stay} matches several rows of hosp/admissions (hadm_id) or hosp/patients "
-                          f"(subject_id); these keys must be unique")
-    if frame["stay_id"].isna().any():
-        raise SourceError(f"icu/icustays ({extractor.source.table('icu/icustays').path}) has rows with an empty "
-                          f"stay_id")
-    return frame.reset_index(drop=True)
-
-
-def select_cohort(all_stays: pd.DataFrame, *, min_age: float, window_hours: int) -> tuple[pd.DataFrame, list[dict]]:
-    """Apply cohort steps 1-4 and count the stays after each.
+    Creates :data:`COHORT_TABLE`: one row per row of ``icu/icustays`` joined to its admission and
+    patient (``stays.sql``), with ``prediction_time`` (``intime + window_hours``) and
+    ``candidate`` (steps 1-4 passed).
 
     Parameters
     ----------
-    all_stays : pandas.DataFrame
-        Output of :func:`read_stays`.
+    extractor : Extractor
+        Open DuckDB connection over the source.
     min_age : float
         Minimum age at ICU admission.
     window_hours : int
@@ -95,24 +56,65 @@ def select_cohort(all_stays: pd.DataFrame, *, min_age: float, window_hours: int)
 
     Returns
     -------
-    stays : pandas.DataFrame
-        The selected stays, sorted by ``stay_id``, with ``prediction_time`` added.
-    flow : list of dict
+    list of dict
         ``{step, n, note}`` after each step.
+
+    Raises
+    ------
+    SourceError
+        If a ``stay_id`` occurs twice in ``icu/icustays``, or a ``hadm_id`` twice in
+        ``hosp/admissions`` / a ``subject_id`` twice in ``hosp/patients`` for a stay, or a row
+        of ``icu/icustays`` has no ``stay_id``.
     """
-    flow = [_step("icu_stays", all_stays, "rows of icu/icustays")]
-    stays = all_stays[all_stays["has_admission"].astype(bool) & all_stays["has_patient"].astype(bool)]
-    flow.append(_step("hospital_admission", stays,
-                      "hadm_id found in hosp/admissions for the same subject_id, patient in hosp/patients"))
-    stays = stays[stays["age"].notna() & (stays["age"].astype(float) >= min_age)]
-    flow.append(_step("adult", stays, f"age at ICU admission >= {min_age:g} years "
-                                      f"(anchor_age + year(intime) - anchor_year)"))
-    length = stays["outtime"] - stays["intime"]
-    stays = stays[length.notna() & (length >= pd.Timedelta(hours=window_hours))]
-    flow.append(_step("min_length", stays, f"outtime - intime >= {window_hours} h (the observation window)"))
-    stays = stays.sort_values("stay_id").reset_index(drop=True).copy()
-    stays["prediction_time"] = stays["intime"] + pd.Timedelta(hours=window_hours)
-    return stays, flow
+    stays = load_sql("stays").strip().rstrip(";")
+    hours = int(window_hours)
+    extractor.execute("stays", f"""
+        CREATE OR REPLACE TABLE {COHORT_TABLE} AS
+        SELECT *, intime + to_hours(CAST({hours} AS BIGINT)) AS prediction_time,
+               coalesce(has_admission AND has_patient AND age >= {float(min_age)!r}
+                        AND epoch_us(outtime) - epoch_us(intime) >= {hours} * 3600000000, false) AS candidate
+        FROM ({stays})""", reads=("icu/icustays", "hosp/admissions", "hosp/patients"))
+    _check_keys(extractor)
+    n = extractor.con.execute(f"""
+        SELECT count(*),
+               count(*) FILTER (WHERE has_admission AND has_patient),
+               count(*) FILTER (WHERE has_admission AND has_patient AND age >= {float(min_age)!r}),
+               count(*) FILTER (WHERE candidate)
+        FROM {COHORT_TABLE}""").fetchone()
+    notes = ("rows of icu/icustays",
+             "hadm_id found in hosp/admissions for the same subject_id, patient in hosp/patients",
+             f"age at ICU admission >= {min_age:g} years (anchor_age + year(intime) - anchor_year)",
+             f"outtime - intime >= {window_hours} h (the observation window)")
+    steps = ("icu_stays", "hospital_admission", "adult", "min_length")
+    return [{"step": step, "n": int(count), "note": note} for step, count, note in zip(steps, n, notes)]
+
+
+def _check_keys(extractor: Extractor) -> None:
+    """The SourceError of a stay on several rows of :data:`COHORT_TABLE`, or of a row without a stay_id."""
+    row = extractor.con.execute(f"SELECT stay_id FROM {COHORT_TABLE} WHERE stay_id IS NOT NULL GROUP BY stay_id "
+                                f"HAVING count(*) > 1 ORDER BY stay_id LIMIT 1").fetchone()
+    if row is not None:
+        stay = int(row[0])
+        raw = int(extractor.con.execute(
+            "SELECT count(*) FROM mimiciv_icu.icustays WHERE stay_id = ?", [stay]).fetchone()[0])
+        if raw > 1:
+            raise SourceError(f"icu/icustays ({extractor.source.table('icu/icustays').path}) has stay_id {stay} "
+                              f"on {raw} rows; stay_id must be unique")
+        raise SourceError(f"stay {stay} matches several rows of hosp/admissions (hadm_id) or hosp/patients "
+                          f"(subject_id); these keys must be unique")
+    if extractor.con.execute(f"SELECT count(*) FROM {COHORT_TABLE} WHERE stay_id IS NULL").fetchone()[0]:
+        raise SourceError(f"icu/icustays ({extractor.source.table('icu/icustays').path}) has rows with an empty "
+                          f"stay_id")
+
+
+def read_candidates(extractor: Extractor) -> pd.DataFrame:
+    """The stays that passed steps 1-4 (:func:`select_cohort`), sorted by ``stay_id``: row ``i`` is ``stay_idx`` ``i``.
+
+    Columns: those of ``stays.sql`` and ``prediction_time``.
+    """
+    frame = extractor.execute("cohort_candidates", f"SELECT * EXCLUDE (candidate) FROM {COHORT_TABLE} "
+                                                   f"WHERE candidate ORDER BY stay_id", fetch="frame")
+    return frame.reset_index(drop=True)
 
 
 def keep_with_ehr(stays: pd.DataFrame, with_ehr: np.ndarray, flow: list[dict]) -> pd.DataFrame:
@@ -121,39 +123,6 @@ def keep_with_ehr(stays: pd.DataFrame, with_ehr: np.ndarray, flow: list[dict]) -
     ``with_ehr`` holds sorted row positions of ``stays`` (see :func:`cbstore.build.ehr.stays_with_ehr`).
     """
     kept = stays.iloc[np.asarray(with_ehr, dtype=np.int64)].reset_index(drop=True)
-    flow.append(_step("ehr_in_window", kept, "at least one EHR measurement in [intime, prediction_time)"))
+    flow.append({"step": "ehr_in_window", "n": int(len(kept)),
+                 "note": "at least one EHR measurement in [intime, prediction_time)"})
     return kept
-
-
-def _step(step: str, stays: pd.DataFrame, note: str) -> dict:
-    return {"step": step, "n": int(len(stays)), "note": note}
-
-
-def map_race(raw: pd.Series) -> np.ndarray:
-    """Five race groups (:data:`RACE_GROUPS`) from ``admissions.race``; unknown and empty -> OTHER."""
-    keys = raw.fillna("").astype(str).str.strip().str.upper()
-    return np.array([RACE_GROUPS.get(k, "OTHER") for k in keys], dtype=object)
-
-
-def age_groups(age: np.ndarray, min_age: float = 18) -> np.ndarray:
-    """Left-closed age bins ``<min_age>-40``, ``40-60``, ``60-80``, ``80+`` (``"18-40"`` by default)."""
-    age = np.asarray(age, dtype=float)
-    labels = np.array([f"{min_age:g}-40", "40-60", "60-80", "80+"], dtype=object)
-    return labels[np.digitize(age, [40.0, 60.0, 80.0])]
-
-
-def stays_table(stays: pd.DataFrame, min_age: float = 18) -> pd.DataFrame:
-    """The store's ``stays`` table (index ``stay_id``; columns :data:`cbstore.format.content.STAY_COLUMNS`)."""
-    out = pd.DataFrame(index=pd.Index(stays["stay_id"].to_numpy(np.int64), name="stay_id"))
-    out["subject_id"] = stays["subject_id"].to_numpy(np.int64)
-    out["hadm_id"] = stays["hadm_id"].to_numpy(np.int64)
-    for col in ("intime", "outtime", "prediction_time", "admittime", "dischtime"):
-        out[col] = pd.to_datetime(stays[col].to_numpy()).astype("datetime64[s]")
-    out["age"] = stays["age"].to_numpy(np.float32)
-    out["age_group"] = age_groups(out["age"].to_numpy(), min_age)
-    out["race"] = map_race(stays["race"])
-    out["race_raw"] = stays["race"].to_numpy()
-    for col in _TEXT_COLUMNS:
-        src = stays[col] if col != "race_raw" else stays["race"]
-        out[col] = src.fillna("").astype(str).str.strip().to_numpy(dtype=object)
-    return out[list(STAY_COLUMNS)]

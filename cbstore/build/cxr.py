@@ -26,10 +26,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cbstore.build.sources import CXR_METADATA, find_cxr_file
 from cbstore.errors import SourceError
 
-#: One row per image: ids, view, study date and time.
-CXR_METADATA = "mimic-cxr-2.0.0-metadata.csv.gz"
 #: One row per image: the official train/validate/test split (not used for cbstore splits).
 CXR_SPLIT = "mimic-cxr-2.0.0-split.csv.gz"
 #: One row per study: 14 CheXpert labels.
@@ -59,42 +58,6 @@ _TASK_IMAGES = 16
 # --------------------------------------------------------------------------------------------
 # Metadata
 # --------------------------------------------------------------------------------------------
-
-def find_cxr_file(cxr_root: str | Path, name: str) -> Path:
-    """Locate a MIMIC-CXR-JPG table in ``cxr_root``, gzipped or not.
-
-    Parameters
-    ----------
-    cxr_root : str or path-like
-        Root of the MIMIC-CXR-JPG release (the folder that holds ``files/`` and the CSV tables).
-    name : str
-        File name of the table as released, e.g. :data:`CXR_METADATA`.
-
-    Returns
-    -------
-    pathlib.Path
-        ``cxr_root/name`` if present, else ``cxr_root/name`` without ``.gz`` (a user may have
-        gunzipped it).
-
-    Raises
-    ------
-    SourceError
-        If neither exists.
-    """
-    root = Path(cxr_root)
-    candidates = [root / name]
-    if name.endswith(".gz"):
-        candidates.append(root / name[: -len(".gz")])
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    tried = " or ".join(str(c) for c in candidates)
-    raise SourceError(
-        f"MIMIC-CXR-JPG table {name} not found: looked for {tried}. Point the CXR source at the "
-        "root of the MIMIC-CXR-JPG v2.0.0 release (the folder holding files/ and the "
-        "mimic-cxr-2.0.0-*.csv.gz tables)."
-    )
-
 
 def parse_study_times(study_date: Sequence, study_time: Sequence) -> np.ndarray:
     """Combine MIMIC-CXR ``StudyDate`` and ``StudyTime`` into datetimes (millisecond precision).

@@ -34,13 +34,17 @@ import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import yaml
 
+from cbstore.build.cohort import COHORT_TABLE
 from cbstore.build.extract import Extractor, load_sql
 from cbstore.errors import CbstoreError
+
+if TYPE_CHECKING:  # the events are extracted before the build loads pandas
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,8 @@ class Variables:
 
     def features_table(self) -> pd.DataFrame:
         """The store's features table: name, unit, kind, normalize (= continuous)."""
+        import pandas as pd
+
         return pd.DataFrame({
             "name": [v.name for v in self.items],
             "unit": [v.unit for v in self.items],
@@ -290,8 +296,20 @@ def _check_variables(items: tuple[Variable, ...], path: Path) -> None:
                                  f"all claim the catch-all '*'; at most one may")
 
 
-def _item_tables(variables: Variables) -> dict[str, pd.DataFrame]:
-    """The variable definitions as small tables for the SQL steps."""
+#: Columns (DuckDB types) of the variable definition tables the SQL steps read (_item_tables).
+_ITEM_TABLE_COLUMNS = {
+    "ehr_items": {"var_idx": "INTEGER", "itemid": "BIGINT", "source": "VARCHAR", "is_text": "BOOLEAN"},
+    "ehr_vars": {"var_idx": "INTEGER", "agg": "VARCHAR", "low": "DOUBLE", "high": "DOUBLE"},
+    "ehr_convert": {"var_idx": "INTEGER", "itemid": "BIGINT", "below": "DOUBLE", "scale": "DOUBLE",
+                    '"offset"': "DOUBLE"},
+    "ehr_text_groups": {"group_id": "INTEGER", "itemid": "BIGINT"},
+    "ehr_text_vars": {"group_id": "INTEGER", "var_idx": "INTEGER"},
+    "ehr_text_prefixes": {"group_id": "INTEGER", "var_idx": "INTEGER", "prefix": "VARCHAR"},
+}
+
+
+def _item_tables(variables: Variables) -> dict[str, list[tuple]]:
+    """The variable definitions as the rows of small tables for the SQL steps (:data:`_ITEM_TABLE_COLUMNS`)."""
     items, vars_, convert = [], [], []
     text_groups, text_vars, text_prefixes = [], [], []
     for k, v in enumerate(variables.items):
@@ -310,45 +328,28 @@ def _item_tables(variables: Variables) -> dict[str, pd.DataFrame]:
             text_vars.append((g, k))
             for prefix in variables.items[k].category:
                 text_prefixes.append((g, k, prefix))
-    return {
-        "ehr_items": pd.DataFrame(items, columns=["var_idx", "itemid", "source", "is_text"]).astype(
-            {"var_idx": "int32", "itemid": "int64", "source": object, "is_text": bool}),
-        "ehr_vars": pd.DataFrame(vars_, columns=["var_idx", "agg", "low", "high"]).astype(
-            {"var_idx": "int32", "agg": object, "low": "float64", "high": "float64"}),
-        "ehr_convert": pd.DataFrame(convert, columns=["var_idx", "itemid", "below", "scale", "offset"]).astype(
-            {"var_idx": "int32", "itemid": "int64", "below": "float64", "scale": "float64", "offset": "float64"}),
-        "ehr_text_groups": pd.DataFrame(text_groups, columns=["group_id", "itemid"]).astype(
-            {"group_id": "int32", "itemid": "int64"}),
-        "ehr_text_vars": pd.DataFrame(text_vars, columns=["group_id", "var_idx"]).astype(
-            {"group_id": "int32", "var_idx": "int32"}),
-        "ehr_text_prefixes": pd.DataFrame(text_prefixes, columns=["group_id", "var_idx", "prefix"]).astype(
-            {"group_id": "int32", "var_idx": "int32", "prefix": object}),
-    }
+    return {"ehr_items": items, "ehr_vars": vars_, "ehr_convert": convert, "ehr_text_groups": text_groups,
+            "ehr_text_vars": text_vars, "ehr_text_prefixes": text_prefixes}
 
 
-def load_ehr_tables(extractor: Extractor, stays: pd.DataFrame, variables: Variables) -> None:
+def load_ehr_tables(extractor: Extractor, variables: Variables) -> None:
     """Load the cohort and the variable definitions into DuckDB for the EHR steps.
+
+    The cohort (``ehr_cohort``) is every candidate of :func:`cbstore.build.cohort.select_cohort`,
+    which must have run on this connection; candidate ``i`` in ``stay_id`` order is ``stay_idx`` ``i``.
 
     Parameters
     ----------
     extractor : Extractor
         Open DuckDB connection over the source.
-    stays : pandas.DataFrame
-        One row per stay (the cohort candidates, in order: row ``i`` becomes ``stay_idx`` ``i``),
-        with columns ``stay_id``, ``subject_id``, ``intime``, ``prediction_time``.
     variables : Variables
         The EHR variables.
     """
-    cohort = pd.DataFrame({
-        "stay_idx": np.arange(len(stays), dtype=np.int32),
-        "stay_id": stays["stay_id"].to_numpy(np.int64),
-        "subject_id": stays["subject_id"].to_numpy(np.int64),
-        "intime": pd.to_datetime(stays["intime"]).astype("datetime64[us]"),
-        "prediction_time": pd.to_datetime(stays["prediction_time"]).astype("datetime64[us]"),
-    })
-    extractor.load_table("ehr_cohort", cohort)
-    for name, table in _item_tables(variables).items():
-        extractor.load_table(name, table)
+    extractor.con.execute(f"CREATE OR REPLACE TEMP TABLE ehr_cohort AS SELECT "
+                          f"CAST(row_number() OVER (ORDER BY stay_id) - 1 AS INTEGER) AS stay_idx, stay_id, "
+                          f"subject_id, intime, prediction_time FROM {COHORT_TABLE} WHERE candidate")
+    for name, rows in _item_tables(variables).items():
+        extractor.load_rows(name, _ITEM_TABLE_COLUMNS[name], rows)
 
 
 def write_events(extractor: Extractor, variables: Variables, folder: Path, bucket_stays: int) -> None:

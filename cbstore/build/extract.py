@@ -19,13 +19,16 @@ import re
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
-import pandas as pd
 
 from cbstore.build.sources import MimicIVSource, SourceTable
 from cbstore.errors import SourceError
+
+if TYPE_CHECKING:  # DuckDB's .df() makes DataFrames; the build starts reading before pandas is loaded
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,16 @@ class Extractor:
             self.close()
             raise
 
+    def cursor(self) -> "Extractor":
+        """Another connection to the same database, for a thread of its own.
+
+        It sees the views and the tables that are not temporary; it has its own temporary
+        tables. Close it (or use it as a context manager) when done.
+        """
+        other = object.__new__(Extractor)
+        other.source, other.timings, other.con = self.source, {}, self.con.cursor()
+        return other
+
     def __enter__(self) -> "Extractor":
         return self
 
@@ -162,6 +175,12 @@ class Extractor:
     def register(self, name: str, frame: pd.DataFrame) -> None:
         """Make a pandas DataFrame queryable as table ``name`` (replacing an earlier one)."""
         self.con.register(name, frame)
+
+    def load_rows(self, name: str, columns: dict[str, str], rows: list[tuple]) -> None:
+        """Create temporary table ``name`` with ``columns`` (name: DuckDB type) holding ``rows`` (None is NULL)."""
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name} ({', '.join(f'{c} {t}' for c, t in columns.items())})")
+        if rows:
+            self.con.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})", rows)
 
     def load_table(self, name: str, frame: pd.DataFrame) -> None:
         """Copy a pandas DataFrame into DuckDB temporary table ``name`` (replacing an earlier one).

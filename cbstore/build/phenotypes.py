@@ -27,12 +27,15 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import yaml
 
 from cbstore.errors import CbstoreError
+
+if TYPE_CHECKING:  # the tables below are DataFrames; the build loads pandas only after it has started reading
+    import pandas as pd
 
 #: libyaml's safe loader when available (much faster), else the pure-Python one.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -230,6 +233,8 @@ class Phenotypes:
             Columns ``phenotype`` (int, column index), ``name``, ``icd_code`` (str),
             ``icd_version`` (int, 9 or 10); one row per code, ordered by phenotype, version, code.
         """
+        import pandas as pd
+
         rows = []
         for i, name in enumerate(self.names):
             for version, codes in ((9, self.icd9[i]), (10, self.icd10[i])):
@@ -254,6 +259,8 @@ class Phenotypes:
             int8 [len(hadm_ids), n_phenotypes]: 1 where any row of the admission matches a code
             of the group with the same ICD version.
         """
+        import pandas as pd
+
         hadm_ids = np.asarray(hadm_ids, dtype=np.int64)
         out = np.zeros((len(hadm_ids), len(self.names)), dtype=np.int8)
         if len(diagnoses) == 0 or len(hadm_ids) == 0:

@@ -6,12 +6,14 @@ Order of work (each step in its own module; store_layout.md, "How the build boun
    the resume state ``<out>.build/`` beside the output (:mod:`cbstore.build.resume`);
 2. open DuckDB over the raw files with its spill files in a fresh work folder (outside the
    sources; removed at the end and on failure) (:mod:`cbstore.build.extract`); cohort steps 1-4
-   (:mod:`cbstore.build.cohort`);
+   in SQL (:mod:`cbstore.build.cohort`);
 3. read each event table once, keeping the cohort's events of the variables' items inside each
-   stay's window, into Parquet in the resume state, bucketed by stay (:mod:`cbstore.build.ehr`);
-   cohort step 5 (stays with an EHR value) from those events; labels (:mod:`cbstore.build.labels`),
-   film selection (:mod:`cbstore.build.cxr`) and patient-level splits (:mod:`cbstore.build.splits`), all
-   per stay and small;
+   stay's window, into Parquet in the resume state, bucketed by stay (:mod:`cbstore.build.ehr`).
+   Nothing so far needs pandas or zarr: a thread imports them (:data:`_LOADED_ALONGSIDE`), reads
+   the candidates' rows and chooses their films (:mod:`cbstore.build.cxr`) while DuckDB reads;
+   then cohort step 5 (stays with an EHR value) from the events; the stays table
+   (:mod:`cbstore.build.stays`), labels (:mod:`cbstore.build.labels`) and patient-level splits
+   (:mod:`cbstore.build.splits`), all per stay and small;
 4. per partition (a run of whole 256-stay chunks of the store, in store order): the hourly EHR
    tensor of its stays and, in a thread alongside, its films decoded shard by shard; both are
    written into the unfinished store (:class:`cbstore.store.writer.PartitionedStoreWriter`), then the
@@ -36,15 +38,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from cbstore import __version__
-from cbstore.build.cohort import keep_with_ehr, read_stays, select_cohort, stays_table
+from cbstore.build.cohort import keep_with_ehr, read_candidates, select_cohort
 from cbstore.build.config import BuildConfig, ConfigError, config_sha256
-from cbstore.build.cxr import NO_ELIGIBLE_FILM, iter_image_batches, read_cxr_metadata, select_films
 from cbstore.build.ehr import Variables, hourly_values, load_ehr_tables, load_variables, stays_with_ehr, write_events
 from cbstore.build.extract import Extractor
-from cbstore.build.labels import compute_labels
 from cbstore.build.memory import release_free_memory
 from cbstore.build.phenotypes import PhenotypeDefinitionError, Phenotypes, load_phenotypes
 from cbstore.build.resume import BuildState, source_files, state_folder
@@ -54,14 +53,19 @@ from cbstore.build.stats import fold_statistics
 from cbstore.errors import SourceError, StoreExistsError
 from cbstore.format.content import StoreContent
 
-if TYPE_CHECKING:  # imported by the build itself alongside the extraction (_candidate_films)
+if TYPE_CHECKING:  # loaded alongside the extraction (_LOADED_ALONGSIDE)
+    import pandas as pd
+
     from cbstore.store.writer import PartitionedStoreWriter
 
 log = logging.getLogger(__name__)
 
-#: Modules the build needs only after the extraction, imported alongside it (zarr, under the
-#: store writer, takes about 0.2 s to import; jsonschema, for the store's attributes, 0.08 s).
-_LOADED_ALONGSIDE = ("cbstore.store.writer", "jsonschema")
+#: What the build needs only once it has extracted the events, and not before: pandas (about 0.5 s
+#: to import), the X-ray and label steps, zarr under the store writer (0.2 s), jsonschema (0.08 s).
+#: A thread imports them while DuckDB reads the event tables (:func:`_prepare_alongside`), in time
+#: the extraction's threads leave over, so the start of a build waits for none of them.
+_LOADED_ALONGSIDE = ("pandas", "cbstore.build.cxr", "cbstore.build.labels", "cbstore.build.stays",
+                     "cbstore.store.writer", "jsonschema")
 #: Stays per EHR chunk and per image shard of the written store.
 CHUNK_STAYS = 256
 #: Cohort stays per partition when ``partitions`` is not set (before cohort step 5): 6 chunks. The
@@ -125,30 +129,34 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
 
     with _work_directory(config.work_dir, roots) as work:
         with Extractor(iv, work, memory_limit=config.memory_limit, threads=config.threads) as ex:
-            all_stays = read_stays(ex)
-            candidates, flow = select_cohort(all_stays, min_age=config.min_age, window_hours=config.window_hours)
-            _require_stays(candidates, flow)
-            n_partitions = _partition_count(config, len(candidates))
-            bucket_stays = -(-len(candidates) // n_partitions)
+            flow = select_cohort(ex, min_age=config.min_age, window_hours=config.window_hours)
+            n_candidates = flow[-1]["n"]
+            _require_stays(n_candidates, flow)
+            n_partitions = _partition_count(config, n_candidates)
+            bucket_stays = -(-n_candidates // n_partitions)
             state = BuildState(state_folder(out), _resume_key(iv, cx, config, variables, phenotypes, n_partitions),
                                restart=overwrite)
             say("cohort: %d of %d ICU stays before EHR extraction; %d partition(s); state in %s",
-                len(candidates), len(all_stays), n_partitions, state.folder)
-            load_ehr_tables(ex, candidates, variables)
-            # Work that needs no EHR event runs in a thread while DuckDB extracts the events (it
-            # releases the GIL): the films are chosen for every candidate (each stay's choice needs
-            # only its own times, so the rows of the stays kept by cohort step 5 are their choices).
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbstore-build-films") as side:
-                films = side.submit(_candidate_films, cx, candidates, config)
+                n_candidates, flow[0]["n"], n_partitions, state.folder)
+            load_ehr_tables(ex, variables)
+            # What needs no EHR event runs in a thread while DuckDB extracts the events (it releases
+            # the GIL): the imports of _LOADED_ALONGSIDE, the candidates' rows and their films.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbstore-build-side") as side, \
+                    closing(ex.cursor()) as reader:
+                prepared = side.submit(_prepare_alongside, reader, cx, config)
                 if state.events_dir.is_dir():
                     say("EHR events: extracted by an earlier run")
                 else:
                     state.write_events(lambda folder: write_events(ex, variables, folder, bucket_stays))
                     say("EHR events: extracted in %.1f s", ex.timings["ehr_events"])
-                candidate_films = films.result()
+                candidates, candidate_films = prepared.result()
+            from cbstore.build.labels import compute_labels  # these three: loaded by _prepare_alongside
+            from cbstore.build.stays import stays_table
+            from cbstore.store.writer import PartitionedStoreWriter
+
             with_ehr = stays_with_ehr(ex, state.events_dir)
             stays = keep_with_ehr(candidates, with_ehr, flow)
-            _require_stays(stays, flow)
+            _require_stays(len(stays), flow)
             labels = compute_labels(ex, stays, phenotypes.code_table(), list(phenotypes.names))
             table = stays_table(stays, config.min_age)
             selection = candidate_films.iloc[with_ehr]
@@ -156,8 +164,6 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
             release_free_memory()  # what the MIMIC-CXR metadata table held
             splits = assign_folds(table["subject_id"].to_numpy(), labels["mortality"], n_folds=config.n_folds,
                                   val_fraction=config.val_fraction, seed=config.seed)
-            from cbstore.store.writer import PartitionedStoreWriter  # loaded by _candidate_films
-
             writer = PartitionedStoreWriter(state.partial_store, len(table), config.window_hours,
                                             len(variables.items), config.image_size, chunk_stays=CHUNK_STAYS)
             plan = partition_rows(len(table), writer.shard_stays, n_partitions)
@@ -220,17 +226,25 @@ def _run_partitions(plan: list[tuple[int, int]], state: BuildState, say, process
             len(todo) - done, elapsed / done * (len(todo) - done))
 
 
-def _candidate_films(cx: MimicCxrSource, candidates: pd.DataFrame, config: BuildConfig) -> pd.DataFrame:
-    """:func:`cbstore.build.cxr.select_films` of the cohort candidates (rows in candidate order).
+def _prepare_alongside(reader: Extractor, cx: MimicCxrSource,
+                       config: BuildConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Import :data:`_LOADED_ALONGSIDE`; read the cohort candidates and choose their films.
 
-    Runs alongside the extraction, so it also imports what the build needs next and nothing before
-    (:data:`_LOADED_ALONGSIDE`), in time the extraction's threads hide.
+    Runs in a thread while the build's own connection extracts the events, so it reads through
+    ``reader`` (:meth:`Extractor.cursor`). Returns the candidates (:func:`cbstore.build.cohort.read_candidates`)
+    and :func:`cbstore.build.cxr.select_films` of them, row for row: each stay's choice needs only
+    its own times, so the rows of the stays that cohort step 5 keeps are their choices.
     """
     for module in _LOADED_ALONGSIDE:
         importlib.import_module(module)
+    from cbstore.build.cxr import read_cxr_metadata, select_films
+    from cbstore.build.stays import stays_table
+
+    candidates = read_candidates(reader)
     table = stays_table(candidates, config.min_age)
-    return select_films(read_cxr_metadata(cx.root), table[["subject_id", "intime", "prediction_time"]],
-                        views=config.views, lookback_hours=config.cxr_lookback_hours)
+    films = select_films(read_cxr_metadata(cx.root), table[["subject_id", "intime", "prediction_time"]],
+                         views=config.views, lookback_hours=config.cxr_lookback_hours)
+    return candidates, films
 
 
 def _process_partition(ex: Extractor, writer: PartitionedStoreWriter, cx: MimicCxrSource, config: BuildConfig,
@@ -261,6 +275,8 @@ def _decode_films(cx: MimicCxrSource, selection: pd.DataFrame, writer: Partition
 
     Returns whether each stay's film was decoded and the absent reasons.
     """
+    from cbstore.build.cxr import iter_image_batches
+
     present = np.zeros(len(selection), dtype=bool)
     reasons: list[str] = []
     batches = iter_image_batches(cx.root, selection, config.image_size, workers=config.workers,
@@ -330,8 +346,8 @@ def _load_phenotypes(config: BuildConfig) -> Phenotypes:
         raise ConfigError(f"invalid phenotype definitions: {err}") from None
 
 
-def _require_stays(stays: pd.DataFrame, flow: list[dict]) -> None:
-    if len(stays) == 0:
+def _require_stays(n_stays: int, flow: list[dict]) -> None:
+    if n_stays == 0:
         raise SourceError("no ICU stay is left after the cohort steps:\n" + format_cohort_flow(flow))
 
 
@@ -347,6 +363,10 @@ def _xray_table(selection: pd.DataFrame, present: np.ndarray,
     ``present`` and ``reasons`` say, per stay, whether its film was decoded and why not. Returns
     the table and the counts of selected films that could not be used, by reason.
     """
+    import pandas as pd
+
+    from cbstore.build.cxr import NO_ELIGIBLE_FILM
+
     skips = Counter({"decode_error": 0, "file_missing": 0})
     for reason in reasons:
         if reason and reason != NO_ELIGIBLE_FILM:

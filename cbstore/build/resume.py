@@ -26,8 +26,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cbstore.build.cxr import CXR_METADATA, find_cxr_file
-from cbstore.build.sources import MimicCxrSource, MimicIVSource
+from cbstore.build.sources import CXR_METADATA, MimicCxrSource, MimicIVSource, find_cxr_file
 
 log = logging.getLogger(__name__)
 

@@ -49,6 +49,8 @@ REQUIRED_TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
                          ("subject_id", "hadm_id", "stay_id", "charttime", "itemid", "value")),
 }
 
+#: The MIMIC-CXR-JPG image metadata table: one row per image, with ids, view, study date and time.
+CXR_METADATA = "mimic-cxr-2.0.0-metadata.csv.gz"
 #: MIMIC-CXR-JPG metadata columns the build needs (header spelling of the release).
 CXR_METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime")
 
@@ -270,3 +272,39 @@ def _synthetic_marker(release: Path) -> dict | None:
 def _is_synthetic(release: Path) -> bool:
     marker = _synthetic_marker(release)
     return bool(marker and marker.get("synthetic")) or (release / SYNTHETIC_MARKER_TEXT).is_file()
+
+
+def find_cxr_file(cxr_root: str | Path, name: str) -> Path:
+    """Locate a MIMIC-CXR-JPG table in ``cxr_root``, gzipped or not.
+
+    Parameters
+    ----------
+    cxr_root : str or path-like
+        Root of the MIMIC-CXR-JPG release (the folder that holds ``files/`` and the CSV tables).
+    name : str
+        File name of the table as released, e.g. :data:`CXR_METADATA`.
+
+    Returns
+    -------
+    pathlib.Path
+        ``cxr_root/name`` if present, else ``cxr_root/name`` without ``.gz`` (a user may have
+        gunzipped it).
+
+    Raises
+    ------
+    SourceError
+        If neither exists.
+    """
+    root = Path(cxr_root)
+    candidates = [root / name]
+    if name.endswith(".gz"):
+        candidates.append(root / name[: -len(".gz")])
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = " or ".join(str(c) for c in candidates)
+    raise SourceError(
+        f"MIMIC-CXR-JPG table {name} not found: looked for {tried}. Point the CXR source at the "
+        "root of the MIMIC-CXR-JPG v2.0.0 release (the folder holding files/ and the "
+        "mimic-cxr-2.0.0-*.csv.gz tables)."
+    )

@@ -8,9 +8,12 @@ Keeping this hand-over explicit lets either side be tested on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # the tables are DataFrames; the build reads its event tables before it loads pandas
+    import pandas as pd
 
 #: Columns of :attr:`StoreContent.stays`, in store order (all per stay).
 STAY_COLUMNS = (

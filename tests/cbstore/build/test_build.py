@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from support import HEADERS, assert_same_build, write_tiny_source
+from support import CXR_HEADER, HEADERS, assert_same_build, write_table, write_tiny_source
 
 from cbstore.build.config import DEFAULTS_FILE, BuildConfig, ConfigError, config_sha256, load_config
 from cbstore.build.pipeline import build_store, format_cohort_flow
-import cbstore.build.pipeline as build_module
+import cbstore.build.labels as labels_module
 from cbstore.build.sources import SYNTHETIC_MARKER_JSON, SYNTHETIC_MARKER_TEXT
 from cbstore.build.stats import fold_statistics
 from cbstore.errors import SourceError, StoreExistsError
@@ -263,7 +263,7 @@ def test_interrupted_build_leaves_no_store_only_its_resume_state(tmp_path, monke
         reached.append(True)
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(build_module, "compute_labels", fail)  # runs after the EHR extraction
+    monkeypatch.setattr(labels_module, "compute_labels", fail)  # runs after the EHR extraction
     with pytest.raises(RuntimeError, match="power cut"):
         build_store(iv, cxr, tmp_path / "out.zarr", TINY.replace(work_dir=str(work)), progress=False)
     assert reached
@@ -318,6 +318,37 @@ def gzip_rows(n: int) -> bytes:
     rows = "\n".join(f'"10000001","20000001","30000001","1","2150-01-01 09:00:00","2150-01-01 09:00:00",'
                      f'"220045","{60 + i % 50}","{60 + i % 50}","bpm","0"' for i in range(n))
     return gzip.compress((header + "\n" + rows + "\n").encode(), mtime=0)
+
+
+def _append_row(path: Path, row: list) -> None:
+    """Append one row to a written ``.csv.gz`` table (values quoted as write_table quotes them)."""
+    text = gzip.decompress(path.read_bytes()).decode()
+    line = ",".join("" if v is None else f'"{v}"' for v in row)
+    path.write_bytes(gzip.compress((text + line + "\n").encode(), mtime=0))
+
+
+@pytest.mark.parametrize("table, row, message", [
+    ("icu/icustays", [10000001, 20000001, 30000001, "MICU", "MICU", "2150-01-01 08:00:00", "2150-01-04 08:00:00",
+                      "3.0"], r"icu/icustays \(.*icustays\.csv\.gz\) has stay_id 30000001 on 2 rows"),
+    ("hosp/patients", [10000003, "M", 70, 2150, "2014 - 2016", None],
+     r"stay 30000003 matches several rows of hosp/admissions \(hadm_id\) or hosp/patients"),
+])
+def test_a_stay_on_two_rows_is_refused_before_any_event_is_read(tmp_path, table, row, message):
+    iv, cxr = write_tiny_source(tmp_path / "src")
+    _append_row(iv / f"{table}.csv.gz", row)
+    with pytest.raises(SourceError, match=message):
+        build_store(iv, cxr, tmp_path / "out.zarr", TINY, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_failure_alongside_the_extraction_stops_the_build(tmp_path):
+    # the films are chosen in a thread while DuckDB extracts the events: its error is the build's
+    iv, cxr = write_tiny_source(tmp_path / "src")
+    write_table(cxr / "mimic-cxr-2.0.0-metadata.csv.gz", CXR_HEADER,  # a readable header, an impossible time
+                [["d-x", 10000001, 50000001, "CHEST", "AP", 3056, 2544, 21500101, 256000.0, "CHEST", "ap", "Erect"]])
+    with pytest.raises(SourceError, match=r"mimic-cxr-2\.0\.0-metadata\.csv\.gz.*StudyTime.*256000"):
+        build_store(iv, cxr, tmp_path / "out.zarr", TINY, progress=False)
+    assert not (tmp_path / "out.zarr").exists()
 
 
 def test_empty_cohort_is_explained(tmp_path):
