@@ -4,7 +4,8 @@ By default (``make bench`` runs this) it measures the **build scale series**: fo
 synthetic MIMIC-shaped source (generated once, cached under ``--work-dir``) of ``--sizes``
 stays (default 5,000, 20,000 and 40,000) at ``--chartevents-per-stay`` (default 1,100) rows per
 stay with 64 px films, plus, with ``--mimic-size``, a MIMIC-sized source of 75,000 stays x 4,300
-rows. Each size gets one run of two processes, back to back, so that peak RSS is per process:
+rows. Each size gets ``--series-repeats`` (default 3) runs of two processes, back to back, so that
+peak RSS is per process:
 
 1. the **parse**: a process that imports DuckDB and nothing else, sets up its connection with
    the very statements of the build's :class:`cbstore.build.extract.Extractor` (column types,
@@ -16,15 +17,17 @@ rows. Each size gets one run of two processes, back to back, so that peak RSS is
    ``--threads`` and ``--memory-limit``, store images of ``--image-size`` px (64 unless given);
    the whole process. The previous benchmark store is removed first, outside the timing.
 
-For each size: wall time, seconds per million event rows read (chartevents + labevents +
-outputevents), peak RSS of the build's whole process tree (sampled every 20 ms from /proc), and
-the ratio build / parse. Targets: peak RSS flat (the largest within 1.25 x the smallest) and
-under the promised bound (``--memory-limit`` + 1 GiB); seconds per million rows at the largest
-size within 1.25 x that at the smallest; the build within 2 x the parse at every size. Exit
-status 1 when a target is missed::
+For each size (medians over the runs): wall time, seconds per million event rows read
+(chartevents + labevents + outputevents), peak RSS of the build's whole process tree (sampled
+every 20 ms from /proc; the largest of the runs), and the ratio build / parse (the median of the
+ratios of the back-to-back pairs, so that a drift of the machine's speed cancels out). Targets:
+peak RSS flat (the largest within 1.25 x the smallest) and under the promised bound
+(``--memory-limit`` + 1 GiB); seconds per million rows at the largest size within 1.25 x that at
+the smallest; the build within 2 x the parse at every size. Exit status 1 when a target is
+missed::
 
     python benchmarks/bench_build.py --sizes 5000,20000 --json bench-out/series.json
-    python benchmarks/bench_build.py --sizes '' --mimic-size          # the MIMIC-sized point alone
+    python benchmarks/bench_build.py --sizes '' --mimic-size --series-repeats 1   # the MIMIC-sized point
 
 With ``--single`` it instead compares one source (``--stays``, default 5,000, at least
 ``--min-chartevents`` rows) ``--repeats`` times, interleaved: the floor (the chartevents query
@@ -261,7 +264,7 @@ def _bytes(size: str) -> float:
 
 
 def run_series(args: argparse.Namespace) -> int:
-    """The build scale series: one floor and one build per size; prints the table and the verdicts."""
+    """The build scale series: per size, ``--series-repeats`` parse and build pairs (medians); the table and the verdicts."""
     work = args.work_dir.absolute()
     work.mkdir(parents=True, exist_ok=True)
     sizes = [(int(x), args.chartevents_per_stay) for x in args.sizes.split(",") if x.strip()]
@@ -274,29 +277,38 @@ def run_series(args: argparse.Namespace) -> int:
         name = f"series-{stays}x{per_stay:g}"
         cached = ensure_source(work, stays, per_stay, 0, args.synth_image_size, args.seed, name=name)
         scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=work))
+        floors, builds, loads = [], [], [_load()]
         try:
-            load_before = _load()
-            floor = measure_floor(work / name / "mimic-iv", scratch, args.memory_limit, args.threads)
-            build = measure_build(work / name, work / f"{name}.zarr", scratch, args.memory_limit, args.threads,
-                                  args.workers, image_size, partitions=args.partitions)
+            for _ in range(args.series_repeats):
+                floors.append(measure_floor(work / name / "mimic-iv", scratch, args.memory_limit, args.threads))
+                builds.append(measure_build(work / name, work / f"{name}.zarr", scratch, args.memory_limit,
+                                            args.threads, args.workers, image_size, partitions=args.partitions))
+                loads.append(_load())
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(work / f"{name}.zarr", ignore_errors=True)
-        rows = sum(floor["table_rows"].values())
+        rows = sum(floors[0]["table_rows"].values())
+        build_s, parse_s = _median(builds, "seconds"), _median(floors, "process_seconds")
+        # the ratio of each back-to-back pair, then their median: drift of the machine's speed cancels
+        ratios = [b["seconds"] / f["process_seconds"] for f, b in zip(floors, builds)]
+        query_ratios = [b["seconds"] / f["all_tables_seconds"] for f, b in zip(floors, builds)]
         point = {"stays": stays, "chartevents_per_stay": per_stay, "event_rows": rows,
-                 "table_rows": floor["table_rows"], "n_images": cached["n_images"],
-                 "build_seconds": build["seconds"], "build_cpu_seconds": build["cpu_seconds"],
-                 "s_per_million_rows": build["seconds"] / (rows / 1e6), "tree_rss_mb": build["tree_rss_mb"],
-                 "main_rss_mb": build["rss_mb"], "parse_seconds": floor["process_seconds"],
-                 "ratio_to_parse": build["seconds"] / floor["process_seconds"],
-                 "parse_query_seconds": floor["all_tables_seconds"],
-                 "ratio_to_parse_queries": build["seconds"] / floor["all_tables_seconds"],
-                 "load_average": [load_before, _load()]}
+                 "table_rows": floors[0]["table_rows"], "n_images": cached["n_images"], "runs": len(builds),
+                 "build_seconds": build_s, "build_cpu_seconds": _median(builds, "cpu_seconds"),
+                 "s_per_million_rows": build_s / (rows / 1e6),
+                 "tree_rss_mb": max(b["tree_rss_mb"] for b in builds),
+                 "main_rss_mb": max(b["rss_mb"] for b in builds), "parse_seconds": parse_s,
+                 "ratio_to_parse": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
+                 "parse_query_seconds": _median(floors, "all_tables_seconds"),
+                 "ratio_to_parse_queries": statistics.median(query_ratios),
+                 "load_average": loads, "build_runs_seconds": [b["seconds"] for b in builds],
+                 "parse_runs_seconds": [f["process_seconds"] for f in floors]}
         points.append(point)
         print(f"{stays:>7,} stays: {rows:>12,} event rows, build {point['build_seconds']:7.1f} s "
               f"({point['s_per_million_rows']:.2f} s/M rows), peak RSS {point['tree_rss_mb']:6.0f} MB, parse "
               f"{point['parse_seconds']:6.1f} s (queries {point['parse_query_seconds']:.1f} s), build/parse "
-              f"{point['ratio_to_parse']:.2f} ({point['ratio_to_parse_queries']:.2f}), load {point['load_average']}",
+              f"{point['ratio_to_parse']:.2f} ({point['ratio_to_parse_queries']:.2f}; pairs "
+              f"{point['ratio_range'][0]:.2f}-{point['ratio_range'][1]:.2f}), load {' '.join(point['load_average'])}",
               flush=True)
 
     rss = [p["tree_rss_mb"] for p in points]
@@ -310,7 +322,8 @@ def run_series(args: argparse.Namespace) -> int:
     verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     print(f"\ncbstore build scale series: {args.synth_image_size} px films -> {image_size} px, threads "
           f"{args.threads}, workers {args.workers}, memory_limit {args.memory_limit}, partitions "
-          f"{args.partitions or 'default'}; one run per size on {os.cpu_count()} CPUs")
+          f"{args.partitions or 'default'}; medians of {args.series_repeats} back-to-back parse and build pairs "
+          f"per size (build/parse: the median of the pairs' ratios; peak RSS: the largest) on {os.cpu_count()} CPUs")
     print("  (parse: the process that parses every event table the build reads, interpreter start included, as the"
           " build's; in brackets the three queries alone)")
     print(f"  {'stays':>7} {'event rows':>12} {'build s':>8} {'s/M rows':>9} {'peak RSS MB':>12} "
@@ -361,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mimic-size", action="store_true",
                         help="add a MIMIC-sized source to the series: 75,000 stays x 4,300 chartevents rows")
     parser.add_argument("--partitions", type=int, help="build --partitions [the build's default]")
+    parser.add_argument("--series-repeats", type=int, default=3,
+                        help="series: parse and build pairs per size, back to back; medians are reported [3]")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    if args.repeats < 1 or args.series_repeats < 1:
+        parser.error("--repeats and --series-repeats must be >= 1")
     if not args.single:
         return run_series(args)
 
