@@ -28,7 +28,7 @@ LOS_CLASS_NAMES = ("2-3d", "3-4d", "4-5d", "5-6d", "6-7d", "7-14d", "14+d")
 
 
 def mortality_labels(stays: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """ICU and in-hospital mortality (int8 0/1) from the columns of :func:`cbstore.build.cohort.read_stays`."""
+    """ICU and in-hospital mortality (int8 0/1) from the columns of :func:`cbstore.build.cohort.read_candidates`."""
     intime, outtime = stays["intime"], stays["outtime"]
     deathtime = stays["deathtime"]
     dod = pd.to_datetime(stays["dod"])
