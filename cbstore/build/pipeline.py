@@ -275,7 +275,7 @@ def _decode_films(cx: MimicCxrSource, selection: pd.DataFrame, writer: Partition
 
     Returns whether each stay's film was decoded and the absent reasons.
     """
-    from cbstore.build.cxr import iter_image_batches
+    from cbstore.build.cxr import iter_image_batches  # not at the top: see _LOADED_ALONGSIDE
 
     present = np.zeros(len(selection), dtype=bool)
     reasons: list[str] = []
@@ -363,7 +363,7 @@ def _xray_table(selection: pd.DataFrame, present: np.ndarray,
     ``present`` and ``reasons`` say, per stay, whether its film was decoded and why not. Returns
     the table and the counts of selected films that could not be used, by reason.
     """
-    import pandas as pd
+    import pandas as pd  # these two not at the top: see _LOADED_ALONGSIDE
 
     from cbstore.build.cxr import NO_ELIGIBLE_FILM
 
