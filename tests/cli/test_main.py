@@ -54,3 +54,12 @@ def test_the_build_starts_without_what_it_loads_alongside_its_extraction():
             "'jsonschema'})), file=sys.stderr)")
     loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stderr.split()
     assert loaded == []
+
+
+def test_the_console_script_freezes_the_garbage_collector_at_exit():
+    # registered before main(), this handler runs after main's (atexit runs last-in, first-out)
+    code = ("import atexit, gc, sys; atexit.register(lambda: print(gc.get_freeze_count() > 0)); "
+            "sys.argv = ['cbstore', '--help']; from cli.main import main; main()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "True"
