@@ -60,6 +60,8 @@ _FLUSH_ROWS = 1 << 19
 #: peak RSS of the aggregation +274 MB in one query, +87 MB in slices of 512, CPU time the same.
 QUERY_STAYS = 512
 KINDS = ("continuous", "binary")
+#: libyaml's safe loader when available (the variables file parses in a fifth of the time), else the pure-Python one.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class VariablesError(CbstoreError):
@@ -186,7 +188,7 @@ def load_variables(path: str | Path | None = None) -> Variables:
     except OSError as err:
         raise VariablesError(f"cannot read variables file {path}: {err}") from None
     try:
-        data = yaml.safe_load(raw)
+        data = yaml.load(raw, Loader=_YAML_LOADER)
     except yaml.YAMLError as err:
         raise VariablesError(f"variables file {path} could not be parsed: {err}") from None
     if not isinstance(data, dict) or not isinstance(data.get("variables"), list) or not data["variables"]:
