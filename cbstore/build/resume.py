@@ -23,10 +23,10 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 from cbstore.build.sources import CXR_METADATA, MimicCxrSource, MimicIVSource, find_cxr_file
+from cbstore.format.schema import now
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class BuildState:
             shutil.rmtree(self.folder)
         self.partitions_dir.mkdir(parents=True, exist_ok=True)
         if not (self.folder / STATE_FILE).is_file():
-            _write_json(self.folder / STATE_FILE, {"key": self.key, "started_at": _now()})
+            _write_json(self.folder / STATE_FILE, {"key": self.key, "started_at": now()})
 
     def _reason_to_start_over(self, restart: bool) -> str | None:
         if not self.folder.exists():
@@ -155,7 +155,3 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
-
-def _now() -> str:
-    """The current UTC time, ISO 8601 to the second (as the store's ``created_at``)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -332,6 +333,12 @@ def _message(error: ValidationError) -> str:
     if len(quoted) <= _MAX_REPR or not error.message.startswith(quoted):
         return error.message
     return quoted[: _MAX_REPR - 3] + "..." + error.message[len(quoted):]
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the second: the form of every time the format records
+    (``created_at``, ``completed_at``, a build's ``started_at``)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def canonical_json(value: object) -> str:

@@ -25,8 +25,9 @@ from cbstore.format.schema import (
     MAP_SPEC,
     ArraySpec,
     check_packaged,
+    now,
 )
-from cbstore.store.zarr_io import MAX_1D_CHUNK, consolidate, create_array, jsonable, now, package_version
+from cbstore.store.zarr_io import MAX_1D_CHUNK, consolidate, create_array, jsonable, package_version
 
 if TYPE_CHECKING:  # pragma: no cover
     from cbstore.store.reader import Store

@@ -36,9 +36,10 @@ from cbstore.format.schema import (
     ROOT_ATTRS_KEY,
     check_packaged,
     config_sha256,
+    now,
 )
 from cbstore.store.image_shards import ShardWriter
-from cbstore.store.zarr_io import MAX_1D_CHUNK, array_options, consolidate, jsonable, now, package_version, run_async
+from cbstore.store.zarr_io import MAX_1D_CHUNK, array_options, consolidate, jsonable, package_version, run_async
 
 __all__ = ["PartitionedStoreWriter", "StoreWriter", "write_store"]
 

@@ -13,7 +13,6 @@ import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Coroutine, Iterator, TypeVar
 
@@ -54,11 +53,6 @@ def package_version() -> str:
     from cbstore import __version__
 
     return __version__
-
-
-def now() -> str:
-    """The current UTC time, ISO 8601 to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager

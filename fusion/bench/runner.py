@@ -18,7 +18,6 @@ local cluster); otherwise they run wherever there is room.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import time
 import traceback
 from collections.abc import Callable
 
+from cbstore.format.schema import now
 from fusion.bench.grid import Cell, Grid, GridError, failed_path
 from fusion.config import RunConfig
 
@@ -42,10 +42,6 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def _write_json_atomic(doc: dict, path: pathlib.Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n")
@@ -57,7 +53,7 @@ def record_failure(out, run_id: str, options: dict, error: str, trace: str, seco
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic({"run_id": run_id, "error": error, "traceback": trace, "options": options,
-                        "failed_at": _now(), "seconds": round(seconds, 3),
+                        "failed_at": now(), "seconds": round(seconds, 3),
                         "host": socket.gethostname(), "pid": os.getpid()},
                        failed_path(out, run_id))
     return {"run_id": run_id, "status": "failed", "error": error, "seconds": seconds}
@@ -157,7 +153,7 @@ def write_manifest(grid: Grid, source: str) -> pathlib.Path:
     grid.out.mkdir(parents=True, exist_ok=True)
     path = grid.out / f"{grid.name}.grid.json"
     _write_json_atomic({
-        "experiment": grid.name, "source": source, "store": grid.store, "written_at": _now(),
+        "experiment": grid.name, "source": source, "store": grid.store, "written_at": now(),
         "settings": grid.experiment.model_dump(mode="json"),
         "cells": [cell.record() for cell in grid.cells],
         "excluded": [{**cell.record(), "reason": reason} for cell, reason in grid.excluded],
