@@ -9,11 +9,11 @@ Order of work (each step in its own module; store_layout.md, "How the build boun
    in SQL (:mod:`cbstore.build.cohort`);
 3. read each event table once, keeping the cohort's events of the variables' items inside each
    stay's window, into Parquet in the resume state, bucketed by stay (:mod:`cbstore.build.ehr`).
-   Nothing so far needs pandas or zarr: a thread imports them (:data:`_LOADED_ALONGSIDE`), reads
-   the candidates' rows and chooses their films (:mod:`cbstore.build.cxr`) while DuckDB reads;
-   then cohort step 5 (stays with an EHR value) from the events; the stays table
-   (:mod:`cbstore.build.stays`), labels (:mod:`cbstore.build.labels`) and patient-level splits
-   (:mod:`cbstore.build.splits`), all per stay and small;
+   Nothing so far needs pandas or zarr: a thread imports them (:func:`_prepare_alongside`), reads
+   the candidates' rows, makes their stays table (:mod:`cbstore.build.stays`) and chooses their
+   films (:mod:`cbstore.build.cxr`) while DuckDB reads; then cohort step 5 (stays with an EHR
+   value) from the events keeps their rows; labels (:mod:`cbstore.build.labels`) and
+   patient-level splits (:mod:`cbstore.build.splits`), all per stay and small;
 4. per partition (a run of whole 256-stay chunks of the store, in store order): the hourly EHR
    tensor of its stays and, in a thread alongside, its films decoded shard by shard; both are
    written into the unfinished store (:class:`cbstore.store.writer.PartitionedStoreWriter`), then the
@@ -60,12 +60,12 @@ if TYPE_CHECKING:  # loaded alongside the extraction (_LOADED_ALONGSIDE)
 
 log = logging.getLogger(__name__)
 
-#: What the build needs only once it has extracted the events, and not before: pandas (about 0.5 s
-#: to import), the X-ray and label steps, zarr under the store writer (0.2 s), jsonschema (0.08 s).
-#: A thread imports them while DuckDB reads the event tables (:func:`_prepare_alongside`), in time
-#: the extraction's threads leave over, so the start of a build waits for none of them.
-_LOADED_ALONGSIDE = ("pandas", "cbstore.build.cxr", "cbstore.build.labels", "cbstore.build.stays",
-                     "cbstore.store.writer", "jsonschema")
+#: What the build needs only once it has extracted the events, besides pandas (about 0.5 s to
+#: import), the X-ray step and the stays table, which :func:`_prepare_alongside` uses itself: the
+#: labels, zarr under the store writer (0.2 s), jsonschema (0.08 s). That thread imports them while
+#: DuckDB reads the event tables, in time the extraction's threads leave over, so the start of a
+#: build waits for none of them.
+_LOADED_ALONGSIDE = ("cbstore.build.labels", "cbstore.store.writer", "jsonschema")
 #: Stays per EHR chunk and per image shard of the written store.
 CHUNK_STAYS = 256
 #: Cohort stays per partition when ``partitions`` is not set (before cohort step 5): 6 chunks. The
@@ -149,18 +149,16 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
                 else:
                     state.write_events(lambda folder: write_events(ex, variables, folder, bucket_stays))
                     say("EHR events: extracted in %.1f s", ex.timings["ehr_events"])
-                candidates, candidate_films = prepared.result()
-            from cbstore.build.labels import compute_labels  # these three: loaded by _prepare_alongside
-            from cbstore.build.stays import stays_table
+                candidates, candidate_table, candidate_films = prepared.result()
+            from cbstore.build.labels import compute_labels  # these two: loaded by _prepare_alongside
             from cbstore.store.writer import PartitionedStoreWriter
 
             with_ehr = stays_with_ehr(ex, state.events_dir)
             stays = keep_with_ehr(candidates, with_ehr, flow)
             _require_stays(len(stays), flow)
             labels = compute_labels(ex, stays, phenotypes.code_table(), list(phenotypes.names))
-            table = stays_table(stays, config.min_age)
-            selection = candidate_films.iloc[with_ehr]
-            del candidate_films
+            table, selection = candidate_table.iloc[with_ehr], candidate_films.iloc[with_ehr]
+            del candidate_table, candidate_films
             release_free_memory()  # what the MIMIC-CXR metadata table held
             splits = assign_folds(table["subject_id"].to_numpy(), labels["mortality"], n_folds=config.n_folds,
                                   val_fraction=config.val_fraction, seed=config.seed)
@@ -227,13 +225,14 @@ def _run_partitions(plan: list[tuple[int, int]], state: BuildState, say, process
 
 
 def _prepare_alongside(reader: Extractor, cx: MimicCxrSource,
-                       config: BuildConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Import :data:`_LOADED_ALONGSIDE`; read the cohort candidates and choose their films.
+                       config: BuildConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Import :data:`_LOADED_ALONGSIDE`; read the cohort candidates, their stays table and their films.
 
     Runs in a thread while the build's own connection extracts the events, so it reads through
-    ``reader`` (:meth:`Extractor.cursor`). Returns the candidates (:func:`cbstore.build.cohort.read_candidates`)
-    and :func:`cbstore.build.cxr.select_films` of them, row for row: each stay's choice needs only
-    its own times, so the rows of the stays that cohort step 5 keeps are their choices.
+    ``reader`` (:meth:`Extractor.cursor`). Returns the candidates (:func:`cbstore.build.cohort.read_candidates`),
+    :func:`cbstore.build.stays.stays_table` of them and :func:`cbstore.build.cxr.select_films` of
+    them, row for row: each row depends on its own stay only, so the rows of the stays that cohort
+    step 5 keeps are the stays' rows.
     """
     for module in _LOADED_ALONGSIDE:
         importlib.import_module(module)
@@ -244,7 +243,7 @@ def _prepare_alongside(reader: Extractor, cx: MimicCxrSource,
     table = stays_table(candidates, config.min_age)
     films = select_films(read_cxr_metadata(cx.root), table[["subject_id", "intime", "prediction_time"]],
                          views=config.views, lookback_hours=config.cxr_lookback_hours)
-    return candidates, films
+    return candidates, table, films
 
 
 def _process_partition(ex: Extractor, writer: PartitionedStoreWriter, cx: MimicCxrSource, config: BuildConfig,
