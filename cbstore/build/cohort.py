@@ -68,24 +68,23 @@ def select_cohort(extractor: Extractor, *, min_age: float, window_hours: int) ->
     """
     stays = load_sql("stays").strip().rstrip(";")
     hours = int(window_hours)
+    # each step's condition: the stay passes it and every step before (steps 2-4; NULL fails)
+    passed = {"hospital_admission": "has_admission AND has_patient"}
+    passed["adult"] = f"{passed['hospital_admission']} AND age >= {float(min_age)!r}"
+    passed["min_length"] = f"{passed['adult']} AND epoch_us(outtime) - epoch_us(intime) >= {hours} * 3600000000"
     extractor.execute("stays", f"""
         CREATE OR REPLACE TABLE {COHORT_TABLE} AS
         SELECT *, intime + to_hours(CAST({hours} AS BIGINT)) AS prediction_time,
-               coalesce(has_admission AND has_patient AND age >= {float(min_age)!r}
-                        AND epoch_us(outtime) - epoch_us(intime) >= {hours} * 3600000000, false) AS candidate
+               coalesce({passed['min_length']}, false) AS candidate
         FROM ({stays})""", reads=("icu/icustays", "hosp/admissions", "hosp/patients"))
     _check_keys(extractor)
-    n = extractor.con.execute(f"""
-        SELECT count(*),
-               count(*) FILTER (WHERE has_admission AND has_patient),
-               count(*) FILTER (WHERE has_admission AND has_patient AND age >= {float(min_age)!r}),
-               count(*) FILTER (WHERE candidate)
-        FROM {COHORT_TABLE}""").fetchone()
+    counts = ", ".join(f"count(*) FILTER (WHERE {condition})" for condition in passed.values())
+    n = extractor.con.execute(f"SELECT count(*), {counts} FROM {COHORT_TABLE}").fetchone()
     notes = ("rows of icu/icustays",
              "hadm_id found in hosp/admissions for the same subject_id, patient in hosp/patients",
              f"age at ICU admission >= {min_age:g} years (anchor_age + year(intime) - anchor_year)",
              f"outtime - intime >= {window_hours} h (the observation window)")
-    steps = ("icu_stays", "hospital_admission", "adult", "min_length")
+    steps = ("icu_stays", *passed)
     return [{"step": step, "n": int(count), "note": note} for step, count, note in zip(steps, n, notes)]
 
 
