@@ -1,37 +1,68 @@
 -- Title: Hourly values of the numeric EHR variables
 -- Description: From the view ehr_numeric_valid (ehr_numeric_valid.sql: events mapped to their
 --   variable(s), converted to the canonical unit, finite and in range): exact duplicate events
---   are dropped (SELECT DISTINCT over the event's columns and its variable, which is the same as
---   dropping them before the mapping), and the rest are aggregated per (stay, hour, variable) with
---   the variable's agg: mean, sum, max or last (latest charttime; ties broken by the value).
---   Determinism: the hour's (charttime, value) pairs are collected and sorted (list_sort of
---   structs sorts by charttime, then value), then summed or averaged from first to last, so
---   floating-point sums are the same on every run and thread count; last is the value of the
---   largest (charttime, value) pair, max is order-free. This replaces ordered aggregates
---   (avg(value ORDER BY charttime, value)), which give the same numbers but sort every group
---   at a much higher cost. Rows come out unordered (they are placed by index).
+--   are dropped, and the rest are aggregated per (stay, hour, variable) with the variable's agg:
+--   mean, sum, max or last (latest charttime; ties broken by the value).
+--   Determinism: a sum of floating-point values depends on the order it is added in, and
+--   DuckDB's threads add in no fixed order. Where the order matters, the hour's distinct
+--   (charttime, value) pairs are collected and sorted (list_sort of structs sorts by charttime,
+--   then value) and summed or averaged from first to last, so results are the same on every run
+--   and thread count. That is costly (most of the build's aggregation time when done for every
+--   hour), so it is done only where the plain aggregates could differ from it (`ordered`):
+--   * one event: every agg is its value;
+--   * two events: a + b is b + a exactly, so mean = sum / 2 in any order; an exact duplicate
+--     pair of a mean averages to its value; `last` is the later event's value, or the larger
+--     value at equal charttimes; only `sum` needs the duplicate dropped, so a sum of two events
+--     goes through `ordered`;
+--   * three or more events: `ordered` (for mean, sum and last);
+--   * max is order-free and duplicate-free at any count.
+--   The result is the same, bit for bit, as sorting every hour (tests/build/test_ehr_aggregation.py).
+--   This replaces ordered aggregates (avg(value ORDER BY charttime, value)), which give the same
+--   numbers but sort every group at a much higher cost. Rows come out unordered (they are placed
+--   by index).
 --   Parameters $first and $last: the stay_idx range aggregated (a slice of the partition, so that
 --   the working set does not depend on the partition's size).
---   Needs the view ehr_numeric_valid and what it needs.
-WITH in_range AS (
-    SELECT DISTINCT stay_idx, hour, charttime, itemid, num, var_idx, value, agg
+--   Needs the view ehr_numeric_valid and ehr_vars(var_idx, agg, low, high).
+WITH valid AS (
+    SELECT stay_idx, hour, charttime, itemid, num, var_idx, value
     FROM ehr_numeric_valid
     WHERE stay_idx BETWEEN $first AND $last
 ),
-grouped AS (
-    SELECT stay_idx, hour, var_idx, agg,
-           list_sort(list({'t': charttime, 'v': value})) AS ordered
-    FROM in_range
-    GROUP BY stay_idx, hour, var_idx, agg
+summary AS (
+    SELECT stay_idx, hour, var_idx,
+           count(*) AS n,
+           min(charttime) < max(charttime) AS later_time,
+           sum(value) AS total,
+           max(value) AS largest,
+           arg_max(value, charttime) AS latest
+    FROM valid
+    GROUP BY stay_idx, hour, var_idx
+),
+hours AS (
+    SELECT s.*, v.agg, v.agg <> 'max' AND (s.n > 2 OR (s.n = 2 AND v.agg = 'sum')) AS needs_order
+    FROM summary AS s
+    JOIN ehr_vars AS v USING (var_idx)
+),
+ordered AS (
+    SELECT stay_idx, hour, var_idx, list_sort(list({'t': charttime, 'v': value})) AS events
+    FROM (SELECT DISTINCT stay_idx, hour, charttime, itemid, num, var_idx, value
+          FROM valid
+          SEMI JOIN (SELECT stay_idx, hour, var_idx FROM hours WHERE needs_order) USING (stay_idx, hour, var_idx))
+    GROUP BY stay_idx, hour, var_idx
 )
 SELECT
-    stay_idx,
-    hour,
-    var_idx,
-    CASE agg
-        WHEN 'mean' THEN list_avg(list_transform(ordered, lambda x: x.v))
-        WHEN 'sum' THEN list_sum(list_transform(ordered, lambda x: x.v))
-        WHEN 'max' THEN list_max(list_transform(ordered, lambda x: x.v))
-        WHEN 'last' THEN ordered[-1].v
+    h.stay_idx,
+    h.hour,
+    h.var_idx,
+    CASE
+        WHEN h.agg = 'max' THEN h.largest
+        WHEN h.needs_order THEN CASE h.agg
+            WHEN 'mean' THEN list_avg(list_transform(o.events, lambda x: x.v))
+            WHEN 'sum' THEN list_sum(list_transform(o.events, lambda x: x.v))
+            WHEN 'last' THEN o.events[-1].v
+        END
+        WHEN h.agg = 'last' THEN CASE WHEN h.later_time THEN h.latest ELSE h.largest END
+        ELSE h.total / h.n
     END AS value
-FROM grouped;
+FROM hours AS h
+LEFT JOIN ordered AS o USING (stay_idx, hour, var_idx);
