@@ -10,13 +10,12 @@
 --   and thread count. That is costly (most of the build's aggregation time when done for every
 --   hour), so it is done only where the plain aggregates could differ from it (`ordered`):
 --   * one event: every agg is its value;
---   * two events: a + b is b + a exactly, so mean = sum / 2 in any order; an exact duplicate
---     pair of a mean averages to its value; `last` is the later event's value, or the larger
---     value at equal charttimes; only `sum` needs the duplicate dropped, so a sum of two events
---     goes through `ordered`;
---   * three or more events: `ordered` (for mean, sum and last);
+--   * two events of a mean: a + b is b + a exactly, so their mean is the sum / 2 in any order,
+--     and an exact duplicate pair averages to its value;
+--   * otherwise (three or more events, or two of a sum or last, where a duplicate must be dropped
+--     or the later event found): `ordered`;
 --   * max is order-free and duplicate-free at any count.
---   The result is the same, bit for bit, as sorting every hour (tests/build/test_ehr_aggregation.py).
+--   The result is the same, bit for bit, as sorting every hour (tests/cbstore/build/test_ehr_aggregation.py).
 --   This replaces ordered aggregates (avg(value ORDER BY charttime, value)), which give the same
 --   numbers but sort every group at a much higher cost. Rows come out unordered (they are placed
 --   by index).
@@ -31,15 +30,13 @@ WITH valid AS (
 summary AS (
     SELECT stay_idx, hour, var_idx,
            count(*) AS n,
-           min(charttime) < max(charttime) AS later_time,
            sum(value) AS total,
-           max(value) AS largest,
-           arg_max(value, charttime) AS latest
+           max(value) AS largest
     FROM valid
     GROUP BY stay_idx, hour, var_idx
 ),
 hours AS (
-    SELECT s.*, v.agg, v.agg <> 'max' AND (s.n > 2 OR (s.n = 2 AND v.agg = 'sum')) AS needs_order
+    SELECT s.*, v.agg, v.agg <> 'max' AND (s.n > 2 OR (s.n = 2 AND v.agg <> 'mean')) AS needs_order
     FROM summary AS s
     JOIN ehr_vars AS v USING (var_idx)
 ),
@@ -61,7 +58,6 @@ SELECT
             WHEN 'sum' THEN list_sum(list_transform(o.events, lambda x: x.v))
             WHEN 'last' THEN o.events[-1].v
         END
-        WHEN h.agg = 'last' THEN CASE WHEN h.later_time THEN h.latest ELSE h.largest END
         ELSE h.total / h.n
     END AS value
 FROM hours AS h
