@@ -159,7 +159,7 @@ def build_store(mimic_iv: str | Path, mimic_cxr: str | Path, out: str | Path, co
             labels = compute_labels(ex, stays, phenotypes.code_table(), list(phenotypes.names))
             table, selection = candidate_table.iloc[with_ehr], candidate_films.iloc[with_ehr]
             del candidate_table, candidate_films
-            release_free_memory()  # what the MIMIC-CXR metadata table held
+            release_free_memory()  # what the candidates' rows held, before the partitions
             splits = assign_folds(table["subject_id"].to_numpy(), labels["mortality"], n_folds=config.n_folds,
                                   val_fraction=config.val_fraction, seed=config.seed)
             writer = PartitionedStoreWriter(state.partial_store, len(table), config.window_hours,
@@ -228,6 +228,9 @@ def _prepare_alongside(reader: Extractor, cx: MimicCxrSource,
                        config: BuildConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Import :data:`_LOADED_ALONGSIDE`; read the cohort candidates, their stays table and their films.
 
+    Then hand back to the operating system what the MIMIC-CXR metadata table held
+    (:func:`cbstore.build.memory.release_free_memory`).
+
     Runs in a thread while the build's own connection extracts the events, so it reads through
     ``reader`` (:meth:`Extractor.cursor`). Returns the candidates (:func:`cbstore.build.cohort.read_candidates`),
     :func:`cbstore.build.stays.stays_table` of them and :func:`cbstore.build.cxr.select_films` of
@@ -243,6 +246,9 @@ def _prepare_alongside(reader: Extractor, cx: MimicCxrSource,
     table = stays_table(candidates, config.min_age)
     films = select_films(read_cxr_metadata(cx.root), table[["subject_id", "intime", "prediction_time"]],
                          views=config.views, lookback_hours=config.cxr_lookback_hours)
+    # now, not after the extraction: the build's peak is DuckDB's extraction, and the freed metadata
+    # table would add to it (40,000 synthetic stays: about 40 MB)
+    release_free_memory()
     return candidates, table, films
 
 

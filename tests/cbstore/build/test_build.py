@@ -10,6 +10,7 @@ import gzip
 import json
 import shutil
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from support import CXR_HEADER, HEADERS, assert_same_build, write_table, write_t
 from cbstore.build.config import DEFAULTS_FILE, BuildConfig, ConfigError, config_sha256, load_config
 from cbstore.build.pipeline import build_store, format_cohort_flow
 import cbstore.build.labels as labels_module
+import cbstore.build.pipeline as pipeline_module
 from cbstore.build.sources import SYNTHETIC_MARKER_JSON, SYNTHETIC_MARKER_TEXT
 from cbstore.build.stats import fold_statistics
 from cbstore.errors import SourceError, StoreExistsError
@@ -349,6 +351,15 @@ def test_a_failure_alongside_the_extraction_stops_the_build(tmp_path):
     with pytest.raises(SourceError, match=r"mimic-cxr-2\.0\.0-metadata\.csv\.gz.*StudyTime.*256000"):
         build_store(iv, cxr, tmp_path / "out.zarr", TINY, progress=False)
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_the_thread_alongside_hands_back_what_the_film_selection_freed(tmp_path, monkeypatch):
+    # the build's peak is DuckDB's extraction: the MIMIC-CXR metadata table must not stay held through it
+    threads = []
+    monkeypatch.setattr(pipeline_module, "release_free_memory", lambda: threads.append(threading.current_thread().name))
+    iv, cxr = write_tiny_source(tmp_path / "src")
+    build_store(iv, cxr, tmp_path / "out.zarr", TINY, progress=False)
+    assert sum(name.startswith("cbstore-build-side") for name in threads) == 1
 
 
 def test_empty_cohort_is_explained(tmp_path):
