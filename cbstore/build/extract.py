@@ -184,19 +184,6 @@ class Extractor:
             self.con.execute(f"INSERT INTO {name} VALUES {', '.join([row] * len(rows))}",
                              [value for r in rows for value in r])
 
-    def load_table(self, name: str, frame: pd.DataFrame) -> None:
-        """Copy a pandas DataFrame into DuckDB temporary table ``name`` (replacing an earlier one).
-
-        Unlike :meth:`register` (a view over the DataFrame), the data then lives in DuckDB's
-        own storage; joins of millions of event rows against it measured faster.
-        """
-        view = f"_frame_{name}"
-        self.con.register(view, frame)
-        try:
-            self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {view}")
-        finally:
-            self.con.unregister(view)
-
     def run(self, sql_name: str, *, reads: tuple[str, ...] = ()) -> None:
         """Execute the statements of SQL file ``sql_name``.
 

@@ -356,10 +356,6 @@ def _require_stays(n_stays: int, flow: list[dict]) -> None:
         raise SourceError("no ICU stay is left after the cohort steps:\n" + format_cohort_flow(flow))
 
 
-def _timings(timings: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k.startswith("ehr_"))
-
-
 def _xray_table(selection: pd.DataFrame, present: np.ndarray,
                 reasons: np.ndarray) -> tuple[pd.DataFrame, dict[str, int]]:
     """The ``cxr`` table of the stays and the skip counts.
