@@ -254,28 +254,12 @@ def packaged_schema(name: str) -> dict:
 
 @functools.cache
 def _packaged_validator(name: str) -> Draft202012Validator:
-    from jsonschema import Draft202012Validator
-
-    return Draft202012Validator(packaged_schema(name), format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return _validator(packaged_schema(name))
 
 
 def check_packaged(instance: object, name: str, where: str = "attrs") -> list[str]:
-    """:func:`check_schema` of ``instance`` against the shipped schema ``name`` (:func:`packaged_schema`).
-
-    Parameters
-    ----------
-    instance : object
-        Value decoded from JSON.
-    name : str
-        ``root_attrs``, ``embedding_attrs`` or ``manifest``.
-    where : str
-        Name of the value, used as prefix in the messages.
-
-    Returns
-    -------
-    list of str
-        One message per violation, as :func:`check_schema` words them; empty when the value is valid.
-    """
+    """:func:`check_schema` of ``instance`` against the shipped schema ``name`` (``root_attrs``,
+    ``embedding_attrs`` or ``manifest``; :func:`packaged_schema`), with a validator built once per process."""
     return _violations(_packaged_validator(name), instance, where)
 
 
@@ -312,10 +296,14 @@ def check_schema(instance: object, schema: dict, where: str = "attrs") -> list[s
     problems = schema_problems(schema)
     if problems:
         raise SchemaDefinitionError("invalid JSON Schema: " + "; ".join(problems))
+    return _violations(_validator(schema), instance, where)
+
+
+def _validator(schema: dict) -> Draft202012Validator:
+    """A draft 2020-12 validator of ``schema`` with format checks (jsonschema is imported here, on first use)."""
     from jsonschema import Draft202012Validator
 
-    return _violations(Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER), instance,
-                       where)
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 def _violations(validator: Draft202012Validator, instance: object, where: str) -> list[str]:
