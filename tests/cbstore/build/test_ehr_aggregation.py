@@ -13,12 +13,14 @@ import operator
 import random
 from datetime import datetime
 
-import duckdb
 import pandas as pd
 import pytest
+from support import write_tiny_source
 
-from cbstore.build.ehr import _ITEM_TABLE_COLUMNS, _item_tables, load_variables
-from cbstore.build.extract import load_sql
+from cbstore.build.cohort import select_cohort
+from cbstore.build.ehr import load_ehr_tables, load_variables
+from cbstore.build.extract import Extractor, load_sql
+from cbstore.build.sources import locate_mimic_iv
 
 VARIABLES = """variables:
   - {name: v_mean, source: chartevents, itemids: [1, 2], unit: u, range: [-1000, 1000], agg: mean, kind: continuous}
@@ -33,18 +35,15 @@ T0 = datetime(2150, 1, 1)
 
 @pytest.fixture()
 def con(tmp_path):
+    """A build's DuckDB connection with these variables' tables (the tiny source's cohort is not used)."""
     path = tmp_path / "variables.yaml"
     path.write_text(VARIABLES)
-    variables = load_variables(path)
-    connection = duckdb.connect(config={"threads": 2})
-    for name, rows in _item_tables(variables).items():
-        columns = _ITEM_TABLE_COLUMNS[name]
-        connection.execute(f"CREATE TEMP TABLE {name} ({', '.join(f'{c} {t}' for c, t in columns.items())})")
-        if rows:
-            connection.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * len(columns))})", rows)
-    connection.execute(load_sql("ehr_events_create"))
-    yield connection
-    connection.close()
+    iv, _ = write_tiny_source(tmp_path / "src")
+    with Extractor(locate_mimic_iv(iv), tmp_path / "work", threads=2) as extractor:
+        select_cohort(extractor, min_age=18, window_hours=48)
+        load_ehr_tables(extractor, load_variables(path))
+        extractor.con.execute(load_sql("ehr_events_create"))
+        yield extractor.con
 
 
 def aggregate(con, events):
