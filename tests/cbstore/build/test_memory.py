@@ -1,7 +1,10 @@
-"""release_free_memory: trims glibc's heap where it can, releases pyarrow's pool only if loaded."""
+"""release_free_memory: trims glibc's heap where it can, releases pyarrow's pool and purges DuckDB's jemalloc only if loaded."""
 
+import ctypes
 import sys
 import types
+
+import pytest
 
 from cbstore.build import memory
 
@@ -52,3 +55,48 @@ def test_malloc_trim_is_called_with_zero_padding(monkeypatch):
     monkeypatch.delitem(sys.modules, "pyarrow", raising=False)
     memory.release_free_memory()
     assert calls == [0]
+
+
+def test_it_purges_every_arena_of_duckdbs_jemalloc_when_duckdb_is_loaded(monkeypatch):
+    calls = []
+
+    def mallctl(name, *rest):
+        calls.append((name, rest))
+        return 0
+
+    library = types.SimpleNamespace(duckdb_je_mallctl=mallctl)
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: library if name == "/fake/_duckdb.so" else types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "_duckdb", types.SimpleNamespace(__file__="/fake/_duckdb.so"))
+    memory.release_free_memory()
+    assert calls == [(b"arena.4096.purge", (None, None, None, 0))]
+
+
+def test_duckdb_without_jemalloc_or_not_loaded_is_skipped(monkeypatch):
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "_duckdb", types.SimpleNamespace(__file__="/fake/_duckdb.so"))
+    memory.release_free_memory()
+    monkeypatch.delitem(sys.modules, "_duckdb")
+    memory.release_free_memory()
+    assert "_duckdb" not in sys.modules
+
+
+def _dirty_pages_of_duckdbs_jemalloc(mallctl) -> int:
+    epoch = ctypes.c_uint64(1)
+    mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch))  # refresh the statistics
+    pages, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+    assert mallctl(b"stats.arenas.4096.pdirty", ctypes.byref(pages), ctypes.byref(size), None, 0) == 0
+    return pages.value
+
+
+def test_freed_duckdb_pages_are_returned_for_real():
+    duckdb = pytest.importorskip("duckdb")
+    mallctl = getattr(ctypes.CDLL(sys.modules["_duckdb"].__file__), "duckdb_je_mallctl", None)
+    if mallctl is None:
+        pytest.skip("this DuckDB build has no jemalloc")
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    with duckdb.connect() as con:
+        con.execute("CREATE TABLE t AS SELECT range AS i, md5(range::VARCHAR) AS s FROM range(300000)")
+        con.execute("DROP TABLE t")
+        assert _dirty_pages_of_duckdbs_jemalloc(mallctl) > 0  # freed, still resident
+        memory.release_free_memory()
+        assert _dirty_pages_of_duckdbs_jemalloc(mallctl) == 0
