@@ -20,6 +20,7 @@ import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,9 @@ CXR_NEGBIO = "mimic-cxr-2.0.0-negbio.csv.gz"
 
 #: Metadata columns cbstore needs (the file has more).
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime")
+
+#: Metadata rows :func:`read_cxr_metadata` reads at a time.
+METADATA_CHUNK_ROWS = 5_000
 
 #: Columns returned by :func:`select_films`.
 SELECTION_COLUMNS = (
@@ -138,19 +142,29 @@ def image_paths(subject_id: np.ndarray, study_id: np.ndarray, dicom_id: np.ndarr
     return path.to_numpy(dtype=object)
 
 
-def read_cxr_metadata(cxr_root: str | Path) -> pd.DataFrame:
-    """Read the MIMIC-CXR-JPG image metadata table.
+def read_cxr_metadata(cxr_root: str | Path, *, views: Sequence[str] | None = None,
+                      subjects: Sequence[int] | np.ndarray | None = None,
+                      chunk_rows: int = METADATA_CHUNK_ROWS) -> pd.DataFrame:
+    """Read the MIMIC-CXR-JPG image metadata table, optionally only the rows a film selection can use.
 
     Parameters
     ----------
     cxr_root : str or path-like
         Root of the MIMIC-CXR-JPG release; the table is ``cxr_root/mimic-cxr-2.0.0-metadata.csv.gz``
         (or the gunzipped ``.csv``).
+    views : sequence of str, optional
+        Keep only the images of these ``ViewPosition`` values (exact match after stripping
+        blanks), e.g. the ``views`` given to :func:`select_films`. Default: all.
+    subjects : array-like of int, optional
+        Keep only the images of these ``subject_id`` values, e.g. the cohort's. Default: all.
+    chunk_rows : int
+        Rows read at a time. Only the kept rows of each chunk are parsed and held, so the
+        whole table (377,110 rows in v2.0.0) is never in memory as text at once.
 
     Returns
     -------
     pandas.DataFrame
-        One row per image, in file order, with columns ``dicom_id`` (str), ``subject_id``
+        One row per kept image, in file order, with columns ``dicom_id`` (str), ``subject_id``
         (int64), ``study_id`` (int64), ``view_position`` (str, ``""`` where blank),
         ``study_time`` (``datetime64[s]``; fractional seconds are rounded *up*, so a film
         counts as taken no earlier than it was, and ``study_time <= prediction_time`` never
@@ -160,58 +174,107 @@ def read_cxr_metadata(cxr_root: str | Path) -> pd.DataFrame:
     Raises
     ------
     SourceError
-        If the file is missing, truncated or not gzip, lacks a needed column, or holds
-        unparseable ids, dates or times. The message names the file and what to do.
+        If the file is missing, truncated or not gzip, lacks a needed column, has a blank
+        ``dicom_id`` or a non-integer id on any row, or holds unparseable dates or times on a
+        kept row. The message names the file and what to do.
+
+    Notes
+    -----
+    :func:`select_films` of the kept rows equals :func:`select_films` of all rows when
+    ``views`` and ``subjects`` are those of the selection: the other rows are never eligible.
+    The warning about blank study dates or times counts the kept rows.
     """
     path = find_cxr_file(cxr_root, CXR_METADATA)
     what = f"MIMIC-CXR-JPG metadata {path}"
-    header = _read_csv(path, what, nrows=0).columns
+    with _csv_errors(what):
+        header = pd.read_csv(path, nrows=0).columns
     missing = [c for c in METADATA_COLUMNS if c not in header]
     if missing:
         raise SourceError(
             f"{what} lacks column(s) {', '.join(missing)} (has: {', '.join(header)}). "
             f"Use the original {CXR_METADATA} from MIMIC-CXR-JPG v2.0.0."
         )
-    table = _read_csv(
-        path, what,
-        usecols=list(METADATA_COLUMNS),
-        dtype={"dicom_id": str, "subject_id": "int64", "study_id": "int64",
-               "ViewPosition": str, "StudyDate": str, "StudyTime": str},
-        keep_default_na=False,
-    )
-    if (table["dicom_id"] == "").any():
-        rows = np.flatnonzero(table["dicom_id"].to_numpy() == "")[:5] + 2
-        raise SourceError(f"{what} has blank dicom_id on line(s) {rows.tolist()}.")
-    try:
-        times = parse_study_times(table["StudyDate"].replace("", np.nan),
-                                  table["StudyTime"].replace("", np.nan))
-    except ValueError as exc:
-        raise SourceError(f"{what}: {exc}") from exc
-    n_blank = int(np.isnat(times).sum())
+    if isinstance(views, str):
+        views = (views,)
+    wanted_subjects = None if subjects is None else np.unique(np.asarray(subjects, dtype=np.int64))
+    parts, first_line = [], 2
+    chunks = _csv_chunks(path, what, int(chunk_rows), usecols=list(METADATA_COLUMNS),
+                         dtype={"dicom_id": str, "subject_id": "int64", "study_id": "int64",
+                                "ViewPosition": str, "StudyDate": str, "StudyTime": str},
+                         keep_default_na=False)
+    with closing(chunks):
+        for chunk in chunks:
+            if (chunk["dicom_id"] == "").any():
+                rows = np.flatnonzero(chunk["dicom_id"].to_numpy() == "")[:5] + first_line
+                raise SourceError(f"{what} has blank dicom_id on line(s) {rows.tolist()}.")
+            first_line += len(chunk)
+            chunk["ViewPosition"] = chunk["ViewPosition"].str.strip()
+            keep = np.ones(len(chunk), dtype=bool)
+            if views is not None:
+                keep &= chunk["ViewPosition"].isin(list(views)).to_numpy()
+            if wanted_subjects is not None:
+                keep &= np.isin(chunk["subject_id"].to_numpy(np.int64), wanted_subjects)
+            if keep.any():  # an empty part would turn the str columns of the others into object ones
+                parts.append(_metadata_rows(chunk[keep], what))
+    table = pd.concat(parts, ignore_index=True) if parts else _metadata_rows(_EMPTY_METADATA, what)
+    n_blank = int(table["study_time"].isna().sum())
     if n_blank:
         warnings.warn(
             f"{what}: {n_blank} image(s) have a blank StudyDate or StudyTime; they are never "
             "eligible for a stay.",
             stacklevel=2,
         )
-    study_time = _ceil_to_seconds(times)
-    subject = table["subject_id"].to_numpy(np.int64)
-    study = table["study_id"].to_numpy(np.int64)
-    dicom = table["dicom_id"].to_numpy(dtype=object)
+    return table
+
+
+#: The raw metadata columns of a table without rows (what an empty chunk list stands for).
+_EMPTY_METADATA = pd.DataFrame({"dicom_id": pd.Series(dtype=object), "subject_id": pd.Series(dtype=np.int64),
+                                "study_id": pd.Series(dtype=np.int64), "ViewPosition": pd.Series(dtype=object),
+                                "StudyDate": pd.Series(dtype=object), "StudyTime": pd.Series(dtype=object)})
+
+
+def _metadata_rows(chunk: pd.DataFrame, what: str) -> pd.DataFrame:
+    """The :func:`read_cxr_metadata` rows of raw metadata rows (``ViewPosition`` already stripped)."""
+    try:
+        times = parse_study_times(chunk["StudyDate"].replace("", np.nan),
+                                  chunk["StudyTime"].replace("", np.nan))
+    except ValueError as exc:
+        raise SourceError(f"{what}: {exc}") from exc
+    subject = chunk["subject_id"].to_numpy(np.int64)
+    study = chunk["study_id"].to_numpy(np.int64)
+    dicom = chunk["dicom_id"].to_numpy(dtype=object)
     return pd.DataFrame({
         "dicom_id": dicom,
         "subject_id": subject,
         "study_id": study,
-        "view_position": table["ViewPosition"].str.strip().to_numpy(dtype=object),
-        "study_time": study_time,
+        "view_position": chunk["ViewPosition"].to_numpy(dtype=object),
+        "study_time": _ceil_to_seconds(times),
         "path": image_paths(subject, study, dicom),
     })
 
 
-def _read_csv(path: Path, what: str, **kwargs) -> pd.DataFrame:
-    """``pandas.read_csv`` with damaged-file errors turned into :class:`SourceError`."""
+def _csv_chunks(path: Path, what: str, chunk_rows: int, **kwargs) -> Iterator[pd.DataFrame]:
+    """``pandas.read_csv(path, chunksize=chunk_rows, **kwargs)`` chunk by chunk, its errors as :class:`SourceError`.
+
+    Only the reading is translated: an error raised by the caller while it handles a chunk
+    stays as it is.
+    """
+    with _csv_errors(what):
+        reader = pd.read_csv(path, chunksize=chunk_rows, **kwargs)
+    with reader:
+        while True:
+            with _csv_errors(what):
+                chunk = next(reader, None)
+            if chunk is None:
+                return
+            yield chunk
+
+
+@contextmanager
+def _csv_errors(what: str) -> Iterator[None]:
+    """Turn ``pandas.read_csv``'s damaged-file errors into :class:`SourceError`."""
     try:
-        return pd.read_csv(path, **kwargs)
+        yield
     except (EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError) as exc:
         raise SourceError(
             f"{what} is truncated or not gzip ({type(exc).__name__}: {exc}): re-download it "

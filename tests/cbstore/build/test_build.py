@@ -362,6 +362,26 @@ def test_the_thread_alongside_hands_back_what_the_film_selection_freed(tmp_path,
     assert sum(name.startswith("cbstore-build-side") for name in threads) == 1
 
 
+def test_the_thread_alongside_reads_only_the_metadata_rows_a_film_selection_can_use(tmp_path, monkeypatch):
+    # the whole MIMIC-CXR metadata table is never held: only the cohort's subjects, in the accepted views
+    import cbstore.build.cxr as cxr_module
+
+    read = cxr_module.read_cxr_metadata
+    calls = []
+
+    def recording(root, **kwargs):
+        calls.append(kwargs)
+        return read(root, **kwargs)
+
+    monkeypatch.setattr(cxr_module, "read_cxr_metadata", recording)
+    iv, cxr = write_tiny_source(tmp_path / "src")
+    config = TINY.replace(views=("AP",))
+    store = open_store(build_store(iv, cxr, tmp_path / "out.zarr", config, progress=False))
+    (kwargs,) = calls
+    assert kwargs["views"] == ("AP",)
+    assert set(kwargs["subjects"]) >= set(store.stays["subject_id"]) and len(kwargs["subjects"]) >= len(store.stays)
+
+
 def test_empty_cohort_is_explained(tmp_path):
     iv, cxr = write_tiny_source(tmp_path / "src")
     with pytest.raises(SourceError) as err:

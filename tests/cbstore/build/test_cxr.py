@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -141,6 +142,92 @@ def test_read_cxr_metadata_bad_values(tmp_path):
     write_metadata(tmp_path, [ROWS[0].replace("10000032", "p10000032")])
     with pytest.raises(SourceError, match="subject_id and study_id must be integers"):
         read_cxr_metadata(tmp_path)
+
+
+def random_metadata_rows(rng, n):
+    """``n`` metadata rows of 6 subjects: mixed and padded views, blanks, fractional times, equal times."""
+    views = ["AP", "PA", "LATERAL", "LL", "", " AP ", "PA "]
+    rows = []
+    for i in range(n):
+        subject = 10000000 + int(rng.integers(6))
+        date = f"2150010{1 + int(rng.integers(4))}"
+        time = "" if rng.random() < 0.05 else f"{int(rng.integers(24)) * 10000 + int(rng.integers(60)) * 100}.{int(rng.integers(3)) * 5}"
+        dicom = f"{int(rng.integers(3)):08x}-{i:08x}-00000000-00000000-00000000"
+        rows.append(f"{dicom},{subject},{50000000 + i // 3},X,{views[int(rng.integers(len(views)))]},1,1,"
+                    f"{date},{time},X,x,")
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_read_cxr_metadata_in_chunks_equals_one_read(tmp_path, seed):
+    write_metadata(tmp_path, random_metadata_rows(np.random.default_rng(seed), 97))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the blank times
+        whole = read_cxr_metadata(tmp_path, chunk_rows=10_000)
+        for chunk_rows in (1, 7, 96, 97):
+            pd.testing.assert_frame_equal(read_cxr_metadata(tmp_path, chunk_rows=chunk_rows), whole)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_read_cxr_metadata_filters_keep_the_selection(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    write_metadata(tmp_path, random_metadata_rows(rng, 120))
+    stays = pd.DataFrame({
+        "subject_id": [10000000, 10000001, 10000001, 10000003],
+        "intime": pd.to_datetime(["2150-01-01 06:00", "2150-01-02 00:00", "2150-01-01 00:00", "2150-01-01 00:00"]),
+        "prediction_time": pd.to_datetime(["2150-01-03 06:00", "2150-01-04 00:00", "2150-01-03 00:00",
+                                           "2150-01-02 12:00"]),
+    }, index=pd.Index([4, 3, 2, 1], name="stay_id"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        everything = read_cxr_metadata(tmp_path)
+        kept = read_cxr_metadata(tmp_path, views=("AP", "PA"), subjects=stays["subject_id"], chunk_rows=13)
+    assert set(kept["view_position"]) <= {"AP", "PA"}
+    assert set(kept["subject_id"]) <= set(stays["subject_id"])
+    assert len(kept) < len(everything)
+    wanted = everything["view_position"].isin(["AP", "PA"]) & everything["subject_id"].isin(stays["subject_id"])
+    pd.testing.assert_frame_equal(kept, everything[wanted].reset_index(drop=True))
+    for lookback in (0.0, 12.0):
+        expected = select_films(everything, stays, views=("AP", "PA"), lookback_hours=lookback)
+        assert expected["n_eligible"].sum() > 0
+        pd.testing.assert_frame_equal(select_films(kept, stays, views=("AP", "PA"), lookback_hours=lookback),
+                                      expected)
+    # a single view given as a string
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert set(read_cxr_metadata(tmp_path, views="PA", chunk_rows=13)["view_position"]) == {"PA"}
+
+
+def test_read_cxr_metadata_blank_dicom_in_a_later_chunk_names_its_line(tmp_path):
+    rows = [ROWS[i % 4] for i in range(10)]
+    rows[8] = "," + rows[8].split(",", 1)[1]
+    write_metadata(tmp_path, rows)
+    with pytest.raises(SourceError, match=r"blank dicom_id on line\(s\) \[10\]"):
+        read_cxr_metadata(tmp_path, chunk_rows=3)
+
+
+def test_read_cxr_metadata_checks_every_row_but_parses_times_of_kept_rows(tmp_path):
+    bad_lateral = ROWS[1].replace("213014.531", "256000")
+    write_metadata(tmp_path, [ROWS[0], bad_lateral, ROWS[2]])
+    with pytest.raises(SourceError, match="StudyTime.*256000"):
+        read_cxr_metadata(tmp_path, chunk_rows=2)
+    # a dropped row is never used, so its time is not parsed
+    assert read_cxr_metadata(tmp_path, views=("AP", "PA"), chunk_rows=2)["dicom_id"].tolist() == [
+        ROWS[0].split(",")[0], ROWS[2].split(",")[0]]
+    # a non-integer id fails on any row, kept or not
+    write_metadata(tmp_path, [ROWS[0], ROWS[1].replace("10000032", "p10000032"), ROWS[2]])
+    with pytest.raises(SourceError, match="subject_id and study_id must be integers"):
+        read_cxr_metadata(tmp_path, views=("AP",), subjects=[10000764], chunk_rows=1)
+
+
+def test_read_cxr_metadata_without_rows(tmp_path):
+    write_metadata(tmp_path, [])
+    meta = read_cxr_metadata(tmp_path)
+    assert list(meta.columns) == ["dicom_id", "subject_id", "study_id", "view_position", "study_time", "path"]
+    assert len(meta) == 0 and meta["study_time"].dtype == np.dtype("datetime64[s]")
+    write_metadata(tmp_path, ROWS)
+    kept = read_cxr_metadata(tmp_path, subjects=[1])
+    assert len(kept) == 0 and kept["subject_id"].dtype == np.int64
 
 
 # ------------------------------------------------------------------ selection
