@@ -7,8 +7,8 @@ partition although nothing more is held:
 * glibc's ``malloc`` (Python, NumPy, PIL; the main thread and each decoding thread's arena):
   ``malloc_trim(0)`` returns the free pages of every arena;
 * pyarrow's pool (mimalloc), where pandas keeps the characters of its ``str`` columns (the
-  MIMIC-CXR metadata table, the per-stay tables): ``release_unused()`` returns what the freed
-  columns held (46 MB after the film selection of 40,000 synthetic stays);
+  MIMIC-CXR metadata rows, the per-stay tables): ``release_unused()`` returns what the freed
+  columns held;
 * DuckDB's jemalloc keeps what a query freed for its decay time (DuckDB sets 1 s), so that the
   pages of one partition are still resident when the next one allocates its own: purging all its
   arenas returns them (with 40,000 synthetic stays, the partitions then start at 262-282 MB
@@ -42,6 +42,7 @@ def release_free_memory() -> None:
 
 
 def _purge_duckdb_arenas() -> None:
+    """Return the free pages of every arena of DuckDB's jemalloc, if DuckDB is loaded and built with it."""
     module = sys.modules.get("_duckdb")
     if module is None or not getattr(module, "__file__", None):
         return
