@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 
 
 #: jemalloc's name for all arenas at once (``MALLCTL_ARENAS_ALL``) in ``arena.<i>.purge``.
@@ -43,11 +44,21 @@ def release_free_memory() -> None:
 
 def _purge_duckdb_arenas() -> None:
     """Return the free pages of every arena of DuckDB's jemalloc, if DuckDB is loaded and built with it."""
-    module = sys.modules.get("_duckdb")
-    if module is None or not getattr(module, "__file__", None):
+    library = _duckdb_library()
+    if library is None:
         return
-    mallctl = getattr(ctypes.CDLL(module.__file__), "duckdb_je_mallctl", None)
+    mallctl = getattr(ctypes.CDLL(library), "duckdb_je_mallctl", None)
     if mallctl is None:  # a build of DuckDB without jemalloc (macOS, Windows)
         return
     mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     mallctl(f"arena.{_ALL_ARENAS}.purge".encode(), None, None, None, 0)
+
+
+def _duckdb_library() -> str | None:
+    """The file of DuckDB's compiled module if it is loaded (``_duckdb``, or ``duckdb.duckdb`` in older releases)."""
+    for name, module in list(sys.modules.items()):  # a copy: another thread may be importing
+        if name == "_duckdb" or name.startswith("duckdb."):
+            path = getattr(module, "__file__", None) or ""
+            if path.endswith(tuple(EXTENSION_SUFFIXES)):
+                return path
+    return None

@@ -57,7 +57,13 @@ def test_malloc_trim_is_called_with_zero_padding(monkeypatch):
     assert calls == [0]
 
 
-def test_it_purges_every_arena_of_duckdbs_jemalloc_when_duckdb_is_loaded(monkeypatch):
+def _unload_duckdb(monkeypatch):
+    for name in [n for n in sys.modules if n == "_duckdb" or n.startswith("duckdb")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.mark.parametrize("module", ["_duckdb", "duckdb.duckdb"])  # DuckDB >= 1.4, and before
+def test_it_purges_every_arena_of_duckdbs_jemalloc_when_duckdb_is_loaded(monkeypatch, module):
     calls = []
 
     def mallctl(name, *rest):
@@ -66,7 +72,8 @@ def test_it_purges_every_arena_of_duckdbs_jemalloc_when_duckdb_is_loaded(monkeyp
 
     library = types.SimpleNamespace(duckdb_je_mallctl=mallctl)
     monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: library if name == "/fake/_duckdb.so" else types.SimpleNamespace())
-    monkeypatch.setitem(sys.modules, "_duckdb", types.SimpleNamespace(__file__="/fake/_duckdb.so"))
+    _unload_duckdb(monkeypatch)
+    monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(__file__="/fake/_duckdb.so"))
     memory.release_free_memory()
     assert calls == [(b"arena.4096.purge", (None, None, None, 0))]
 
@@ -75,9 +82,9 @@ def test_duckdb_without_jemalloc_or_not_loaded_is_skipped(monkeypatch):
     monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: types.SimpleNamespace())
     monkeypatch.setitem(sys.modules, "_duckdb", types.SimpleNamespace(__file__="/fake/_duckdb.so"))
     memory.release_free_memory()
-    monkeypatch.delitem(sys.modules, "_duckdb")
+    _unload_duckdb(monkeypatch)
     memory.release_free_memory()
-    assert "_duckdb" not in sys.modules
+    assert memory._duckdb_library() is None
 
 
 def _dirty_pages_of_duckdbs_jemalloc(mallctl) -> int:
@@ -90,7 +97,7 @@ def _dirty_pages_of_duckdbs_jemalloc(mallctl) -> int:
 
 def test_freed_duckdb_pages_are_returned_for_real():
     duckdb = pytest.importorskip("duckdb")
-    mallctl = getattr(ctypes.CDLL(sys.modules["_duckdb"].__file__), "duckdb_je_mallctl", None)
+    mallctl = getattr(ctypes.CDLL(memory._duckdb_library()), "duckdb_je_mallctl", None)
     if mallctl is None:
         pytest.skip("this DuckDB build has no jemalloc")
     mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
