@@ -216,7 +216,7 @@ def read_cxr_metadata(cxr_root: str | Path, *, views: Sequence[str] | None = Non
                 keep &= np.isin(chunk["subject_id"].to_numpy(np.int64), wanted_subjects)
             if keep.any():  # an empty part would turn the str columns of the others into object ones
                 parts.append(_metadata_rows(chunk[keep], what))
-    table = pd.concat(parts, ignore_index=True) if parts else _metadata_rows(_EMPTY_METADATA, what)
+    table = pd.concat(parts, ignore_index=True) if parts else _metadata_rows(_no_metadata_rows(), what)
     n_blank = int(table["study_time"].isna().sum())
     if n_blank:
         warnings.warn(
@@ -227,10 +227,11 @@ def read_cxr_metadata(cxr_root: str | Path, *, views: Sequence[str] | None = Non
     return table
 
 
-#: The raw metadata columns of a table without rows (what an empty chunk list stands for).
-_EMPTY_METADATA = pd.DataFrame({"dicom_id": pd.Series(dtype=object), "subject_id": pd.Series(dtype=np.int64),
-                                "study_id": pd.Series(dtype=np.int64), "ViewPosition": pd.Series(dtype=object),
-                                "StudyDate": pd.Series(dtype=object), "StudyTime": pd.Series(dtype=object)})
+def _no_metadata_rows() -> pd.DataFrame:
+    """Raw metadata columns without rows (a table with no row kept)."""
+    return pd.DataFrame({"dicom_id": pd.Series(dtype=object), "subject_id": pd.Series(dtype=np.int64),
+                         "study_id": pd.Series(dtype=np.int64), "ViewPosition": pd.Series(dtype=object),
+                         "StudyDate": pd.Series(dtype=object), "StudyTime": pd.Series(dtype=object)})
 
 
 def _metadata_rows(chunk: pd.DataFrame, what: str) -> pd.DataFrame:
